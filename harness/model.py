@@ -1,0 +1,209 @@
+"""Dense Llama-style decoder (RMSNorm, RoPE, GQA through SDPA, SwiGLU or squared-ReLU MLP).
+
+Plain PyTorch: no Hydra, no Lightning. A block's ``mlp`` is either a dense :class:`MLP` or a
+:class:`harness.moe.MoE`; upcycling swaps one for the other (``harness.upcycle``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from harness.errors import ConfigError
+
+ACTIVATIONS = ("swiglu", "relu2")
+
+
+@dataclass
+class ModelConfig:
+    """Shape of the dense decoder. ``d_ff`` is the dense MLP hidden width f."""
+
+    vocab_size: int = 4096
+    d_model: int = 64
+    n_layers: int = 2
+    n_heads: int = 4
+    n_kv_heads: int = 2
+    d_ff: int = 256
+    head_dim: int | None = None
+    activation: str = "swiglu"
+    max_seq_len: int = 128
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = True
+    qkv_bias: bool = False
+    init_std: float = 0.02
+    name: str = field(default="custom", compare=False)
+
+    def __post_init__(self):
+        if self.head_dim is None:
+            self.head_dim = self.d_model // self.n_heads
+        self.validate()
+
+    def validate(self) -> None:
+        if self.activation not in ACTIVATIONS:
+            raise ConfigError(f"model.activation={self.activation!r} is not one of {ACTIVATIONS}")
+        for key in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "max_seq_len"):
+            if int(getattr(self, key)) <= 0:
+                raise ConfigError(f"model.{key}={getattr(self, key)!r} must be a positive integer")
+        if self.n_heads % self.n_kv_heads:
+            raise ConfigError(
+                f"model.n_heads={self.n_heads} must be a multiple of model.n_kv_heads={self.n_kv_heads}"
+            )
+        if self.head_dim % 2:
+            raise ConfigError(f"model.head_dim={self.head_dim} must be even for RoPE")
+
+    @property
+    def gated(self) -> bool:
+        return self.activation == "swiglu"
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        out = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (out * self.weight.float()).to(x.dtype)
+
+
+def rope_tables(head_dim: int, max_seq_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables in the 'rotate half' layout used by HF Llama checkpoints."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+    freqs = torch.outer(torch.arange(max_seq_len, dtype=torch.float64), inv_freq)
+    emb = torch.cat([freqs, freqs], dim=-1)
+    return emb.cos().float(), emb.sin().float()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return (x.float() * cos + rotated.float() * sin).to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.d_model, cfg.n_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        y = F.scaled_dot_product_attention(
+            q, k, v, is_causal=True, enable_gqa=self.n_kv_heads != self.n_heads
+        )
+        return self.o_proj(y.transpose(1, 2).reshape(b, t, -1))
+
+
+def mlp_activation(h: torch.Tensor, gated: bool) -> torch.Tensor:
+    """SwiGLU on [gate | up] halves, or squared ReLU (Nemotron) on the single projection."""
+    if gated:
+        gate, up = h.chunk(2, dim=-1)
+        return F.silu(gate) * up
+    return F.relu(h).square()
+
+
+class MLP(nn.Module):
+    """Dense MLP. ``fc1`` holds [gate; up] rows for SwiGLU (2f x d) or the single up (f x d)."""
+
+    def __init__(self, d_model: int, d_ff: int, activation: str):
+        super().__init__()
+        self.gated = activation == "swiglu"
+        self.activation = activation
+        self.d_ff = d_ff
+        self.fc1 = nn.Linear(d_model, (2 if self.gated else 1) * d_ff, bias=False)
+        self.fc2 = nn.Linear(d_ff, d_model, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(mlp_activation(self.fc1(x), self.gated))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.attn = Attention(cfg)
+        self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.mlp: nn.Module = MLP(cfg.d_model, cfg.d_ff, cfg.activation)
+
+    def forward(self, x, cos, sin):
+        x = x + self.attn(self.attn_norm(x), cos, sin)
+        h = self.mlp(self.mlp_norm(x))
+        aux = None
+        if isinstance(h, tuple):  # MoE returns (output, RouterAux)
+            h, aux = h
+        return x + h, aux
+
+
+@dataclass
+class DecoderOutput:
+    logits: torch.Tensor
+    loss: torch.Tensor | None = None
+    aux_loss: torch.Tensor | None = None
+    router: list = field(default_factory=list)  # RouterAux per MoE layer, in layer order
+
+
+class Decoder(nn.Module):
+    """Decoder-only LM. ``forward(idx, targets)`` returns logits, LM loss and summed MoE aux loss."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+        cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """GPT-2 style init: N(0, std), output projections scaled by 1/sqrt(2 n_layers)."""
+        std = self.cfg.init_std
+        for name, p in self.named_parameters():
+            if p.dim() < 2:
+                nn.init.zeros_(p) if name.endswith("bias") else nn.init.ones_(p)
+            elif name.endswith(("o_proj.weight", "fc2.weight")):
+                nn.init.normal_(p, 0.0, std / math.sqrt(2 * self.cfg.n_layers))
+            else:
+                nn.init.normal_(p, 0.0, std)
+
+    @property
+    def moe_layers(self) -> list[int]:
+        from harness.moe import MoE
+
+        return [i for i, b in enumerate(self.blocks) if isinstance(b.mlp, MoE)]
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> DecoderOutput:
+        t = idx.shape[1]
+        if t > self.cfg.max_seq_len:
+            raise ValueError(f"sequence length {t} > model.max_seq_len={self.cfg.max_seq_len}")
+        cos, sin = self.rope_cos[:t], self.rope_sin[:t]
+        x = self.embed(idx)
+        router, aux_loss = [], None
+        for block in self.blocks:
+            x, aux = block(x, cos, sin)
+            if aux is not None:
+                router.append(aux)
+                aux_loss = aux.loss if aux_loss is None else aux_loss + aux.loss
+        logits = self.lm_head(self.norm(x))
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1))
+        return DecoderOutput(logits=logits, loss=loss, aux_loss=aux_loss, router=router)

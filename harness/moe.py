@@ -1,0 +1,185 @@
+"""Dropless token-choice MoE layer: router, routing modes, grouped experts, aux losses.
+
+Kept as small pieces like torchtitan's MoE: :func:`route` (one function per routing mode),
+:func:`permute` / :func:`unpermute` (sort token copies by expert with no host sync), and
+:class:`GroupedExperts` (a per-expert loop that runs anywhere, or one grouped GEMM per projection).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from harness.errors import ConfigError
+from harness.model import mlp_activation
+
+ROUTINGS = ("softmax_topk", "topk_softmax")
+EXPERT_BACKENDS = ("auto", "loop", "grouped_mm")
+
+
+@dataclass
+class MoEConfig:
+    """An MoE layer: E experts of width f/G, top-T per token (E{E}G{G}T{T})."""
+
+    num_experts: int = 8
+    top_k: int = 2
+    granularity: int = 1
+    routing: str = "softmax_topk"
+    router_init_std: float = 0.02
+    aux_loss_coef: float = 1e-2
+    z_loss_coef: float = 0.0
+    expert_backend: str = "auto"
+
+    @property
+    def name(self) -> str:
+        return f"E{self.num_experts}G{self.granularity}T{self.top_k}"
+
+    def validate(self, d_ff: int | None = None) -> None:
+        e, t, g = self.num_experts, self.top_k, self.granularity
+        if self.routing not in ROUTINGS:
+            raise ConfigError(f"moe.routing={self.routing!r} is not one of {ROUTINGS}")
+        if self.expert_backend not in EXPERT_BACKENDS:
+            raise ConfigError(f"moe.expert_backend={self.expert_backend!r} is not one of {EXPERT_BACKENDS}")
+        for key, v in (("num_experts", e), ("top_k", t), ("granularity", g)):
+            if not isinstance(v, int) or v < 1:
+                raise ConfigError(f"moe.{key}={v!r} must be a positive integer")
+        if t > e:
+            raise ConfigError(f"moe.top_k={t} > moe.num_experts={e}: cannot pick more experts than exist")
+        if e % g:
+            raise ConfigError(f"moe.num_experts={e} is not divisible by moe.granularity={g}")
+        if t % g:
+            raise ConfigError(f"moe.top_k={t} is not divisible by moe.granularity={g} (top-T must pick whole groups)")
+        if d_ff is not None and d_ff % g:
+            raise ConfigError(f"model.d_ff={d_ff} is not divisible by moe.granularity={g}")
+        for key in ("router_init_std", "aux_loss_coef", "z_loss_coef"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"moe.{key}={getattr(self, key)!r} must be >= 0")
+
+
+@dataclass
+class RouterAux:
+    """What one MoE layer reports besides its output: the weighted aux loss and detached stats."""
+
+    loss: torch.Tensor  # aux_loss_coef * load_balance + z_loss_coef * z_loss
+    load_balance: torch.Tensor
+    z_loss: torch.Tensor
+    tokens_per_expert: torch.Tensor  # [E], float, detached
+    entropy: torch.Tensor  # mean router entropy (nats), detached
+
+    @property
+    def load_cv(self) -> torch.Tensor:
+        """Coefficient of variation of tokens per expert (0 = perfectly balanced)."""
+        n = self.tokens_per_expert
+        return n.std(unbiased=False) / n.mean().clamp_min(1e-9)
+
+
+def route(logits: torch.Tensor, top_k: int, routing: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Return (weights [N,T], expert ids [N,T], probs over all experts [N,E]) from fp32 logits.
+
+    softmax_topk: softmax over all E, keep the T largest, no renormalisation (arXiv 2410.07524 sec. 3.3).
+    topk_softmax: keep the T largest logits, softmax over those T (Mixtral).
+    """
+    probs = logits.softmax(dim=-1)
+    if routing == "softmax_topk":
+        weights, experts = probs.topk(top_k, dim=-1)
+    elif routing == "topk_softmax":
+        top_logits, experts = logits.topk(top_k, dim=-1)
+        weights = top_logits.softmax(dim=-1)
+    else:
+        raise ConfigError(f"moe.routing={routing!r} is not one of {ROUTINGS}")
+    return weights, experts, probs
+
+
+def permute(experts: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sort the N*T token copies by expert. Returns (order, tokens_per_expert) with no host sync."""
+    flat = experts.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    counts = torch.zeros(num_experts, dtype=torch.int64, device=flat.device)
+    counts.scatter_add_(0, flat, torch.ones_like(flat))
+    return order, counts
+
+
+def unpermute(out_sorted: torch.Tensor, order: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Put expert outputs back in token order and sum each token's T outputs with its weights."""
+    n, t = weights.shape
+    out = torch.empty_like(out_sorted).index_copy(0, order, out_sorted)
+    return torch.bmm(weights.to(out.dtype).unsqueeze(1), out.view(n, t, -1)).squeeze(1)
+
+
+def _grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    fn = getattr(F, "grouped_mm", None) or torch._grouped_mm
+    return fn(a, b, offs=offs)
+
+
+class GroupedExperts(nn.Module):
+    """E MLP experts stored stacked: ``w1`` [E, (2)f_e, d] ([gate; up] rows for SwiGLU), ``w2`` [E, d, f_e].
+
+    The layout is each expert's nn.Linear weight stacked, the same as HF's MoE classes in memory.
+    """
+
+    def __init__(self, num_experts: int, d_model: int, d_expert: int, activation: str, backend: str = "auto"):
+        super().__init__()
+        self.gated = activation == "swiglu"
+        self.num_experts, self.d_model, self.d_expert = num_experts, d_model, d_expert
+        self.backend = backend
+        self.w1 = nn.Parameter(torch.empty(num_experts, (2 if self.gated else 1) * d_expert, d_model))
+        self.w2 = nn.Parameter(torch.empty(num_experts, d_model, d_expert))
+        nn.init.normal_(self.w1, std=0.02)
+        nn.init.normal_(self.w2, std=0.02)
+
+    def resolved_backend(self, x: torch.Tensor) -> str:
+        if self.backend != "auto":
+            return self.backend
+        return "grouped_mm" if x.is_cuda and x.dtype == torch.bfloat16 else "loop"
+
+    def forward(self, x_sorted: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """``x_sorted``: token copies sorted by expert; ``counts``: how many go to each expert."""
+        w1, w2 = self.w1.to(x_sorted.dtype), self.w2.to(x_sorted.dtype)
+        if self.resolved_backend(x_sorted) == "grouped_mm":
+            offs = counts.cumsum(0).to(torch.int32)
+            h = mlp_activation(_grouped_mm(x_sorted, w1.transpose(-2, -1), offs), self.gated)
+            return _grouped_mm(h, w2.transpose(-2, -1), offs)
+        outs = []  # portable path: one matmul pair per expert (host sync on counts)
+        for e, chunk in enumerate(x_sorted.split(counts.tolist())):
+            outs.append(mlp_activation(chunk @ w1[e].t(), self.gated) @ w2[e].t())
+        return torch.cat(outs)
+
+
+class MoE(nn.Module):
+    """Router + dropless top-T dispatch to :class:`GroupedExperts`. Returns (output, RouterAux)."""
+
+    def __init__(self, d_model: int, d_ff: int, activation: str, cfg: MoEConfig):
+        super().__init__()
+        cfg.validate(d_ff)
+        self.cfg = cfg
+        self.activation = activation
+        self.router = nn.Linear(d_model, cfg.num_experts, bias=False)
+        nn.init.normal_(self.router.weight, std=cfg.router_init_std)
+        self.experts = GroupedExperts(
+            cfg.num_experts, d_model, d_ff // cfg.granularity, activation, cfg.expert_backend
+        )
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, RouterAux]:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            logits = F.linear(x2.float(), self.router.weight.float())
+        weights, experts, probs = route(logits, self.cfg.top_k, self.cfg.routing)
+        order, counts = permute(experts, self.cfg.num_experts)
+        x_sorted = x2.index_select(0, order // self.cfg.top_k)
+        y = unpermute(self.experts(x_sorted, counts), order, weights)
+        return y.view(shape), self._aux(logits, probs, counts)
+
+    def _aux(self, logits: torch.Tensor, probs: torch.Tensor, counts: torch.Tensor) -> RouterAux:
+        """Switch/GShard load balance E * sum_e f_e P_e and router z-loss mean(logsumexp^2) (ST-MoE)."""
+        e = self.cfg.num_experts
+        frac = counts.float() / counts.sum().clamp_min(1)
+        load_balance = e * (frac * probs.mean(0)).sum()
+        z_loss = torch.logsumexp(logits, dim=-1).square().mean()
+        loss = self.cfg.aux_loss_coef * load_balance + self.cfg.z_loss_coef * z_loss
+        with torch.no_grad():
+            entropy = -(probs * probs.clamp_min(1e-20).log()).sum(-1).mean()
+        return RouterAux(loss, load_balance, z_loss, counts.detach().float(), entropy)
