@@ -1,0 +1,189 @@
+"""Local corpus -> byte-level BPE -> uint16 token shards (cached by content hash) -> LightningDataModule.
+
+Default corpus: the Python standard library source of the running interpreter (PSF license), present
+on every machine with Python and no download. ``path=`` takes the user's own .txt/.md/.rst/.jsonl
+files or folders instead.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sysconfig
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+from filelock import FileLock
+from torch.utils.data import DataLoader, Dataset
+
+from harness.errors import ConfigError
+from harness.io import atomic_write_bytes, atomic_write_text
+
+EOT = "<|endoftext|>"
+TEXT_SUFFIXES = (".txt", ".md", ".rst", ".py", ".jsonl")
+
+
+def _stdlib_files() -> list[Path]:
+    root = Path(sysconfig.get_paths()["stdlib"])
+    skip = {"test", "tests", "idlelib", "site-packages", "lib2to3", "turtledemo"}
+    files = [p for p in root.rglob("*.py") if not skip & set(p.relative_to(root).parts)]
+    return sorted(files, key=lambda p: str(p.relative_to(root)))
+
+
+def _user_files(path: str) -> list[Path]:
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise ConfigError(f"data.path={path!r} does not exist")
+    files = sorted(q for q in p.rglob("*") if q.suffix in TEXT_SUFFIXES) if p.is_dir() else [p]
+    if not files:
+        raise ConfigError(f"data.path={path!r} holds no {TEXT_SUFFIXES} files")
+    return files
+
+
+def read_documents(source: str, path: str | None, max_bytes: int) -> list[str]:
+    """Documents of the corpus, in a fixed order, up to ``max_bytes`` of UTF-8 text."""
+    if path:
+        files = _user_files(path)
+    elif source == "stdlib":
+        files = _stdlib_files()
+    else:
+        raise ConfigError(f"data.source={source!r} is not 'stdlib' (or give data.path=)")
+    docs, total = [], 0
+    for f in files:
+        raw = f.read_bytes().decode("utf-8", errors="replace")
+        texts = [json.loads(line).get("text", "") for line in raw.splitlines() if line.strip()] if f.suffix == ".jsonl" else [raw]
+        for t in texts:
+            if t.strip():
+                docs.append(t)
+                total += len(t.encode())
+            if total >= max_bytes:
+                return docs
+    return docs
+
+
+def train_tokenizer(docs: list[str], vocab_size: int):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=[EOT], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(docs, trainer=trainer)
+    return tok
+
+
+def build_shards(source: str, path: str | None, max_bytes: int, vocab_size: int, val_fraction: float, cache_dir: str) -> Path:
+    """Tokenizer + train.bin/val.bin under ``cache_dir/data/<hash>``; built once, file-locked."""
+    if not 256 < vocab_size <= 65535:
+        raise ConfigError(f"data.vocab_size={vocab_size} must be in (256, 65535] (uint16 shards)")
+    if not 0 < val_fraction < 0.5:
+        raise ConfigError(f"data.val_fraction={val_fraction} must be in (0, 0.5)")
+    docs = read_documents(source, path, max_bytes)
+    h = hashlib.sha256()
+    for d in docs:
+        h.update(d.encode())
+    h.update(f"|v{vocab_size}|val{val_fraction}|bpe1".encode())
+    out = Path(cache_dir).expanduser() / "data" / h.hexdigest()[:16]
+    out.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(out / ".lock")):
+        if (out / "meta.json").exists():
+            return out
+        tok = train_tokenizer(docs, vocab_size)
+        eot = tok.token_to_id(EOT)
+        every = max(2, round(1 / val_fraction))
+        split = {"train": [], "val": []}
+        for i, enc in enumerate(tok.encode_batch(docs)):
+            split["val" if i % every == every - 1 else "train"].append(enc.ids + [eot])
+        for name, parts in split.items():
+            arr = np.fromiter((t for p in parts for t in p), dtype=np.uint16)
+            atomic_write_bytes(out / f"{name}.bin", arr.tobytes())
+        atomic_write_text(out / "tokenizer.json", tok.to_str())
+        meta = {"documents": len(docs), "bytes": sum(len(d.encode()) for d in docs), "vocab_size": vocab_size,
+                "train_tokens": int(sum(map(len, split["train"]))), "val_tokens": int(sum(map(len, split["val"]))),
+                "source": path or source}
+        atomic_write_text(out / "meta.json", json.dumps(meta, indent=1))
+    return out
+
+
+class RandomWindows(Dataset):
+    """Sample i is the window at a position drawn from a generator seeded by (seed, i): any sample
+    can be produced alone, so a resumed run continues exactly where it stopped."""
+
+    def __init__(self, tokens: np.ndarray, seq_len: int, first: int, count: int, seed: int):
+        self.tokens, self.seq_len, self.first, self.count, self.seed = tokens, seq_len, first, count, seed
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, i: int):
+        rng = np.random.default_rng([self.seed, self.first + i])
+        s = int(rng.integers(0, len(self.tokens) - self.seq_len - 1))
+        w = torch.from_numpy(self.tokens[s : s + self.seq_len + 1].astype(np.int64))
+        return w[:-1], w[1:]
+
+
+class FixedWindows(Dataset):
+    """Evenly spaced validation windows: the same for every run on the same shards."""
+
+    def __init__(self, tokens: np.ndarray, seq_len: int, count: int):
+        self.tokens, self.seq_len = tokens, seq_len
+        self.starts = np.linspace(0, len(tokens) - seq_len - 2, num=count).astype(np.int64)
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    def __getitem__(self, i: int):
+        s = int(self.starts[i])
+        w = torch.from_numpy(self.tokens[s : s + self.seq_len + 1].astype(np.int64))
+        return w[:-1], w[1:]
+
+
+class TokenDataModule(L.LightningDataModule):
+    """Batches of (input, target) windows. ``batch_size`` is per device; train sampling starts at
+    the trainer's global step, so resume needs no dataloader state."""
+
+    def __init__(self, cache_dir: str, source: str = "stdlib", path: str | None = None, max_bytes: int = 4_000_000,
+                 vocab_size: int = 2048, val_fraction: float = 0.05, seq_len: int = 64, batch_size: int = 16,
+                 val_batches: int = 8, num_workers: int = 0, seed: int = 0):
+        super().__init__()
+        self.cache_dir, self.source, self.path, self.max_bytes = cache_dir, source, path, int(max_bytes)
+        self.vocab_size, self.val_fraction = int(vocab_size), float(val_fraction)
+        self.seq_len, self.batch_size, self.val_batches = int(seq_len), int(batch_size), int(val_batches)
+        self.num_workers, self.seed = int(num_workers), int(seed)
+        self.total_steps = 0
+        self.shard_dir: Path | None = None
+        if self.seq_len < 2 or self.batch_size < 1:
+            raise ConfigError(f"data.seq_len={seq_len} / data.batch_size={batch_size} must be >= 2 / >= 1")
+
+    def prepare(self) -> Path:
+        """Build or find the cached shards (rank 0 first under DDP thanks to the file lock)."""
+        self.shard_dir = build_shards(self.source, self.path, self.max_bytes, self.vocab_size, self.val_fraction, self.cache_dir)
+        return self.shard_dir
+
+    def shard(self, split: str) -> np.ndarray:
+        if self.shard_dir is None:
+            self.prepare()
+        return np.memmap(self.shard_dir / f"{split}.bin", dtype=np.uint16, mode="r")
+
+    @property
+    def meta(self) -> dict:
+        return json.loads((self.shard_dir / "meta.json").read_text())
+
+    def train_dataloader(self) -> DataLoader:
+        world = self.trainer.world_size if self.trainer else 1
+        step = self.trainer.global_step if self.trainer else 0
+        per_step = self.batch_size * world
+        ds = RandomWindows(self.shard("train"), self.seq_len, step * per_step,
+                           max(self.total_steps - step, 1) * per_step, self.seed)
+        return DataLoader(ds, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers,
+                          persistent_workers=self.num_workers > 0)
+
+    def val_dataloader(self) -> DataLoader:
+        ds = FixedWindows(self.shard("val"), self.seq_len, self.val_batches * self.batch_size)
+        return DataLoader(ds, batch_size=self.batch_size, shuffle=False, num_workers=0)

@@ -1,0 +1,125 @@
+"""LightningModule around the plain-torch :class:`Decoder` (dense or MoE): loss, optimiser, schedule, metrics."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import lightning as L
+import torch
+
+from harness.errors import ConfigError
+from harness.model import Decoder
+
+SCHEDULES = ("cosine", "wsd", "constant")
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with linear warmup then cosine decay, WSD (warmup-stable-decay) or constant LR."""
+
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 20
+    schedule: str = "cosine"
+    decay_fraction: float = 0.2  # WSD: last fraction of steps decays linearly to min_lr
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+
+    def validate(self) -> None:
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(f"optim.schedule={self.schedule!r} is not one of {SCHEDULES}")
+        if not self.lr > 0:
+            raise ConfigError(f"optim.lr={self.lr!r} must be > 0")
+        if self.warmup_steps < 0 or not 0 <= self.min_lr_ratio <= 1:
+            raise ConfigError(f"optim.warmup_steps={self.warmup_steps} / optim.min_lr_ratio={self.min_lr_ratio} out of range")
+
+    def lr_factor(self, step: int, total: int) -> float:
+        if step < self.warmup_steps:
+            return (step + 1) / self.warmup_steps
+        if self.schedule == "constant":
+            return 1.0
+        if self.schedule == "wsd":
+            start = int(total * (1 - self.decay_fraction))
+            if step < start:
+                return 1.0
+            frac = (step - start) / max(1, total - start)
+            return 1.0 - (1.0 - self.min_lr_ratio) * min(frac, 1.0)
+        frac = min(1.0, (step - self.warmup_steps) / max(1, total - self.warmup_steps))
+        return self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * frac))
+
+
+class LitLM(L.LightningModule):
+    """Trains a Decoder; logs train/loss, val/loss, moe/*, lr, tokens and FLOPs seen, perf/*."""
+
+    def __init__(self, model: Decoder, optim: OptimConfig, total_steps: int, train_flops_per_token: int,
+                 peak_flops: float | None = None):
+        super().__init__()
+        self.model, self.optim, self.total_steps = model, optim, total_steps
+        self.flops_per_token, self.peak_flops = train_flops_per_token, peak_flops
+        self._t_last: float | None = None
+
+    def forward(self, idx, targets=None):
+        return self.model(idx, targets)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        out = self.model(x, y)
+        loss = out.loss + (out.aux_loss if out.aux_loss is not None else 0.0)
+        tokens = (self.global_step + 1) * x.numel() * self.trainer.world_size
+        self.log_dict({"train/loss": out.loss, "train/tokens": float(tokens),
+                       "flops/train_total": float(tokens) * self.flops_per_token}, prog_bar=False)
+        self.log("loss", out.loss, prog_bar=True, logger=False)
+        if out.router:
+            self._log_router(out.router)
+        now = time.perf_counter()
+        if self._t_last is not None:
+            tps = x.numel() * self.trainer.world_size / (now - self._t_last)
+            self.log("perf/tokens_per_s", tps)
+            if self.peak_flops:
+                self.log("perf/mfu", tps * self.flops_per_token / (self.peak_flops * self.trainer.world_size))
+        self._t_last = now
+        return loss
+
+    def _log_router(self, router) -> None:
+        aux = torch.stack([r.load_balance for r in router]).mean()
+        metrics = {"moe/aux_loss": aux, "moe/z_loss": torch.stack([r.z_loss for r in router]).mean(),
+                   "moe/expert_load_cv": torch.stack([r.load_cv for r in router]).mean(),
+                   "moe/router_entropy": torch.stack([r.entropy for r in router]).mean(),
+                   "moe/max_expert_share": torch.stack(
+                       [r.tokens_per_expert.max() / r.tokens_per_expert.sum() for r in router]).max()}
+        for layer, r in zip(self.model.moe_layers, router):
+            metrics[f"moe/layer{layer}_load_cv"] = r.load_cv
+        self.log_dict(metrics)
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("val/loss", self.model(x, y).loss, prog_bar=True, sync_dist=True)
+
+    def configure_optimizers(self):
+        decay = [p for p in self.model.parameters() if p.dim() >= 2]
+        no_decay = [p for p in self.model.parameters() if p.dim() < 2]
+        groups = [{"params": decay, "weight_decay": self.optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        fused = all(p.is_cuda for p in self.model.parameters()) if torch.cuda.is_available() else False
+        opt = torch.optim.AdamW(groups, lr=self.optim.lr, betas=(self.optim.beta1, self.optim.beta2), fused=fused)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: self.optim.lr_factor(s, self.total_steps))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def on_before_optimizer_step(self, optimizer):
+        self.log("lr", optimizer.param_groups[0]["lr"])
+
+
+@torch.no_grad()
+def evaluate(model: Decoder, loader, device: torch.device | str = "cpu") -> float:
+    """Mean LM loss over a loader (plain torch: used for the before/after numbers in results.json)."""
+    was_training = model.training
+    model.eval()
+    total, n = 0.0, 0
+    for x, y in loader:
+        total += model(x.to(device), y.to(device)).loss.item()
+        n += 1
+    model.train(was_training)
+    return total / max(n, 1)

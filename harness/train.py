@@ -1,0 +1,298 @@
+"""The experiment: dense base (cached) -> upcycle -> train, beside its iso-FLOP dense continuation.
+
+``main(cfg)`` is what ``run.py`` calls; it returns the objective (final val loss) for sweepers.
+Every object comes from the config through ``hydra.utils.instantiate``; everything is validated
+before the first tensor is touched.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import time
+import traceback
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import lightning as L
+import torch
+from filelock import FileLock
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from omegaconf import DictConfig, OmegaConf
+
+from harness import flops
+from harness.data import TokenDataModule
+from harness.errors import ConfigError
+from harness.io import atomic_write_json
+from harness.lit import LitLM, OptimConfig, evaluate
+from harness.model import Decoder, ModelConfig
+from harness.moe import MoEConfig
+from harness.upcycle import Recipe, resolve_moe_layers, upcycle
+
+log = logging.getLogger("upcycle")
+METHODS = ("upcycle", "dense")
+
+
+@dataclass
+class Spec:
+    """Everything a run needs, built and validated from the config before any compute."""
+
+    method: str
+    model: ModelConfig
+    moe: MoEConfig
+    recipe: Recipe
+    optim: OptimConfig
+    data: TokenDataModule
+    moe_layers: list[int]
+
+
+def _hash(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def make(node, **kw):
+    """``hydra.utils.instantiate`` that lets our ConfigError through unwrapped (one clear line)."""
+    try:
+        return instantiate(node, **kw)
+    except InstantiationException as e:
+        cause = e.__cause__ or e.__context__
+        if isinstance(cause, ConfigError):
+            raise cause from None
+        raise
+
+
+def build_spec(cfg: DictConfig) -> Spec:
+    if cfg.method not in METHODS:
+        raise ConfigError(f"method={cfg.method!r} is not one of {METHODS}")
+    for key in ("tokens", "ckpt_every", "val_every"):
+        if int(cfg.train[key]) <= 0:
+            raise ConfigError(f"train.{key}={cfg.train[key]!r} must be > 0")
+    if int(cfg.pretrain.tokens) <= 0:
+        raise ConfigError(f"pretrain.tokens={cfg.pretrain.tokens!r} must be > 0")
+    model = make(cfg.model)
+    moe = make(cfg.moe)
+    moe.validate(model.d_ff)
+    recipe = make(cfg.upcycle)
+    recipe.validate()
+    optim = make(cfg.optim)
+    optim.validate()
+    data = make(cfg.data)
+    if data.seq_len > model.max_seq_len:
+        raise ConfigError(f"data.seq_len={data.seq_len} > model.max_seq_len={model.max_seq_len}")
+    layers = resolve_moe_layers(recipe.moe_layers, model.n_layers)
+    return Spec(cfg.method, model, moe, recipe, optim, data, layers)
+
+
+class ValCurve(Callback):
+    """Keeps (step, tokens, flops, val/loss) across resumes (saved in the checkpoint)."""
+
+    def __init__(self, tokens_per_step: int, flops_per_token: int):
+        self.tokens_per_step, self.flops_per_token, self.points = tokens_per_step, flops_per_token, []
+
+    def on_validation_end(self, trainer, pl_module):
+        if trainer.sanity_checking or "val/loss" not in trainer.callback_metrics:
+            return
+        step = trainer.global_step
+        tokens = step * self.tokens_per_step
+        self.points.append({"step": step, "tokens": tokens, "flops": tokens * self.flops_per_token,
+                            "val_loss": float(trainer.callback_metrics["val/loss"])})
+
+    def state_dict(self):
+        return {"points": self.points}
+
+    def load_state_dict(self, state):
+        self.points = list(state["points"])
+
+
+class StopAfter(Callback):
+    """Stops training at a given step, as a crash would (used to test resume)."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, *args):
+        if trainer.global_step >= self.step:
+            trainer.should_stop = True
+
+
+def _loggers(cfg: DictConfig, out_dir: Path, name: str, csv_only: bool):
+    loggers = []
+    for key, lcfg in (cfg.get("logger") or {}).items():
+        if csv_only and key != "csv":
+            continue
+        try:
+            loggers.append(instantiate(lcfg, save_dir=str(out_dir), name=name))
+        except Exception as e:  # a logging service must never stop training
+            warnings.warn(f"logger {key!r} could not start ({type(e).__name__}: {e}); continuing with the others")
+    return loggers
+
+
+def fit(model: Decoder, spec: Spec, cfg: DictConfig, out_dir: Path, steps: int, name: str, csv_only=False) -> dict:
+    """Train ``model`` in place for ``steps`` steps, resuming from ``out_dir/checkpoints/last.ckpt``."""
+    seq = spec.data.seq_len
+    fpt = flops.count_model(model, seq).train_per_token
+    peak = float(cfg.train.peak_tflops) * 1e12 if cfg.train.get("peak_tflops") else None
+    lit = LitLM(model, spec.optim, steps, fpt, peak)
+    spec.data.total_steps = steps
+    ckpt_dir = out_dir / "checkpoints"
+    curve = ValCurve(spec.data.batch_size * seq, fpt)
+    callbacks = [ModelCheckpoint(dirpath=ckpt_dir, save_last=True, save_top_k=0,
+                                 every_n_train_steps=int(cfg.train.ckpt_every)), curve]
+    callbacks += [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
+    stop = cfg.train.get("stop_after_steps")
+    if stop:
+        callbacks.append(StopAfter(int(stop)))
+    trainer: L.Trainer = instantiate(
+        cfg.trainer, max_steps=steps, logger=_loggers(cfg, out_dir, name, csv_only) or False,
+        callbacks=callbacks, default_root_dir=str(out_dir), val_check_interval=int(cfg.train.val_every),
+        check_val_every_n_epoch=None, num_sanity_val_steps=0, gradient_clip_val=spec.optim.grad_clip,
+    )
+    last = ckpt_dir / "last.ckpt"
+    t0 = time.perf_counter()
+    trainer.fit(lit, datamodule=spec.data, ckpt_path=str(last) if last.exists() else None)
+    wall = time.perf_counter() - t0
+    done = trainer.global_step >= steps
+    device = next(model.parameters()).device
+    val = evaluate(model, spec.data.val_dataloader(), device) if done else float("nan")
+    points = curve.points + ([{"step": steps, "tokens": steps * spec.data.batch_size * seq * trainer.world_size,
+                              "flops": steps * spec.data.batch_size * seq * trainer.world_size * fpt,
+                              "val_loss": val}] if done else [])
+    tokens = steps * spec.data.batch_size * seq * trainer.world_size
+    return {"status": "complete" if done else "interrupted", "steps": trainer.global_step, "val_loss": val,
+            "best_val_loss": min((p["val_loss"] for p in points), default=float("nan")), "tokens": tokens,
+            "flops_per_token": fpt, "train_flops": tokens * fpt, "fit_wall_s": wall, "val_curve": points,
+            "world_size": trainer.world_size}
+
+
+def _steps(tokens: float, spec: Spec, world: int = 1) -> int:
+    return max(1, math.ceil(tokens / (spec.data.batch_size * spec.data.seq_len * world)))
+
+
+def dense_base(spec: Spec, cfg: DictConfig) -> tuple[Decoder, dict]:
+    """The pretrained dense checkpoint: trained once per (model, data, pretrain) config, then reused."""
+    key = _hash({"model": asdict(spec.model), "data": spec.data.shard_dir.name, "seq": spec.data.seq_len,
+                 "batch": spec.data.batch_size, "pretrain": OmegaConf.to_container(cfg.pretrain, resolve=True)})
+    out = Path(cfg.paths.cache_dir) / "dense" / key
+    out.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(out / ".lock")):
+        meta_path = out / "meta.json"
+        if not meta_path.exists():
+            log.info("pretraining dense base %s -> %s", spec.model.name, out)
+            torch.manual_seed(int(cfg.pretrain.seed))
+            model = Decoder(spec.model)
+            pre_spec = Spec(spec.method, spec.model, spec.moe, spec.recipe, instantiate(cfg.pretrain.optim),
+                            spec.data, spec.moe_layers)
+            res = fit(model, pre_spec, cfg, out, _steps(cfg.pretrain.tokens, spec), "pretrain", csv_only=True)
+            if res["status"] != "complete":
+                raise RuntimeError("dense pretraining stopped before its budget; run again to resume it")
+            torch.save(model.state_dict(), out / "model.pt.tmp")
+            (out / "model.pt.tmp").replace(out / "model.pt")
+            atomic_write_json(meta_path, {"key": key, "model": asdict(spec.model), **res})
+        else:
+            log.info("reusing cached dense base %s", out)
+    model = Decoder(spec.model)
+    model.load_state_dict(torch.load(out / "model.pt", map_location="cpu", weights_only=True))
+    return model, json.loads(meta_path.read_text())
+
+
+def dense_continuation(dense: Decoder, base_key: str, tokens: int, spec: Spec, cfg: DictConfig) -> dict:
+    """Continue the dense model for ``tokens`` tokens (cached: MoE variants of equal FLOPs share it)."""
+    key = _hash({"base": base_key, "tokens": tokens, "optim": asdict(spec.optim), "seed": cfg.seed})
+    out = Path(cfg.paths.cache_dir) / "dense_continuation" / key
+    out.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(out / ".lock")):
+        res_path = out / "results.json"
+        if res_path.exists():
+            return json.loads(res_path.read_text())
+        torch.manual_seed(int(cfg.seed))
+        model = Decoder(spec.model)
+        model.load_state_dict(dense.state_dict())
+        res = fit(model, spec, cfg, out, _steps(tokens, spec), "dense_continuation", csv_only=True)
+        if res["status"] == "complete":
+            atomic_write_json(res_path, res)
+        return res
+
+
+def run(cfg: DictConfig, spec: Spec, out_dir: Path) -> dict:
+    t0 = time.time()
+    spec.data.prepare()
+    dense, base_meta = dense_base(spec, cfg)
+    dense_flops = flops.count(spec.model, spec.data.seq_len)
+    moe_flops = flops.count(spec.model, spec.data.seq_len, spec.moe, spec.moe_layers)
+    moe_tokens = _steps(cfg.train.tokens, spec) * spec.data.batch_size * spec.data.seq_len
+    iso_tokens = flops.iso_flop_tokens(moe_tokens, moe_flops.train_per_token, dense_flops.train_per_token)
+    val_loader = spec.data.val_dataloader()
+    parent_val = evaluate(dense, val_loader)
+    res = {"method": spec.method, "moe": spec.moe.name, "routing": spec.moe.routing,
+           "dense_parent_val_loss": parent_val, "data": spec.data.meta, "dense_base": base_meta["key"]}
+    torch.manual_seed(int(cfg.seed))
+    if spec.method == "upcycle":
+        model = upcycle(dense, spec.moe, spec.recipe)
+        res["init_val_loss"] = evaluate(model, val_loader)
+        counts = moe_flops
+        steps = _steps(cfg.train.tokens, spec)
+    else:  # dense continuation at the iso-FLOP budget of cfg.moe
+        model = dense
+        res["init_val_loss"] = parent_val
+        counts = dense_flops
+        steps = _steps(iso_tokens, spec)
+        res["iso_flop_of"] = spec.moe.name
+    res.update(params_total=counts.params_total, params_active=counts.params_active)
+    res.update(fit(model, spec, cfg, out_dir, steps, cfg.name))
+    if spec.method == "upcycle" and cfg.iso_flop_baseline and res["status"] == "complete":
+        iso = dense_continuation(dense, base_meta["key"], iso_tokens, spec, cfg)
+        res["dense_iso"] = {k: iso[k] for k in ("val_loss", "best_val_loss", "tokens", "train_flops", "val_curve")}
+    res["wall_time_s"] = time.time() - t0
+    return res
+
+
+def _print_summary(res: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=f"{res['method']} {res.get('moe', '')} {res.get('routing', '')} [{res['status']}]")
+    for c in ("model", "tokens", "train FLOPs", "val loss"):
+        t.add_column(c)
+    t.add_row("dense parent", "-", "-", f"{res['dense_parent_val_loss']:.4f}")
+    t.add_row(f"{res['method']} (step 0)", "0", "0", f"{res['init_val_loss']:.4f}")
+    t.add_row(res["method"], f"{res['tokens']:,}", f"{res['train_flops']:.3e}", f"{res['val_loss']:.4f}")
+    if "dense_iso" in res:
+        d = res["dense_iso"]
+        t.add_row("dense iso-FLOP", f"{d['tokens']:,}", f"{d['train_flops']:.3e}", f"{d['val_loss']:.4f}")
+    Console().print(t)
+
+
+def main(cfg: DictConfig) -> float:
+    """Run one experiment; write ``results.json`` atomically; return the final val loss."""
+    out_dir = Path(cfg.paths.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    spec = build_spec(cfg)  # raises ConfigError before any compute
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    config_hash = _hash({k: v for k, v in resolved.items() if k not in ("paths", "force")})
+    results_path = out_dir / "results.json"
+    if results_path.exists() and not cfg.get("force"):
+        old = json.loads(results_path.read_text())
+        if old.get("status") == "complete" and old.get("config_hash") == config_hash:
+            log.info("results.json is complete for this config: skipping (force=true re-runs)")
+            return float(old["val_loss"])
+    if cfg.get("print_config", True):
+        from harness.config_tree import print_config_tree
+
+        print_config_tree(cfg)
+    OmegaConf.save(cfg, out_dir / "config_resolved.yaml", resolve=True)
+    base = {"config": resolved, "config_hash": config_hash, "run_dir": str(out_dir)}
+    try:
+        res = {**base, **run(cfg, spec, out_dir)}
+    except Exception as e:
+        atomic_write_json(results_path, {**base, "status": "failed", "error": f"{type(e).__name__}: {e}",
+                                         "traceback": traceback.format_exc()})
+        raise
+    atomic_write_json(results_path, res)
+    if res["status"] == "complete":
+        _print_summary(res)
+    return float(res["val_loss"])

@@ -1,0 +1,19 @@
+"""Hydra entry point: compose the config, run the experiment, return the objective (val loss)."""
+
+import hydra
+from omegaconf import DictConfig
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="config")
+def main(cfg: DictConfig) -> float:
+    from harness.errors import ConfigError
+    from harness.train import main as train_main
+
+    try:
+        return train_main(cfg)
+    except ConfigError as e:  # one line naming the bad key, no traceback
+        raise SystemExit(f"config error: {e}") from None
+
+
+if __name__ == "__main__":
+    main()
