@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import sysconfig
 from pathlib import Path
@@ -22,6 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 from harness.errors import ConfigError
 from harness.io import atomic_write_bytes, atomic_write_text
 
+log = logging.getLogger(__name__)
 EOT = "<|endoftext|>"
 TEXT_SUFFIXES = (".txt", ".md", ".rst", ".py", ".jsonl")
 
@@ -179,8 +181,12 @@ class TokenDataModule(L.LightningDataModule):
         world = self.trainer.world_size if self.trainer else 1
         step = self.trainer.global_step if self.trainer else 0
         per_step = self.batch_size * world
+        if step:
+            log.info("resuming: train sampling starts at step %d", step)
+        # Full-run length even when resuming: Lightning counts batch_idx from the restored step
+        # against len(loader); sample i of this loader is global sample (step * per_step + i).
         ds = RandomWindows(self.shard("train"), self.seq_len, step * per_step,
-                           max(self.total_steps - step, 1) * per_step, self.seed)
+                           max(self.total_steps, 1) * per_step, self.seed)
         return DataLoader(ds, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers,
                           persistent_workers=self.num_workers > 0)
 

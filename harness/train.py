@@ -120,19 +120,29 @@ class StopAfter(Callback):
             trainer.should_stop = True
 
 
-def _loggers(cfg: DictConfig, out_dir: Path, name: str, csv_only: bool):
+def _loggers(cfg: DictConfig, out_dir: Path, csv_only: bool):
     loggers = []
     for key, lcfg in (cfg.get("logger") or {}).items():
         if csv_only and key != "csv":
             continue
         try:
-            loggers.append(instantiate(lcfg, save_dir=str(out_dir), name=name))
+            loggers.append(instantiate(lcfg, save_dir=str(out_dir)))
         except Exception as e:  # a logging service must never stop training
             warnings.warn(f"logger {key!r} could not start ({type(e).__name__}: {e}); continuing with the others")
     return loggers
 
 
-def fit(model: Decoder, spec: Spec, cfg: DictConfig, out_dir: Path, steps: int, name: str, csv_only=False) -> dict:
+def _close_loggers(trainer: L.Trainer) -> None:
+    """Finish W&B runs so the next job of a multirun (same process) starts its own."""
+    for lg in trainer.loggers:
+        if type(lg).__name__ == "WandbLogger" and getattr(lg, "_experiment", None) is not None:
+            try:
+                lg.experiment.finish()
+            except Exception as e:  # never let logging sink the run
+                warnings.warn(f"wandb finish failed: {e}")
+
+
+def fit(model: Decoder, spec: Spec, cfg: DictConfig, out_dir: Path, steps: int, csv_only=False) -> dict:
     """Train ``model`` in place for ``steps`` steps, resuming from ``out_dir/checkpoints/last.ckpt``."""
     seq = spec.data.seq_len
     fpt = flops.count_model(model, seq).train_per_token
@@ -148,13 +158,16 @@ def fit(model: Decoder, spec: Spec, cfg: DictConfig, out_dir: Path, steps: int, 
     if stop:
         callbacks.append(StopAfter(int(stop)))
     trainer: L.Trainer = instantiate(
-        cfg.trainer, max_steps=steps, logger=_loggers(cfg, out_dir, name, csv_only) or False,
+        cfg.trainer, max_steps=steps, logger=_loggers(cfg, out_dir, csv_only) or False,
         callbacks=callbacks, default_root_dir=str(out_dir), val_check_interval=int(cfg.train.val_every),
         check_val_every_n_epoch=None, num_sanity_val_steps=0, gradient_clip_val=spec.optim.grad_clip,
     )
     last = ckpt_dir / "last.ckpt"
     t0 = time.perf_counter()
-    trainer.fit(lit, datamodule=spec.data, ckpt_path=str(last) if last.exists() else None)
+    try:
+        trainer.fit(lit, datamodule=spec.data, ckpt_path=str(last) if last.exists() else None)
+    finally:
+        _close_loggers(trainer)
     wall = time.perf_counter() - t0
     done = trainer.global_step >= steps
     device = next(model.parameters()).device
@@ -187,7 +200,7 @@ def dense_base(spec: Spec, cfg: DictConfig) -> tuple[Decoder, dict]:
             model = Decoder(spec.model)
             pre_spec = Spec(spec.method, spec.model, spec.moe, spec.recipe, instantiate(cfg.pretrain.optim),
                             spec.data, spec.moe_layers)
-            res = fit(model, pre_spec, cfg, out, _steps(cfg.pretrain.tokens, spec), "pretrain", csv_only=True)
+            res = fit(model, pre_spec, cfg, out, _steps(cfg.pretrain.tokens, spec), csv_only=True)
             if res["status"] != "complete":
                 raise RuntimeError("dense pretraining stopped before its budget; run again to resume it")
             torch.save(model.state_dict(), out / "model.pt.tmp")
@@ -212,7 +225,7 @@ def dense_continuation(dense: Decoder, base_key: str, tokens: int, spec: Spec, c
         torch.manual_seed(int(cfg.seed))
         model = Decoder(spec.model)
         model.load_state_dict(dense.state_dict())
-        res = fit(model, spec, cfg, out, _steps(tokens, spec), "dense_continuation", csv_only=True)
+        res = fit(model, spec, cfg, out, _steps(tokens, spec), csv_only=True)
         if res["status"] == "complete":
             atomic_write_json(res_path, res)
         return res
@@ -243,7 +256,7 @@ def run(cfg: DictConfig, spec: Spec, out_dir: Path) -> dict:
         steps = _steps(iso_tokens, spec)
         res["iso_flop_of"] = spec.moe.name
     res.update(params_total=counts.params_total, params_active=counts.params_active)
-    res.update(fit(model, spec, cfg, out_dir, steps, cfg.name))
+    res.update(fit(model, spec, cfg, out_dir, steps))
     if spec.method == "upcycle" and cfg.iso_flop_baseline and res["status"] == "complete":
         iso = dense_continuation(dense, base_meta["key"], iso_tokens, spec, cfg)
         res["dense_iso"] = {k: iso[k] for k in ("val_loss", "best_val_loss", "tokens", "train_flops", "val_curve")}

@@ -1,0 +1,118 @@
+"""End-to-end through the real entry point (run.py under Hydra, as a subprocess)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from harness import flops
+from harness.model import ModelConfig
+from harness.moe import MoEConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+FAST = ["pretrain.tokens=60000", "train.tokens=12800", "train.val_every=10", "train.ckpt_every=5",
+        "data.max_bytes=1000000", "data.vocab_size=512", "trainer.enable_progress_bar=false", "print_config=false"]
+
+
+@pytest.fixture(scope="session")
+def env(tmp_path_factory):
+    cache = tmp_path_factory.mktemp("cache")
+    return {**os.environ, "UPCYCLE_CACHE": str(cache), "WANDB_MODE": "offline", "WANDB_SILENT": "true",
+            "PYTHONUNBUFFERED": "1"}
+
+
+def run(env, logs, *args, check=True):
+    flags = [a for a in args if a.startswith("-")]
+    overrides = [a for a in args if not a.startswith("-")]
+    proc = subprocess.run([sys.executable, "run.py", *flags, *FAST, *overrides], cwd=ROOT, capture_output=True, text=True,
+                          env={**env, "UPCYCLE_LOGS": str(logs)}, timeout=900)
+    if check and proc.returncode != 0:
+        raise AssertionError(proc.stderr[-4000:])
+    return proc
+
+
+def results(path: Path) -> dict:
+    return json.loads((path / "results.json").read_text())
+
+
+@pytest.mark.slow
+def test_default_run_moe_vs_iso_flop_dense(env, tmp_path):
+    run(env, tmp_path)
+    res = results(tmp_path / "runs" / "default")
+    assert res["status"] == "complete" and res["method"] == "upcycle"
+    for key in ("val_loss", "best_val_loss", "dense_parent_val_loss", "init_val_loss", "tokens", "train_flops",
+                "params_total", "params_active", "wall_time_s", "config"):
+        assert key in res, key
+    assert res["params_total"] > res["params_active"]
+    assert abs(res["init_val_loss"] / res["dense_parent_val_loss"] - 1) < 0.01  # scaled softmax_topk at step 0
+    iso = res["dense_iso"]
+    step_flops = res["train_flops"] / (res["tokens"] / (16 * 64))
+    assert abs(iso["train_flops"] - res["train_flops"]) <= step_flops  # iso-FLOP up to one step
+    assert (tmp_path / "runs" / "default" / "config_resolved.yaml").exists()
+    assert (tmp_path / "runs" / "default" / "csv").is_dir()
+    # second run: complete results for the same config are reused, not recomputed
+    again = run(env, tmp_path)
+    assert "skipping" in again.stdout + again.stderr
+
+
+@pytest.mark.slow
+def test_multirun_routing_shares_dense_checkpoint(env, tmp_path):
+    run(env, tmp_path, "-m", "routing=softmax_topk,topk_softmax", "logger=wandb", "iso_flop_baseline=false")
+    sweep = tmp_path / "multirun" / "default"
+    jobs = sorted(p.parent for p in sweep.glob("*/results.json"))
+    assert len(jobs) == 2
+    for routing in ("softmax_topk", "topk_softmax"):
+        job = next(j for j in jobs if f"routing={routing}" in j.name)  # folder named by the job's overrides
+        res = results(job)
+        assert res["status"] == "complete" and res["routing"] == routing
+        assert res["config"]["moe"]["routing"] == routing
+        assert list((job / "wandb").glob("offline-run-*")), "W&B offline run missing"
+    dense_dirs = list((Path(env["UPCYCLE_CACHE"]) / "dense").iterdir())
+    assert len(dense_dirs) == 1  # one dense checkpoint for the whole session, shared
+
+
+@pytest.mark.slow
+def test_dense_method_uses_iso_flop_budget(env, tmp_path):
+    run(env, tmp_path, "method=dense", "moe=E8G1T2")
+    res = results(tmp_path / "runs" / "default")
+    model = ModelConfig(vocab_size=512, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=256, max_seq_len=64)
+    moe_fpt = flops.train_flops_per_token(model, 64, MoEConfig(num_experts=8, top_k=2), [0, 1])
+    dense_fpt = flops.train_flops_per_token(model, 64)
+    assert res["flops_per_token"] == dense_fpt
+    budget = flops.iso_flop_tokens(12800, moe_fpt, dense_fpt)
+    assert budget <= res["tokens"] < budget + 16 * 64
+
+
+@pytest.mark.slow
+def test_resume_continues_the_same_curve(env, tmp_path):
+    run(env, tmp_path, "name=straight", "iso_flop_baseline=false")
+    run(env, tmp_path, "name=crashed", "iso_flop_baseline=false", "train.stop_after_steps=5")
+    crashed = tmp_path / "runs" / "crashed"
+    assert results(crashed)["status"] == "interrupted"
+    assert (crashed / "checkpoints" / "last.ckpt").exists()
+    run(env, tmp_path, "name=crashed", "iso_flop_baseline=false")
+    a, b = results(tmp_path / "runs" / "straight"), results(crashed)
+    assert b["status"] == "complete" and b["steps"] == a["steps"]
+    assert b["val_loss"] == a["val_loss"]  # bitwise on CPU: same data, same optimiser state
+    assert [p["step"] for p in b["val_curve"]] == [p["step"] for p in a["val_curve"]]
+
+
+@pytest.mark.parametrize(
+    "override,needle",
+    [
+        ("moe.top_k=16", "moe.top_k=16 > moe.num_experts=8"),
+        ("moe.routing=sigmoid", "moe.routing='sigmoid'"),
+        ("upcycle.drop_ratio=2.0", "upcycle.drop_ratio=2.0"),
+        ("method=distill", "method='distill'"),
+        ("moe=E64G8T8 model.d_ff=100", "model.d_ff=100 is not divisible by moe.granularity=8"),
+    ],
+)
+def test_bad_config_fails_fast_with_one_line(env, tmp_path, override, needle):
+    proc = run(env, tmp_path, *override.split(), check=False)
+    assert proc.returncode != 0
+    last = proc.stderr.strip().splitlines()[-1]
+    assert needle in last and last.startswith("config error:"), proc.stderr[-2000:]
+    assert not (tmp_path / "runs" / "default" / "results.json").exists()  # failed before any compute
