@@ -14,7 +14,8 @@ from harness.moe import MoEConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["pretrain.tokens=60000", "train.tokens=12800", "train.val_every=10", "train.ckpt_every=5",
-        "data.max_bytes=1000000", "data.vocab_size=512", "trainer.enable_progress_bar=false", "print_config=false"]
+        "data.max_bytes=1000000", "data.vocab_size=512", "trainer.enable_progress_bar=false", "print_config=false",
+        "logger=csv"]
 
 
 @pytest.fixture(scope="session")
@@ -61,6 +62,7 @@ def test_default_run_moe_vs_iso_flop_dense(env, tmp_path):
 @pytest.mark.slow
 def test_multirun_routing_shares_dense_checkpoint(env, tmp_path):
     run(env, tmp_path, "-m", "routing=softmax_topk,topk_softmax", "logger=wandb", "iso_flop_baseline=false")
+    assert "logger: wandb" in (ROOT / "conf" / "config.yaml").read_text()  # the plain command logs to W&B too
     sweep = tmp_path / "multirun" / "default"
     jobs = sorted(p.parent for p in sweep.glob("*/results.json"))
     assert len(jobs) == 2
