@@ -257,9 +257,12 @@ def run(cfg: DictConfig, spec: Spec, out_dir: Path) -> dict:
         res["iso_flop_of"] = spec.moe.name
     res.update(params_total=counts.params_total, params_active=counts.params_active)
     res.update(fit(model, spec, cfg, out_dir, steps))
+    start = {"step": 0, "tokens": 0, "flops": 0, "val_loss": res["init_val_loss"]}
+    res["val_curve"] = [start] + res["val_curve"]  # the step-0 gap is part of the curve
     if spec.method == "upcycle" and cfg.iso_flop_baseline and res["status"] == "complete":
         iso = dense_continuation(dense, base_meta["key"], iso_tokens, spec, cfg)
-        res["dense_iso"] = {k: iso[k] for k in ("val_loss", "best_val_loss", "tokens", "train_flops", "val_curve")}
+        res["dense_iso"] = {k: iso[k] for k in ("val_loss", "best_val_loss", "tokens", "train_flops")}
+        res["dense_iso"]["val_curve"] = [{**start, "val_loss": parent_val}] + iso["val_curve"]
     res["wall_time_s"] = time.time() - t0
     return res
 

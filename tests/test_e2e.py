@@ -100,6 +100,7 @@ def test_resume_continues_the_same_curve(env, tmp_path):
     assert b["status"] == "complete" and b["steps"] == a["steps"]
     assert b["val_loss"] == a["val_loss"]  # bitwise on CPU: same data, same optimiser state
     assert [p["step"] for p in b["val_curve"]] == [p["step"] for p in a["val_curve"]]
+    assert a["val_curve"][0] == {"step": 0, "tokens": 0, "flops": 0, "val_loss": a["init_val_loss"]}
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,77 @@
+"""Walk run / multirun folders for results.json (and CSV metrics) -> one tidy pandas DataFrame."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+
+# config keys that identify a variant: the ablation axes of arXiv 2410.07524 and Drop-Upcycling
+AXES = {
+    "method": ("method",),
+    "moe": ("moe", "num_experts"),
+    "granularity": ("moe", "granularity"),
+    "top_k": ("moe", "top_k"),
+    "routing": ("moe", "routing"),
+    "router_init": ("upcycle", "router_init"),
+    "drop_ratio": ("upcycle", "drop_ratio"),
+    "weight_scaling": ("upcycle", "weight_scaling"),
+    "lr": ("optim", "lr"),
+    "schedule": ("optim", "schedule"),
+    "batch_size": ("data", "batch_size"),
+    "model": ("model", "name"),
+    "train_tokens": ("train", "tokens"),
+    "seed": ("seed",),
+}
+
+
+def _get(cfg: dict, path: tuple):
+    for key in path:
+        if not isinstance(cfg, dict) or key not in cfg:
+            return None
+        cfg = cfg[key]
+    return cfg
+
+
+def load_run(path: Path) -> dict:
+    res = json.loads(path.read_text())
+    cfg = res.get("config", {})
+    row = {name: _get(cfg, keys) for name, keys in AXES.items()}
+    if row["moe"] is not None:
+        row["moe"] = f"E{row['moe']}G{row['granularity']}T{row['top_k']}"
+    iso = res.get("dense_iso") or {}
+    row.update(
+        status=res.get("status"), error=res.get("error"), run_dir=str(path.parent),
+        val_loss=res.get("val_loss"), best_val_loss=res.get("best_val_loss"), init_val_loss=res.get("init_val_loss"),
+        dense_parent_val_loss=res.get("dense_parent_val_loss"), dense_iso_val_loss=iso.get("val_loss"),
+        dense_iso_train_flops=iso.get("train_flops"), tokens=res.get("tokens"), train_flops=res.get("train_flops"),
+        params_total=res.get("params_total"), params_active=res.get("params_active"), wall_time_s=res.get("wall_time_s"),
+    )
+    return row
+
+
+def collect(*roots: str | Path) -> pd.DataFrame:
+    """One row per results.json under ``roots`` (failed runs included, with their status and error)."""
+    rows = [load_run(p) for root in roots for p in sorted(Path(root).rglob("results.json"))
+            if "dense_continuation" not in p.parts]
+    return pd.DataFrame(rows)
+
+
+def curves(df: pd.DataFrame) -> pd.DataFrame:
+    """Validation curves (step, tokens, FLOPs, val loss) of every run, and of its iso-FLOP dense continuation."""
+    out = []
+    for _, row in df.iterrows():
+        res = json.loads((Path(row.run_dir) / "results.json").read_text())
+        for kind, points in (("run", res.get("val_curve", [])), ("dense_iso", (res.get("dense_iso") or {}).get("val_curve", []))):
+            out += [{"run_dir": row.run_dir, "curve": kind, **p} for p in points]
+    return pd.DataFrame(out)
+
+
+def metrics(run_dir: str | Path) -> pd.DataFrame:
+    """The CSV logger's metrics of one run (all versions, i.e. across resumes), one row per step."""
+    files = sorted(Path(run_dir).glob("csv/version_*/metrics.csv"))
+    if not files:
+        return pd.DataFrame()
+    df = pd.concat([pd.read_csv(f) for f in files], ignore_index=True)
+    return df.groupby("step", as_index=False).first() if "step" in df else df

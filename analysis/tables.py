@@ -1,0 +1,61 @@
+"""Ablation tables from collected runs: mean ± std over seeds, best row marked, iso-FLOP dense beside each row."""
+
+from __future__ import annotations
+
+import pandas as pd
+
+from analysis.collect import AXES
+
+
+def varying_axes(df: pd.DataFrame) -> list[str]:
+    """The ablation axes that take more than one value among the runs (seed excluded)."""
+    return [a for a in AXES if a != "seed" and a in df and df[a].astype(str).nunique() > 1]
+
+
+def summarize(df: pd.DataFrame, by: list[str] | None = None) -> pd.DataFrame:
+    """Per variant: val loss mean/std/n over seeds, the iso-FLOP dense continuation's, and failures."""
+    by = by if by is not None else varying_axes(df)
+    ok = df[df.status == "complete"]
+    if not by:
+        by = ["moe"]
+    g = ok.groupby(by, dropna=False)
+    out = g.agg(val_loss=("val_loss", "mean"), val_loss_std=("val_loss", "std"), seeds=("val_loss", "size"),
+                init_val_loss=("init_val_loss", "mean"), dense_iso_val_loss=("dense_iso_val_loss", "mean"),
+                dense_iso_std=("dense_iso_val_loss", "std"), train_flops=("train_flops", "mean")).reset_index()
+    failed = df[df.status != "complete"].groupby(by, dropna=False).size().rename("failed").reset_index()
+    out = out.merge(failed, on=by, how="outer").fillna({"failed": 0, "seeds": 0})
+    out["failed"] = out["failed"].astype(int)
+    out["seeds"] = out["seeds"].astype(int)
+    return out.sort_values("val_loss", na_position="last").reset_index(drop=True)
+
+
+def _pm(mean, std) -> str:
+    if pd.isna(mean):
+        return "—"
+    return f"{mean:.4f}" if pd.isna(std) else f"{mean:.4f} ± {std:.4f}"
+
+
+def _rows(table: pd.DataFrame, by: list[str], bold) -> tuple[list[str], list[list[str]]]:
+    header = by + ["val loss", "iso-FLOP dense", "step-0 loss", "seeds", "failed"]
+    best = table.val_loss.min()
+    rows = []
+    for _, r in table.iterrows():
+        loss = _pm(r.val_loss, r.val_loss_std)
+        rows.append([str(r[a]) for a in by] + [bold(loss) if r.val_loss == best else loss,
+                     _pm(r.dense_iso_val_loss, r.dense_iso_std), _pm(r.init_val_loss, float("nan")),
+                     str(r.seeds), str(r.failed)])
+    return header, rows
+
+
+def to_markdown(table: pd.DataFrame, by: list[str]) -> str:
+    header, rows = _rows(table, by, lambda s: f"**{s}**")
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows]) + "\n"
+
+
+def to_latex(table: pd.DataFrame, by: list[str]) -> str:
+    esc = lambda s: s.replace("_", r"\_").replace("±", r"$\pm$")
+    header, rows = _rows(table, by, lambda s: rf"\textbf{{{s}}}")
+    body = "\n".join(" & ".join(esc(c) for c in r) + r" \\" for r in rows)
+    return (rf"\begin{{tabular}}{{{'l' * len(by)}{'r' * (len(header) - len(by))}}}" + "\n\\toprule\n"
+            + " & ".join(esc(h) for h in header) + r" \\" + "\n\\midrule\n" + body + "\n\\bottomrule\n\\end{tabular}\n")
