@@ -80,9 +80,28 @@ def train_tokenizer(docs: list[str], vocab_size: int):
     return tok
 
 
-def build_shards(source: str, path: str | None, max_bytes: int, vocab_size: int, val_fraction: float, cache_dir: str) -> Path:
-    """Tokenizer + train.bin/val.bin under ``cache_dir/data/<hash>``; built once, file-locked."""
-    if not 256 < vocab_size <= 65535:
+def load_tokenizer(folder: str):
+    """A checkpoint's own tokenizer (tokenizer.json in its folder), for data matching its vocabulary."""
+    from tokenizers import Tokenizer
+
+    file = Path(folder).expanduser() / "tokenizer.json"
+    if not file.exists():
+        raise ConfigError(f"data.tokenizer_path={folder!r} holds no tokenizer.json")
+    return Tokenizer.from_file(str(file))
+
+
+def _eot_id(tok) -> int:
+    for name in (EOT, "</s>", "<|im_end|>", "<eos>", "<|end_of_text|>"):
+        if tok.token_to_id(name) is not None:
+            return tok.token_to_id(name)
+    raise ConfigError("the tokenizer has no end-of-text token (looked for <|endoftext|>, </s>, <|im_end|>, <eos>)")
+
+
+def build_shards(source: str, path: str | None, max_bytes: int, vocab_size: int, val_fraction: float, cache_dir: str,
+                 tokenizer_path: str | None = None) -> Path:
+    """Tokenizer + train.bin/val.bin under ``cache_dir/data/<hash>``; built once, file-locked.
+    With ``tokenizer_path`` the checkpoint's own tokenizer is used instead of training a BPE."""
+    if tokenizer_path is None and not 256 < vocab_size <= 65535:
         raise ConfigError(f"data.vocab_size={vocab_size} must be in (256, 65535] (uint16 shards)")
     if not 0 < val_fraction < 0.5:
         raise ConfigError(f"data.val_fraction={val_fraction} must be in (0, 0.5)")
@@ -91,22 +110,27 @@ def build_shards(source: str, path: str | None, max_bytes: int, vocab_size: int,
     for d in docs:
         h.update(d.encode())
     h.update(f"|v{vocab_size}|val{val_fraction}|bpe1".encode())
+    if tokenizer_path is not None:
+        h.update((Path(tokenizer_path).expanduser() / "tokenizer.json").read_bytes() if
+                 (Path(tokenizer_path).expanduser() / "tokenizer.json").exists() else b"missing")
     out = Path(cache_dir).expanduser() / "data" / h.hexdigest()[:16]
     out.mkdir(parents=True, exist_ok=True)
     with FileLock(str(out / ".lock")):
         if (out / "meta.json").exists():
             return out
-        tok = train_tokenizer(docs, vocab_size)
-        eot = tok.token_to_id(EOT)
+        tok = load_tokenizer(tokenizer_path) if tokenizer_path else train_tokenizer(docs, vocab_size)
+        eot = _eot_id(tok)
+        dtype = np.uint16 if tok.get_vocab_size() <= 65536 else np.uint32
         every = max(2, round(1 / val_fraction))
         split = {"train": [], "val": []}
         for i, enc in enumerate(tok.encode_batch(docs)):
             split["val" if i % every == every - 1 else "train"].append(enc.ids + [eot])
         for name, parts in split.items():
-            arr = np.fromiter((t for p in parts for t in p), dtype=np.uint16)
+            arr = np.fromiter((t for p in parts for t in p), dtype=dtype)
             atomic_write_bytes(out / f"{name}.bin", arr.tobytes())
         atomic_write_text(out / "tokenizer.json", tok.to_str())
-        meta = {"documents": len(docs), "bytes": sum(len(d.encode()) for d in docs), "vocab_size": vocab_size,
+        meta = {"documents": len(docs), "bytes": sum(len(d.encode()) for d in docs),
+                "vocab_size": tok.get_vocab_size(), "dtype": np.dtype(dtype).name, "tokenizer": tokenizer_path or "bpe",
                 "train_tokens": int(sum(map(len, split["train"]))), "val_tokens": int(sum(map(len, split["val"]))),
                 "source": path or source}
         atomic_write_text(out / "meta.json", json.dumps(meta, indent=1))
@@ -152,12 +176,12 @@ class TokenDataModule(L.LightningDataModule):
 
     def __init__(self, cache_dir: str, source: str = "stdlib", path: str | None = None, max_bytes: int = 4_000_000,
                  vocab_size: int = 2048, val_fraction: float = 0.05, seq_len: int = 64, batch_size: int = 16,
-                 val_batches: int = 8, num_workers: int = 0, seed: int = 0):
+                 val_batches: int = 8, num_workers: int = 0, seed: int = 0, tokenizer_path: str | None = None):
         super().__init__()
         self.cache_dir, self.source, self.path, self.max_bytes = cache_dir, source, path, int(max_bytes)
         self.vocab_size, self.val_fraction = int(vocab_size), float(val_fraction)
         self.seq_len, self.batch_size, self.val_batches = int(seq_len), int(batch_size), int(val_batches)
-        self.num_workers, self.seed = int(num_workers), int(seed)
+        self.num_workers, self.seed, self.tokenizer_path = int(num_workers), int(seed), tokenizer_path
         self.total_steps = 0
         self.shard_dir: Path | None = None
         if self.seq_len < 2 or self.batch_size < 1:
@@ -165,13 +189,14 @@ class TokenDataModule(L.LightningDataModule):
 
     def prepare(self) -> Path:
         """Build or find the cached shards (rank 0 first under DDP thanks to the file lock)."""
-        self.shard_dir = build_shards(self.source, self.path, self.max_bytes, self.vocab_size, self.val_fraction, self.cache_dir)
+        self.shard_dir = build_shards(self.source, self.path, self.max_bytes, self.vocab_size, self.val_fraction, self.cache_dir,
+                                      self.tokenizer_path)
         return self.shard_dir
 
     def shard(self, split: str) -> np.ndarray:
         if self.shard_dir is None:
             self.prepare()
-        return np.memmap(self.shard_dir / f"{split}.bin", dtype=np.uint16, mode="r")
+        return np.memmap(self.shard_dir / f"{split}.bin", dtype=self.meta.get("dtype", "uint16"), mode="r")
 
     @property
     def meta(self) -> dict:

@@ -60,6 +60,23 @@ def config_from_hf(hf: dict, max_seq_len: int | None = None) -> ModelConfig:
     )
 
 
+def read_config(path: str | Path) -> dict:
+    cfg_path = Path(path).expanduser() / "config.json"
+    if not cfg_path.exists():
+        raise HFCheckpointError(f"{cfg_path}: config.json is missing (model.hf_path must be a checkpoint folder)")
+    try:
+        return json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as e:
+        raise HFCheckpointError(f"{cfg_path}: invalid JSON ({e})") from e
+
+
+def model_config(hf_path: str, max_seq_len: int | None = None) -> ModelConfig:
+    """The ModelConfig of a checkpoint folder (what ``model=hf model.hf_path=...`` instantiates)."""
+    cfg = config_from_hf(read_config(hf_path), max_seq_len)
+    cfg.hf_path = str(Path(hf_path).expanduser().resolve())
+    return cfg
+
+
 def _read_safetensors(folder: Path) -> dict[str, torch.Tensor]:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
@@ -105,14 +122,7 @@ def state_dict_from_hf(tensors: dict[str, torch.Tensor], cfg: ModelConfig) -> di
 def load_hf(path: str | Path, max_seq_len: int | None = None, dtype: torch.dtype = torch.float32) -> Decoder:
     """Build a :class:`Decoder` holding the weights of the HF checkpoint folder at ``path``."""
     folder = Path(path).expanduser()
-    cfg_path = folder / "config.json"
-    if not cfg_path.exists():
-        raise HFCheckpointError(f"{cfg_path}: config.json is missing (model.hf_path must be a checkpoint folder)")
-    try:
-        hf = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as e:
-        raise HFCheckpointError(f"{cfg_path}: invalid JSON ({e})") from e
-    cfg = config_from_hf(hf, max_seq_len)
+    cfg = model_config(str(folder), max_seq_len)
     model = Decoder(cfg)
     sd = state_dict_from_hf(_read_safetensors(folder), cfg)
     expected = model.state_dict()

@@ -37,6 +37,7 @@ class ModelConfig:
     qkv_bias: bool = False
     init_std: float = 0.02
     name: str = field(default="custom", compare=False)
+    hf_path: str | None = None  # set when the weights come from a Hugging Face checkpoint folder
 
     def __post_init__(self):
         if self.head_dim is None:

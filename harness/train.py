@@ -188,6 +188,15 @@ def _steps(tokens: float, spec: Spec, world: int = 1) -> int:
 
 def dense_base(spec: Spec, cfg: DictConfig) -> tuple[Decoder, dict]:
     """The pretrained dense checkpoint: trained once per (model, data, pretrain) config, then reused."""
+    if spec.model.hf_path:  # a real pretrained checkpoint: no stage-0 pretraining
+        from harness.hf import load_hf, read_config
+
+        model = load_hf(spec.model.hf_path, max_seq_len=spec.model.max_seq_len)
+        tok_vocab = spec.data.meta["vocab_size"]
+        if tok_vocab > model.cfg.vocab_size:
+            raise ConfigError(f"model.hf_path: tokenizer vocab {tok_vocab} > model vocab_size {model.cfg.vocab_size}")
+        key = "hf:" + _hash({"path": spec.model.hf_path, "config": read_config(spec.model.hf_path)})
+        return model, {"key": key, "hf_path": spec.model.hf_path}
     key = _hash({"model": asdict(spec.model), "data": spec.data.shard_dir.name, "seq": spec.data.seq_len,
                  "batch": spec.data.batch_size, "pretrain": OmegaConf.to_container(cfg.pretrain, resolve=True)})
     out = Path(cfg.paths.cache_dir) / "dense" / key

@@ -119,3 +119,34 @@ def test_bad_config_fails_fast_with_one_line(env, tmp_path, override, needle):
     last = proc.stderr.strip().splitlines()[-1]
     assert needle in last and last.startswith("config error:"), proc.stderr[-2000:]
     assert not (tmp_path / "runs" / "default" / "results.json").exists()  # failed before any compute
+
+
+@pytest.mark.slow
+def test_upcycle_from_hf_checkpoint_folder(env, tmp_path):
+    """model=hf model.hf_path=...: a saved transformers Llama with its tokenizer.json is the dense base."""
+    transformers = pytest.importorskip("transformers")
+    import torch
+
+    from harness.data import read_documents, train_tokenizer
+    from harness.hf import load_hf
+    from harness.lit import evaluate
+
+    folder = tmp_path / "llama"
+    tok = train_tokenizer(read_documents("stdlib", None, 300_000), 384)
+    cfg = transformers.LlamaConfig(vocab_size=tok.get_vocab_size(), hidden_size=64, intermediate_size=128,
+                                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                   max_position_embeddings=128, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(folder)
+    tok.save(str(folder / "tokenizer.json"))
+    run(env, tmp_path, "model=hf", f"model.hf_path={folder}", "iso_flop_baseline=true")
+    res = results(tmp_path / "runs" / "default")
+    assert res["status"] == "complete" and res["dense_base"].startswith("hf:")
+    assert res["data"]["vocab_size"] == tok.get_vocab_size() and res["data"]["tokenizer"] == str(folder)
+    assert res["config"]["model"]["hf_path"] == str(folder)
+    # the dense parent's val loss is the HF model's own loss on our validation windows
+    from harness.data import TokenDataModule
+
+    dm = TokenDataModule(env["UPCYCLE_CACHE"], max_bytes=1_000_000, seq_len=64, tokenizer_path=str(folder))
+    assert res["dense_parent_val_loss"] == pytest.approx(evaluate(load_hf(folder, 64), dm.val_dataloader()), rel=1e-5)
+    assert res["val_loss"] < res["dense_parent_val_loss"]  # a random-weight parent: training must help
