@@ -109,7 +109,12 @@ class LitLM(L.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def on_before_optimizer_step(self, optimizer):
+        """Clip here rather than through the Trainer: Lightning's AMP plugin refuses to clip for
+        fused AdamW, and bf16 needs no gradient unscaling."""
         self.log("lr", optimizer.param_groups[0]["lr"])
+        if self.optim.grad_clip > 0:
+            norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.optim.grad_clip)
+            self.log("train/grad_norm", norm)
 
 
 @torch.no_grad()

@@ -160,7 +160,7 @@ def fit(model: Decoder, spec: Spec, cfg: DictConfig, out_dir: Path, steps: int, 
     trainer: L.Trainer = instantiate(
         cfg.trainer, max_steps=steps, logger=_loggers(cfg, out_dir, csv_only) or False,
         callbacks=callbacks, default_root_dir=str(out_dir), val_check_interval=int(cfg.train.val_every),
-        check_val_every_n_epoch=None, num_sanity_val_steps=0, gradient_clip_val=spec.optim.grad_clip,
+        check_val_every_n_epoch=None, num_sanity_val_steps=0,
     )
     last = ckpt_dir / "last.ckpt"
     t0 = time.perf_counter()
