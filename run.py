@@ -3,6 +3,10 @@
 import hydra
 from omegaconf import DictConfig
 
+from harness.resolvers import register
+
+register()
+
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> float:

@@ -142,7 +142,8 @@ def _close_loggers(trainer: L.Trainer) -> None:
                 warnings.warn(f"wandb finish failed: {e}")
 
 
-def fit(model: Decoder, spec: Spec, cfg: DictConfig, out_dir: Path, steps: int, csv_only=False) -> dict:
+def fit(model: Decoder, spec: Spec, cfg: DictConfig, out_dir: Path, steps: int, csv_only=False,
+        extra_callbacks=()) -> dict:
     """Train ``model`` in place for ``steps`` steps, resuming from ``out_dir/checkpoints/last.ckpt``."""
     seq = spec.data.seq_len
     fpt = flops.count_model(model, seq).train_per_token
@@ -153,7 +154,7 @@ def fit(model: Decoder, spec: Spec, cfg: DictConfig, out_dir: Path, steps: int, 
     curve = ValCurve(spec.data.batch_size * seq, fpt)
     callbacks = [ModelCheckpoint(dirpath=ckpt_dir, save_last=True, save_top_k=0,
                                  every_n_train_steps=int(cfg.train.ckpt_every)), curve]
-    callbacks += [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
+    callbacks += [instantiate(c) for c in (cfg.get("callbacks") or {}).values()] + list(extra_callbacks)
     stop = cfg.train.get("stop_after_steps")
     if stop:
         callbacks.append(StopAfter(int(stop)))
@@ -265,7 +266,9 @@ def run(cfg: DictConfig, spec: Spec, out_dir: Path) -> dict:
         steps = _steps(iso_tokens, spec)
         res["iso_flop_of"] = spec.moe.name
     res.update(params_total=counts.params_total, params_active=counts.params_active)
-    res.update(fit(model, spec, cfg, out_dir, steps))
+    from harness.pruning import pruning_callbacks
+
+    res.update(fit(model, spec, cfg, out_dir, steps, extra_callbacks=pruning_callbacks(cfg)))
     start = {"step": 0, "tokens": 0, "flops": 0, "val_loss": res["init_val_loss"]}
     res["val_curve"] = [start] + res["val_curve"]  # the step-0 gap is part of the curve
     if spec.method == "upcycle" and cfg.iso_flop_baseline and res["status"] == "complete":
@@ -298,7 +301,7 @@ def main(cfg: DictConfig) -> float:
     out_dir.mkdir(parents=True, exist_ok=True)
     spec = build_spec(cfg)  # raises ConfigError before any compute
     resolved = OmegaConf.to_container(cfg, resolve=True)
-    config_hash = _hash({k: v for k, v in resolved.items() if k not in ("paths", "force")})
+    config_hash = _hash({k: v for k, v in resolved.items() if k not in ("paths", "force", "optuna")})
     results_path = out_dir / "results.json"
     if results_path.exists() and not cfg.get("force"):
         old = json.loads(results_path.read_text())
@@ -314,7 +317,8 @@ def main(cfg: DictConfig) -> float:
     try:
         res = {**base, **run(cfg, spec, out_dir)}
     except Exception as e:
-        atomic_write_json(results_path, {**base, "status": "failed", "error": f"{type(e).__name__}: {e}",
+        status = "pruned" if type(e).__name__ == "TrialPruned" else "failed"
+        atomic_write_json(results_path, {**base, "status": status, "error": f"{type(e).__name__}: {e}",
                                          "traceback": traceback.format_exc()})
         raise
     atomic_write_json(results_path, res)

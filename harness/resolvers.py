@@ -1,0 +1,23 @@
+"""OmegaConf resolvers the configs use; registered by ``run.py`` before Hydra composes anything."""
+
+from __future__ import annotations
+
+import hashlib
+
+from omegaconf import OmegaConf
+
+MAX_DIRNAME = 120  # file systems allow 255 bytes a name; leave room for Hydra's and our suffixes
+
+
+def short_dirname(name: str) -> str:
+    """A job folder name from its overrides: readable when short, else truncated + a stable hash
+    (the same overrides always give the same folder, so re-runs find their results and checkpoints)."""
+    if len(name) <= MAX_DIRNAME:
+        return name
+    digest = hashlib.sha1(name.encode()).hexdigest()[:10]
+    return f"{name[:MAX_DIRNAME - 13]}.._{digest}"
+
+
+def register() -> None:
+    if not OmegaConf.has_resolver("short_dirname"):
+        OmegaConf.register_new_resolver("short_dirname", short_dirname)
