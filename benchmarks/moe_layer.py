@@ -30,6 +30,19 @@ def bench(fn, iters=20, warmup=5):
     return sorted(times)[len(times) // 2]
 
 
+def profile(fn, title: str, rows: int = 15) -> None:
+    """Where the time goes: the CUDA kernels of a few steps, by total time."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(3):
+            fn()
+        torch.cuda.synchronize()
+    print(f"--- {title}: top CUDA kernels (3 steps)")
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=rows, max_name_column_width=70))
+
+
 def rel(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
@@ -40,6 +53,7 @@ def main():
     ap.add_argument("--f", type=int, default=8192)
     ap.add_argument("--tokens", type=int, default=16384)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--profile", action="store_true", help="print the top CUDA kernels of the compiled MoE step")
     args = ap.parse_args()
     dev, dt = "cuda", torch.bfloat16
     rows = []
@@ -70,15 +84,27 @@ def main():
         t_dense = bench(lambda: step(dense))
         t_grouped = bench(lambda: step(moe, "grouped_mm"))
         t_loop = bench(lambda: step(moe, "loop"))
+        moe.experts.backend = "grouped_mm"
+        dense_c, moe_c = torch.compile(dense), torch.compile(moe)
+        t_dense_c = bench(lambda: step(dense_c))
+        t_grouped_c = bench(lambda: step(moe_c))
+        if args.profile:
+            profile(lambda: step(moe_c), f"E{e}G{g}T{t} compiled")
         rows.append(dict(shape=f"E{e}G{g}T{t}", rel_err_grouped_vs_loop=err, dense_tflops=flops / t_dense / 1e12,
                          grouped_tflops=flops / t_grouped / 1e12, loop_tflops=flops / t_loop / 1e12,
                          ratio_grouped_over_dense=t_dense / t_grouped, ms_dense=t_dense * 1e3,
-                         ms_grouped=t_grouped * 1e3, ms_loop=t_loop * 1e3))
+                         ms_grouped=t_grouped * 1e3, ms_loop=t_loop * 1e3,
+                         dense_compiled_tflops=flops / t_dense_c / 1e12, grouped_compiled_tflops=flops / t_grouped_c / 1e12,
+                         ratio_compiled=t_dense_c / t_grouped_c,
+                         ratio_best=min(t_dense, t_dense_c) / min(t_grouped, t_grouped_c)))
     print(torch.cuda.get_device_name(), "torch", torch.__version__, f"d={args.d} f={args.f} tokens={args.tokens}")
-    print(f"{'shape':10} {'rel_err':>9} {'dense TF/s':>10} {'grouped':>8} {'loop':>8} {'MoE/dense':>9}")
+    print(f"{'shape':10} {'rel_err':>9} {'dense':>6} {'grouped':>8} {'loop':>6} {'ratio':>6} "
+          f"{'dense_c':>8} {'grouped_c':>9} {'ratio_c':>7} {'best/best':>9}   (TF/s; _c = torch.compile)")
     for r in rows:
-        print(f"{r['shape']:10} {r['rel_err_grouped_vs_loop']:9.2e} {r['dense_tflops']:10.0f} "
-              f"{r['grouped_tflops']:8.0f} {r['loop_tflops']:8.0f} {r['ratio_grouped_over_dense']:9.2f}")
+        print(f"{r['shape']:10} {r['rel_err_grouped_vs_loop']:9.2e} {r['dense_tflops']:6.0f} "
+              f"{r['grouped_tflops']:8.0f} {r['loop_tflops']:6.0f} {r['ratio_grouped_over_dense']:6.2f} "
+              f"{r['dense_compiled_tflops']:8.0f} {r['grouped_compiled_tflops']:9.0f} {r['ratio_compiled']:7.2f} "
+              f"{r['ratio_best']:9.2f}")
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(rows, fh, indent=1)

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from harness.errors import ConfigError
 
@@ -172,7 +173,17 @@ class Decoder(nn.Module):
         cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
+        self.activation_checkpointing = False  # recompute each block in backward (memory for compute)
         self.reset_parameters()
+
+    def compile_blocks(self, **kwargs) -> None:
+        """``torch.compile`` each block in place (fuses norms, RoPE, activations, routing glue).
+
+        Blocks share one compiled graph (parameters are graph inputs), so compile time does not
+        grow with depth; state_dict keys are unchanged.
+        """
+        for block in self.blocks:
+            block.compile(**kwargs)
 
     def reset_parameters(self) -> None:
         """GPT-2 style init: N(0, std), output projections scaled by 1/sqrt(2 n_layers)."""
@@ -199,7 +210,10 @@ class Decoder(nn.Module):
         x = self.embed(idx)
         router, aux_loss = [], None
         for block in self.blocks:
-            x, aux = block(x, cos, sin)
+            if self.activation_checkpointing and self.training and torch.is_grad_enabled():
+                x, aux = checkpoint(block, x, cos, sin, use_reentrant=False)
+            else:
+                x, aux = block(x, cos, sin)
             if aux is not None:
                 router.append(aux)
                 aux_loss = aux.loss if aux_loss is None else aux_loss + aux.loss

@@ -1,0 +1,114 @@
+"""Full training step (forward, LM + aux loss, backward, grad clip, fused AdamW) on one GPU:
+tokens/s, MFU from the harness's exact FLOP count, peak memory. Dense parent vs upcycled MoE.
+
+The step does what ``harness.lit.LitLM`` does per batch (same model, loss, clipping, optimizer),
+without Lightning's loop around it.
+
+    python benchmarks/train_step.py --model medium350m --moe E8G1T2 --compile
+    python benchmarks/train_step.py --model large1b --moe none --compile --ckpt
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+from harness import flops
+from harness.model import Decoder, ModelConfig
+from harness.moe import MoEConfig
+from harness.upcycle import Recipe, resolve_moe_layers, upcycle
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+
+
+def preset(group: str, name: str, **override) -> dict:
+    node = OmegaConf.load(CONF / group / f"{name}.yaml")
+    node = {k: v for k, v in OmegaConf.to_container(node).items() if k not in ("_target_", "defaults")}
+    return {**node, **override}
+
+
+def build(args) -> tuple[Decoder, flops.FlopCount]:
+    mcfg = ModelConfig(**preset("model", args.model, vocab_size=args.vocab, max_seq_len=args.seq))
+    torch.manual_seed(0)
+    model = Decoder(mcfg)
+    if args.moe == "none":
+        return model, flops.count(mcfg, args.seq)
+    moe = MoEConfig(**preset("moe", args.moe))
+    moe.routing = args.routing
+    recipe = Recipe(moe_layers=args.moe_layers)
+    model = upcycle(model, moe, recipe)
+    return model, flops.count(mcfg, args.seq, moe, resolve_moe_layers(args.moe_layers, mcfg.n_layers))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="medium350m")
+    ap.add_argument("--moe", default="E8G1T2", help="an MoE preset from conf/moe, or 'none' for the dense parent")
+    ap.add_argument("--moe-layers", default="all")
+    ap.add_argument("--routing", default="softmax_topk")
+    ap.add_argument("--seq", type=int, default=2048)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--vocab", type=int, default=32768)
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--ckpt", action="store_true", help="activation checkpointing")
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--device", default="cuda")
+    args = ap.parse_args()
+
+    model, count = build(args)
+    model = model.to(args.device)
+    cuda = args.device.startswith("cuda")
+    model.activation_checkpointing = args.ckpt
+    if args.compile:
+        model.compile_blocks()
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    rest = [p for p in model.parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0.0}],
+                            lr=1e-4, betas=(0.9, 0.95), fused=cuda)
+    x = torch.randint(0, args.vocab, (args.batch, args.seq + 1), device=args.device)
+    inp, tgt = x[:, :-1], x[:, 1:]
+
+    def step():
+        with torch.autocast(args.device.split(":")[0], dtype=torch.bfloat16):
+            out = model(inp, tgt)
+        loss = out.loss + (out.aux_loss if out.aux_loss is not None else 0.0)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    t0 = time.perf_counter()
+    for _ in range(args.warmup):
+        step()
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    sync()
+    warm_s = time.perf_counter() - t0
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    for _ in range(args.steps):
+        step()
+    sync()
+    dt = (time.perf_counter() - t0) / args.steps
+    tps = args.batch * args.seq / dt
+    fpt = count.train_per_token
+    row = dict(model=args.model, moe=args.moe, moe_layers=args.moe_layers, compile=args.compile, ckpt=args.ckpt,
+               seq=args.seq, batch=args.batch, params_total=count.params_total, params_active=count.params_active,
+               step_ms=dt * 1e3, tokens_per_s=tps, achieved_tflops=tps * fpt / 1e12, mfu_808=tps * fpt / 808e12,
+               mfu_989=tps * fpt / 989e12, peak_mem_gib=torch.cuda.max_memory_allocated() / 2**30 if cuda else None, warmup_s=warm_s,
+               device=torch.cuda.get_device_name() if cuda else args.device, torch=torch.__version__)
+    print(json.dumps(row))
+    if args.json:
+        with open(args.json, "a") as fh:
+            fh.write(json.dumps(row) + "\n")
+
+
+if __name__ == "__main__":
+    main()
