@@ -91,3 +91,15 @@ def test_grouped_mm_matches_loop_on_cuda_bf16():
     x = torch.randn(4096, 32, device="cuda", dtype=torch.bfloat16)
     ya, yb = a(x)[0].float(), b(x)[0].float()
     assert ((ya - yb).norm() / ya.norm()).item() < 1e-2
+
+
+def test_permutation_gather_has_the_exact_gradient_of_indexing():
+    from harness.moe import gather_rows, permute
+
+    torch.manual_seed(0)
+    experts = torch.randint(0, 5, (7, 2))
+    order, inverse, counts = permute(experts, 5)
+    assert torch.equal(order[inverse], torch.arange(14)) and counts.sum() == 14
+    x = torch.randn(14, 3, dtype=torch.double, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a: gather_rows(a, order, inverse), (x,))
+    assert torch.equal(gather_rows(x, order, inverse), x[order])
