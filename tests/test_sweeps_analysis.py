@@ -23,7 +23,7 @@ def test_every_named_sweep_composes_with_its_grid():
 
 
 @pytest.mark.slow
-def test_routing_sweep_runs_and_report_regenerates(env, tmp_path):  # noqa: F811
+def test_routing_sweep_runs_and_report_regenerates(env, tmp_path, monkeypatch):  # noqa: F811
     proc = subprocess.run(
         [sys.executable, "run.py", "-m", "+sweep=routing", "+scale=cpu", "seed=0,1",
          "logger=csv", "print_config=false", "trainer.enable_progress_bar=false"],
@@ -41,3 +41,20 @@ def test_routing_sweep_runs_and_report_regenerates(env, tmp_path):  # noqa: F811
         assert files[key].stat().st_size > 10_000  # a real PNG with curves
     again = report([str(sweep)], tmp_path / "report2")
     assert again["md"].read_text() == md  # regenerates identically from the same outputs
+    _execute_notebook(sweep, tmp_path / "nb", monkeypatch)
+
+
+def _execute_notebook(runs: Path, out: Path, monkeypatch) -> None:
+    """Run the jupytext notebook top to bottom in a real kernel (nbclient) on a sweep's outputs."""
+    import jupytext
+    import pandas as pd
+    from nbclient import NotebookClient
+
+    monkeypatch.setenv("UPCYCLE_RUNS", str(runs))
+    monkeypatch.setenv("UPCYCLE_NOTEBOOK_OUT", str(out))
+    monkeypatch.setenv("PYTHONPATH", str(ROOT))
+    nb = jupytext.read(ROOT / "analysis" / "notebooks" / "iso_flop.py")
+    NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(ROOT)}}).execute()
+    table = pd.read_csv(out / "notebook_iso_flop.csv")
+    assert set(table.routing) == {"softmax_topk", "topk_softmax"} and (table.seeds == 2).all()
+    assert (out / "notebook_iso_flop.png").stat().st_size > 10_000
