@@ -69,6 +69,10 @@ class LitLM(L.LightningModule):
         x, y = batch
         out = self.model(x, y)
         loss = out.loss + (out.aux_loss if out.aux_loss is not None else 0.0)
+        if not torch.isfinite(loss).item():  # one tiny sync a step; a NaN must not reach the weights
+            raise FloatingPointError(
+                f"non-finite training loss ({loss.item()}) at step {self.global_step}: stopping before the update; "
+                "checkpoints/last.ckpt is the last good state (lower optim.lr or raise optim.warmup_steps)")
         tokens = (self.global_step + 1) * x.numel() * self.trainer.world_size
         self.log_dict({"train/loss": out.loss, "train/tokens": float(tokens),
                        "flops/train_total": float(tokens) * self.flops_per_token}, prog_bar=False)

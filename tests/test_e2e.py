@@ -150,3 +150,13 @@ def test_upcycle_from_hf_checkpoint_folder(env, tmp_path):
     dm = TokenDataModule(env["UPCYCLE_CACHE"], max_bytes=1_000_000, seq_len=64, tokenizer_path=str(folder))
     assert res["dense_parent_val_loss"] == pytest.approx(evaluate(load_hf(folder, 64), dm.val_dataloader()), rel=1e-5)
     assert res["val_loss"] < res["dense_parent_val_loss"]  # a random-weight parent: training must help
+
+
+@pytest.mark.slow
+def test_diverging_run_stops_cleanly_with_a_clear_error(env, tmp_path):
+    proc = run(env, tmp_path, "optim.lr=1e12", "optim.warmup_steps=0", "iso_flop_baseline=false", "name=nan",
+               check=False)
+    assert proc.returncode != 0
+    res = results(tmp_path / "runs" / "nan")
+    assert res["status"] == "failed" and "non-finite training loss" in res["error"]
+    assert "FloatingPointError" in proc.stderr

@@ -22,6 +22,29 @@ def test_every_named_sweep_composes_with_its_grid():
         assert "params:" in proc.stdout and "seed:" in proc.stdout, name
 
 
+JOBS = {"batch_size": 3, "granularity": 5, "init": 8, "iso_flop": 3, "lr": 6, "seeds": 2, "weight_scaling": 3}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(JOBS))
+def test_named_sweep_runs_on_cpu_and_its_table_regenerates(env, tmp_path, name):  # noqa: F811
+    """Every ablation end to end with its tiny CPU preset (one seed; `seeds` with two)."""
+    seeds = "seed=0,1" if name == "seeds" else "seed=0"
+    proc = subprocess.run(
+        [sys.executable, "run.py", "-m", f"+sweep={name}", "+scale=cpu", seeds,
+         "logger=csv", "print_config=false", "trainer.enable_progress_bar=false"],
+        cwd=ROOT, capture_output=True, text=True, timeout=900, env={**env, "UPCYCLE_LOGS": str(tmp_path)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    sweep = tmp_path / "multirun" / f"sweep_{name}"
+    df = collect(sweep)
+    assert len(df) == JOBS[name] and (df.status == "complete").all()
+    files = report([str(sweep)], tmp_path / "report")
+    table = files["md"].read_text()
+    n_variants = 1 if name == "seeds" else JOBS[name]
+    assert table.count("\n|") - 1 == n_variants and "**" in table  # one row per variant (+ header rule)
+    assert files["loss"].stat().st_size > 10_000
+
+
 @pytest.mark.slow
 def test_routing_sweep_runs_and_report_regenerates(env, tmp_path, monkeypatch):  # noqa: F811
     proc = subprocess.run(
