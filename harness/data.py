@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import sysconfig
+import warnings
 from pathlib import Path
 
 import lightning as L
@@ -21,7 +22,7 @@ from filelock import FileLock
 from torch.utils.data import DataLoader, Dataset
 
 from harness.errors import ConfigError
-from harness.io import atomic_write_bytes, atomic_write_text
+from harness.io import atomic_write_bytes, atomic_write_text, corrupt_files, file_digest
 
 log = logging.getLogger(__name__)
 EOT = "<|endoftext|>"
@@ -117,7 +118,11 @@ def build_shards(source: str, path: str | None, max_bytes: int, vocab_size: int,
     out.mkdir(parents=True, exist_ok=True)
     with FileLock(str(out / ".lock")):
         if (out / "meta.json").exists():
-            return out
+            bad = corrupt_files(out, json.loads((out / "meta.json").read_text()).get("checksums", {}))
+            if not bad:
+                return out
+            warnings.warn(f"token cache {out} is corrupt ({', '.join(bad)} differ from meta.json): rebuilding it")
+            (out / "meta.json").unlink()
         tok = load_tokenizer(tokenizer_path) if tokenizer_path else train_tokenizer(docs, vocab_size)
         eot = _eot_id(tok)
         dtype = np.uint16 if tok.get_vocab_size() <= 65536 else np.uint32
@@ -132,7 +137,8 @@ def build_shards(source: str, path: str | None, max_bytes: int, vocab_size: int,
         meta = {"documents": len(docs), "bytes": sum(len(d.encode()) for d in docs),
                 "vocab_size": tok.get_vocab_size(), "dtype": np.dtype(dtype).name, "tokenizer": tokenizer_path or "bpe",
                 "train_tokens": int(sum(map(len, split["train"]))), "val_tokens": int(sum(map(len, split["val"]))),
-                "source": path or source}
+                "source": path or source,
+                "checksums": {n: file_digest(out / n) for n in ("train.bin", "val.bin", "tokenizer.json")}}
         atomic_write_text(out / "meta.json", json.dumps(meta, indent=1))
     return out
 

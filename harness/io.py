@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -29,3 +30,26 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 
 def atomic_write_json(path: str | Path, obj) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+
+
+FULL_CHECKSUM_LIMIT = 1 << 30  # files above 1 GiB are checked by size only (hashing them each run costs seconds)
+
+
+def file_digest(path: str | Path) -> str:
+    """``size:sha256`` of a file (``size:-`` above FULL_CHECKSUM_LIMIT)."""
+    path = Path(path)
+    size = path.stat().st_size
+    if size > FULL_CHECKSUM_LIMIT:
+        return f"{size}:-"
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return f"{size}:{h.hexdigest()}"
+
+
+def corrupt_files(folder: str | Path, digests: dict[str, str]) -> list[str]:
+    """Names in ``digests`` whose file under ``folder`` is missing or differs (truncated, overwritten)."""
+    folder = Path(folder)
+    return [name for name, want in digests.items()
+            if not (folder / name).is_file() or file_digest(folder / name) != want]

@@ -11,6 +11,7 @@ import hashlib
 import json
 import logging
 import math
+import shutil
 import time
 import traceback
 import warnings
@@ -28,7 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 from harness import flops
 from harness.data import TokenDataModule
 from harness.errors import ConfigError
-from harness.io import atomic_write_json
+from harness.io import atomic_write_json, corrupt_files, file_digest
 from harness.lit import LitLM, OptimConfig, evaluate
 from harness.model import Decoder, ModelConfig
 from harness.moe import MoEConfig
@@ -127,7 +128,10 @@ def _loggers(cfg: DictConfig, out_dir: Path, csv_only: bool):
         if csv_only and key != "csv":
             continue
         try:
-            loggers.append(instantiate(lcfg, save_dir=str(out_dir)))
+            logger = instantiate(lcfg, save_dir=str(out_dir))
+            if type(logger).__name__ == "WandbLogger":
+                logger.experiment  # start W&B now (Lightning starts it lazily, mid-training) so a failure is caught here
+            loggers.append(logger)
         except Exception as e:  # a logging service must never stop training
             warnings.warn(f"logger {key!r} could not start ({type(e).__name__}: {e}); continuing with the others")
     return loggers
@@ -218,6 +222,13 @@ def dense_base(spec: Spec, cfg: DictConfig) -> tuple[Decoder, dict]:
     out.mkdir(parents=True, exist_ok=True)
     with FileLock(str(out / ".lock")):
         meta_path = out / "meta.json"
+        if meta_path.exists():
+            digests = {"model.pt": json.loads(meta_path.read_text()).get("checksum", "missing")}
+            if corrupt_files(out, digests):
+                warnings.warn(f"cached dense base {out / 'model.pt'} is corrupt or missing (checksum differs from "
+                              "meta.json): pretraining it again")
+                meta_path.unlink()
+                shutil.rmtree(out / "checkpoints", ignore_errors=True)
         if not meta_path.exists():
             log.info("pretraining dense base %s -> %s", spec.model.name, out)
             torch.manual_seed(int(cfg.pretrain.seed))
@@ -229,7 +240,8 @@ def dense_base(spec: Spec, cfg: DictConfig) -> tuple[Decoder, dict]:
                 raise RuntimeError("dense pretraining stopped before its budget; run again to resume it")
             torch.save(model.state_dict(), out / "model.pt.tmp")
             (out / "model.pt.tmp").replace(out / "model.pt")
-            atomic_write_json(meta_path, {"key": key, "model": asdict(spec.model), **res})
+            checksum = file_digest(out / "model.pt")
+            atomic_write_json(meta_path, {"key": key, "model": asdict(spec.model), "checksum": checksum, **res})
         else:
             log.info("reusing cached dense base %s", out)
     model = Decoder(spec.model)

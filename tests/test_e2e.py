@@ -160,3 +160,42 @@ def test_diverging_run_stops_cleanly_with_a_clear_error(env, tmp_path):
     res = results(tmp_path / "runs" / "nan")
     assert res["status"] == "failed" and "non-finite training loss" in res["error"]
     assert "FloatingPointError" in proc.stderr
+
+
+@pytest.mark.slow
+def test_corrupt_dense_cache_is_detected_and_rebuilt(env, tmp_path):
+    cache = tmp_path / "cache"
+    own = {**env, "UPCYCLE_CACHE": str(cache)}
+    run(own, tmp_path, "iso_flop_baseline=false", "train.tokens=2000")
+    model_pt = next(cache.glob("dense/*/model.pt"))
+    data = model_pt.read_bytes()
+    model_pt.write_bytes(data[: len(data) // 2])  # a half-written file
+    proc = run(own, tmp_path, "iso_flop_baseline=false", "train.tokens=2000", "force=true")
+    assert "is corrupt or missing" in proc.stderr
+    assert model_pt.stat().st_size == len(data)  # rebuilt, and the run completed
+    assert results(tmp_path / "runs" / "default")["status"] == "complete"
+    shard = next(cache.glob("data/*/train.bin"))
+    shard.write_bytes(shard.read_bytes()[:-2])
+    proc = run(own, tmp_path, "iso_flop_baseline=false", "train.tokens=2000", "force=true")
+    assert "token cache" in proc.stderr and "rebuilding" in proc.stderr
+
+
+@pytest.mark.slow
+def test_failing_job_is_recorded_and_siblings_finish_and_reruns_skip(env, tmp_path):
+    args = ["-m", "optim.lr=1e12,3e-3", "optim.warmup_steps=0", "iso_flop_baseline=false"]
+    proc = run(env, tmp_path, *args, check=False)
+    assert proc.returncode != 0  # the sweep reports the failure...
+    jobs = {p.parent.name: results(p.parent) for p in (tmp_path / "multirun" / "default").glob("*/results.json")}
+    status = {name.split("optim.lr=")[1].split(",")[0]: r["status"] for name, r in jobs.items()}
+    assert status == {"1000000000000.0": "failed", "0.003": "complete"}  # ...after every job has run
+    again = run(env, tmp_path, *args, check=False)
+    assert (again.stdout + again.stderr).count("skipping") == 1  # the finished job is not recomputed
+
+
+@pytest.mark.slow
+def test_unreachable_wandb_does_not_stop_training(env, tmp_path):
+    bad = {**env, "WANDB_MODE": "online", "WANDB_OFFLINE": "false", "WANDB_BASE_URL": "http://127.0.0.1:9",
+           "WANDB_API_KEY": "x" * 40, "WANDB_INIT_TIMEOUT": "10"}
+    proc = run(bad, tmp_path, "logger=wandb", "iso_flop_baseline=false", "train.tokens=2000")
+    assert "logger 'wandb' could not start" in proc.stderr
+    assert results(tmp_path / "runs" / "default")["status"] == "complete"
