@@ -17,6 +17,17 @@ def _label(row, by) -> str:
     return ", ".join(f"{a}={row[a]}" for a in by) or str(row.get("moe"))
 
 
+def _save(fig, ax, xlabel: str, ylabel: str, out: Path) -> Path:
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
 def loss_vs_flops(df: pd.DataFrame, by: list[str], out: Path) -> Path:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     cv = curves(df)
@@ -31,14 +42,7 @@ def loss_vs_flops(df: pd.DataFrame, by: list[str], out: Path) -> Path:
             dense_done.add(key)
             label = "dense continuation (iso-FLOP)" if len(dense_done) == 1 else None
             ax.plot(iso.flops, iso.val_loss, ls="--", color="k", alpha=0.6, label=label)
-    ax.set_xlabel("training FLOPs after the dense checkpoint")
-    ax.set_ylabel("validation loss")
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
+    return _save(fig, ax, "training FLOPs after the dense checkpoint", "validation loss", out)
 
 
 def expert_load(df: pd.DataFrame, by: list[str], out: Path) -> Path | None:
@@ -53,11 +57,4 @@ def expert_load(df: pd.DataFrame, by: list[str], out: Path) -> Path | None:
     if not drawn:
         plt.close(fig)
         return None
-    ax.set_xlabel("step")
-    ax.set_ylabel("expert load CV (mean over MoE layers)")
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
+    return _save(fig, ax, "step", "expert load CV (mean over MoE layers)", out)

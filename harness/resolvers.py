@@ -6,7 +6,7 @@ import hashlib
 
 from omegaconf import OmegaConf
 
-MAX_DIRNAME = 120  # file systems allow 255 bytes a name; leave room for Hydra's and our suffixes
+MAX_DIRNAME = 200  # file systems allow 255 bytes a name; longer override lists are cut + hashed
 
 
 def short_dirname(name: str) -> str:

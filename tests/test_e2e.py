@@ -199,3 +199,27 @@ def test_unreachable_wandb_does_not_stop_training(env, tmp_path):
     proc = run(bad, tmp_path, "logger=wandb", "iso_flop_baseline=false", "train.tokens=2000")
     assert "logger 'wandb' could not start" in proc.stderr
     assert results(tmp_path / "runs" / "default")["status"] == "complete"
+
+
+@pytest.mark.slow
+def test_sigkill_mid_training_then_rerun_gives_the_uninterrupted_result(env, tmp_path):
+    import signal
+    import time
+
+    args = ["iso_flop_baseline=false", "train.tokens=24000"]
+    run(env, tmp_path, *args, "name=straight")
+    cmd = [sys.executable, "run.py", *FAST, *args, "name=killed"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env={**env, "UPCYCLE_LOGS": str(tmp_path)}, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpt = tmp_path / "runs" / "killed" / "checkpoints" / "last.ckpt"
+    deadline = time.time() + 300
+    while not ckpt.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.1)
+    time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "runs" / "killed" / "results.json").exists() or \
+        results(tmp_path / "runs" / "killed")["status"] != "complete"
+    run(env, tmp_path, *args, "name=killed")
+    killed, straight = results(tmp_path / "runs" / "killed"), results(tmp_path / "runs" / "straight")
+    assert killed["status"] == "complete" and killed["val_loss"] == straight["val_loss"]  # bitwise on CPU

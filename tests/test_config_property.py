@@ -1,0 +1,58 @@
+"""Property: every config either builds and trains one step, or fails with a ConfigError naming the key."""
+
+import math
+
+import torch
+from hydra import compose, initialize_config_dir
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from test_e2e import ROOT
+
+from harness.errors import ConfigError
+from harness.model import Decoder
+from harness.train import build_spec
+from harness.upcycle import upcycle
+
+KNOBS = {  # override key -> values, valid and not
+    "moe.num_experts": st.integers(0, 16),
+    "moe.top_k": st.integers(0, 6),
+    "moe.granularity": st.integers(0, 5),
+    "routing": st.sampled_from(["softmax_topk", "topk_softmax"]),
+    "moe.routing": st.sampled_from(["softmax_topk", "topk_softmax", "softmax"]),
+    "moe.aux_loss_coef": st.sampled_from([0.0, 1e-2, -1.0]),
+    "upcycle.router_init": st.sampled_from(["random", "virtual_group", "orthogonal"]),
+    "upcycle.drop_ratio": st.sampled_from([0.0, 0.5, 1.0, 1.5, -0.1]),
+    "upcycle.weight_scaling": st.sampled_from(["none", "paper", "output", "sqrt"]),
+    "upcycle.moe_layers": st.sampled_from(["all", "every_2", "[0]", "[7]", "some"]),
+    "model.activation": st.sampled_from(["swiglu", "relu2", "gelu"]),
+    "model.d_ff": st.sampled_from([96, 100, 0]),
+    "optim.lr": st.sampled_from([3e-3, 0.0, -1e-3]),
+    "optim.schedule": st.sampled_from(["cosine", "wsd", "constant", "step"]),
+    "data.seq_len": st.sampled_from([16, 1]),
+    "method": st.sampled_from(["upcycle", "dense", "moe"]),
+    "train.tokens": st.sampled_from([1000, 0]),
+}
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.dictionaries(st.sampled_from(sorted(KNOBS)), st.none(), min_size=1, max_size=5).flatmap(
+    lambda keys: st.fixed_dictionaries({k: KNOBS[k] for k in keys})))
+def test_config_builds_and_steps_or_names_the_bad_key(overrides):
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("config", overrides=[f"{k}={v}" for k, v in overrides.items()] + ["logger=csv"])
+    try:
+        spec = build_spec(cfg)
+    except ConfigError as e:
+        named = {"routing": "moe.routing"}
+        assert any(named.get(k, k) in str(e) for k in overrides), (overrides, str(e))
+        assert "\n" not in str(e)  # one line
+        return
+    torch.manual_seed(0)
+    model = Decoder(spec.model)
+    if spec.method == "upcycle":
+        model = upcycle(model, spec.moe, spec.recipe)
+    x = torch.randint(0, spec.model.vocab_size, (2, spec.data.seq_len + 1))
+    out = model(x[:, :-1], x[:, 1:])
+    loss = out.loss + (out.aux_loss if out.aux_loss is not None else 0.0)
+    loss.backward()
+    assert math.isfinite(loss.item())
