@@ -177,21 +177,43 @@ class FixedWindows(Dataset):
 
 
 class TokenDataModule(L.LightningDataModule):
-    """Batches of (input, target) windows. ``batch_size`` is per device; train sampling starts at
-    the trainer's global step, so resume needs no dataloader state."""
+    """Batches of (input, target) windows. ``batch_size`` is the *global* batch (sequences per
+    optimizer step, whatever the device count); each device takes ``batch_size / world`` of it, in
+    micro-batches of ``micro_batch_size`` with gradient accumulation. Train sampling starts at the
+    trainer's global step, so resume needs no dataloader state."""
 
     def __init__(self, cache_dir: str, source: str = "stdlib", path: str | None = None, max_bytes: int = 4_000_000,
                  vocab_size: int = 2048, val_fraction: float = 0.05, seq_len: int = 64, batch_size: int = 16,
-                 val_batches: int = 8, num_workers: int = 0, seed: int = 0, tokenizer_path: str | None = None):
+                 val_batches: int = 8, num_workers: int = 0, seed: int = 0, tokenizer_path: str | None = None,
+                 micro_batch_size: int | None = None):
         super().__init__()
         self.cache_dir, self.source, self.path, self.max_bytes = cache_dir, source, path, int(max_bytes)
         self.vocab_size, self.val_fraction = int(vocab_size), float(val_fraction)
         self.seq_len, self.batch_size, self.val_batches = int(seq_len), int(batch_size), int(val_batches)
         self.num_workers, self.seed, self.tokenizer_path = int(num_workers), int(seed), tokenizer_path
+        self.micro_batch_size = None if micro_batch_size is None else int(micro_batch_size)
         self.total_steps = 0
+        self.world_size = 1  # set by the trainer setup (see ``split_batch``)
         self.shard_dir: Path | None = None
         if self.seq_len < 2 or self.batch_size < 1:
             raise ConfigError(f"data.seq_len={seq_len} / data.batch_size={batch_size} must be >= 2 / >= 1")
+        if self.micro_batch_size is not None and self.micro_batch_size < 1:
+            raise ConfigError(f"data.micro_batch_size={micro_batch_size} must be >= 1 (or null)")
+
+    def split_batch(self, world: int) -> tuple[int, int]:
+        """(micro-batch per device, gradient-accumulation steps) for the global batch on ``world`` devices."""
+        per_device, rest = divmod(self.batch_size, world)
+        if rest or not per_device:
+            raise ConfigError(f"data.batch_size={self.batch_size} (global) does not split over {world} devices")
+        micro = min(self.micro_batch_size or per_device, per_device)
+        if per_device % micro:
+            raise ConfigError(f"data.micro_batch_size={micro} does not divide the per-device batch {per_device} "
+                              f"(data.batch_size={self.batch_size} over {world} devices)")
+        return micro, per_device // micro
+
+    @property
+    def loader_batch(self) -> int:
+        return self.split_batch(self.world_size)[0]
 
     def prepare(self) -> Path:
         """Build or find the cached shards (rank 0 first under DDP thanks to the file lock)."""
@@ -209,18 +231,17 @@ class TokenDataModule(L.LightningDataModule):
         return json.loads((self.shard_dir / "meta.json").read_text())
 
     def train_dataloader(self) -> DataLoader:
-        world = self.trainer.world_size if self.trainer else 1
         step = self.trainer.global_step if self.trainer else 0
-        per_step = self.batch_size * world
+        per_step = self.batch_size  # global: under DDP each rank's sampler takes every world-th sample
         if step:
             log.info("resuming: train sampling starts at step %d", step)
         # Full-run length even when resuming: Lightning counts batch_idx from the restored step
         # against len(loader); sample i of this loader is global sample (step * per_step + i).
         ds = RandomWindows(self.shard("train"), self.seq_len, step * per_step,
                            max(self.total_steps, 1) * per_step, self.seed)
-        return DataLoader(ds, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers,
+        return DataLoader(ds, batch_size=self.loader_batch, shuffle=False, num_workers=self.num_workers,
                           persistent_workers=self.num_workers > 0)
 
     def val_dataloader(self) -> DataLoader:
         ds = FixedWindows(self.shard("val"), self.seq_len, self.val_batches * self.batch_size)
-        return DataLoader(ds, batch_size=self.batch_size, shuffle=False, num_workers=0)
+        return DataLoader(ds, batch_size=self.loader_batch, shuffle=False, num_workers=0)

@@ -56,9 +56,12 @@ class LitLM(L.LightningModule):
     """Trains a Decoder; logs train/loss, val/loss, moe/*, lr, tokens and FLOPs seen, perf/*."""
 
     def __init__(self, model: Decoder, optim: OptimConfig, total_steps: int, train_flops_per_token: int,
-                 peak_flops: float | None = None):
+                 peak_flops: float | None = None, tokens_per_step: int | None = None):
         super().__init__()
         self.model, self.optim, self.total_steps = model, optim, total_steps
+        self.tokens_per_step = tokens_per_step  # global tokens per optimizer step (None: one micro-batch x world)
+        # decided before any wrapping: FSDP (use_orig_params) flattens the parameters it shards
+        self._no_decay = {n for n, p in model.named_parameters() if p.dim() < 2}
         self.flops_per_token, self.peak_flops = train_flops_per_token, peak_flops
         self._t_last: float | None = None
 
@@ -73,7 +76,7 @@ class LitLM(L.LightningModule):
             raise FloatingPointError(
                 f"non-finite training loss ({loss.item()}) at step {self.global_step}: stopping before the update; "
                 "checkpoints/last.ckpt is the last good state (lower optim.lr or raise optim.warmup_steps)")
-        tokens = (self.global_step + 1) * x.numel() * self.trainer.world_size
+        tokens = (self.global_step + 1) * (self.tokens_per_step or x.numel() * self.trainer.world_size)
         self.log_dict({"train/loss": out.loss, "train/tokens": float(tokens),
                        "flops/train_total": float(tokens) * self.flops_per_token}, prog_bar=False)
         self.log("loss", out.loss, prog_bar=True, logger=False)
@@ -104,8 +107,9 @@ class LitLM(L.LightningModule):
         self.log("val/loss", self.model(x, y).loss, prog_bar=True, sync_dist=True)
 
     def configure_optimizers(self):
-        decay = [p for p in self.model.parameters() if p.dim() >= 2]
-        no_decay = [p for p in self.model.parameters() if p.dim() < 2]
+        named = [(_clean(n), p) for n, p in self.model.named_parameters()]
+        decay = [p for n, p in named if n not in self._no_decay]
+        no_decay = [p for n, p in named if n in self._no_decay]
         groups = [{"params": decay, "weight_decay": self.optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
         fused = all(p.is_cuda for p in self.model.parameters()) if torch.cuda.is_available() else False
         opt = torch.optim.AdamW(groups, lr=self.optim.lr, betas=(self.optim.beta1, self.optim.beta2), fused=fused)
@@ -117,8 +121,19 @@ class LitLM(L.LightningModule):
         fused AdamW, and bf16 needs no gradient unscaling."""
         self.log("lr", optimizer.param_groups[0]["lr"])
         if self.optim.grad_clip > 0:
-            norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.optim.grad_clip)
+            root = self.trainer.strategy.model if self._trainer is not None else None
+            if type(root).__name__ == "FullyShardedDataParallel":  # sharded grads: the norm needs a collective
+                norm = root.clip_grad_norm_(self.optim.grad_clip)
+            else:
+                norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.optim.grad_clip)
             self.log("train/grad_norm", norm)
+
+
+def _clean(name: str) -> str:
+    """A parameter name without the prefixes that FSDP, checkpoint wrappers and torch.compile add."""
+    for prefix in ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod."):
+        name = name.replace(prefix, "")
+    return name
 
 
 @torch.no_grad()

@@ -27,25 +27,27 @@ class StepPruningCallback(PyTorchLightningPruningCallback):
             raise optuna.TrialPruned(f"pruned at step {step} ({self.monitor}={value:.4f})")
 
 
-def _sweeper_pruner() -> optuna.pruners.BasePruner | None:
-    """The pruner the sweeper was configured with (a study's pruner is not kept in its storage)."""
+def _sweeper_pruner(node: dict | None = None) -> optuna.pruners.BasePruner | None:
+    """The pruner the sweeper was configured with (a study's pruner is not kept in its storage);
+    ``node`` is its config when running outside Hydra (a multi-device worker)."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.utils import instantiate
 
-    node = HydraConfig.get().sweeper.get("pruner") if HydraConfig.initialized() else None
+    if node is None and HydraConfig.initialized():
+        node = HydraConfig.get().sweeper.get("pruner")
     return instantiate(node) if node else None
 
 
-def trial_for_job(cfg: DictConfig) -> optuna.Trial | None:
+def trial_for_job(cfg: DictConfig, pruner: dict | None = None) -> optuna.Trial | None:
     """The running trial this job evaluates, or None outside an Optuna sweep."""
     ocfg = cfg.get("optuna")
     if not ocfg or ocfg.get("trial_number") is None or not ocfg.get("storage"):
         return None
-    study = optuna.load_study(study_name=ocfg.study_name, storage=ocfg.storage, pruner=_sweeper_pruner())
+    study = optuna.load_study(study_name=ocfg.study_name, storage=ocfg.storage, pruner=_sweeper_pruner(pruner))
     trial_id = study._storage.get_trial_id_from_study_id_trial_number(study._study_id, int(ocfg.trial_number))
     return optuna.Trial(study, trial_id)
 
 
-def pruning_callbacks(cfg: DictConfig) -> list:
-    trial = trial_for_job(cfg)
+def pruning_callbacks(cfg: DictConfig, pruner: dict | None = None) -> list:
+    trial = trial_for_job(cfg, pruner)
     return [] if trial is None else [StepPruningCallback(trial, monitor="val/loss")]

@@ -11,6 +11,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import shutil
 import time
 import traceback
@@ -24,15 +25,17 @@ from filelock import FileLock
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.plugins.environments import LightningEnvironment
 from omegaconf import DictConfig, OmegaConf
 
-from harness import flops
+from harness import flops, launch
 from harness.data import TokenDataModule
 from harness.errors import ConfigError
 from harness.io import atomic_write_json, corrupt_files, file_digest
 from harness.lit import LitLM, OptimConfig, evaluate
 from harness.model import Decoder, ModelConfig
 from harness.moe import MoEConfig
+from harness.pruning import pruning_callbacks
 from harness.upcycle import Recipe, resolve_moe_layers, upcycle
 
 log = logging.getLogger("upcycle")
@@ -87,6 +90,7 @@ def build_spec(cfg: DictConfig) -> Spec:
         raise ConfigError(f"data.seq_len={data.seq_len} > model.max_seq_len={model.max_seq_len}")
     layers = resolve_moe_layers(recipe.moe_layers, model.n_layers)
     _compile_enabled(cfg)  # validates train.compile
+    data.split_batch(launch.world_size(cfg.trainer))  # the global batch must split over the devices
     return Spec(cfg.method, model, moe, recipe, optim, data, layers)
 
 
@@ -147,29 +151,55 @@ def _close_loggers(trainer: L.Trainer) -> None:
                 warnings.warn(f"wandb finish failed: {e}")
 
 
-def fit(model: Decoder, spec: Spec, cfg: DictConfig, out_dir: Path, steps: int, csv_only=False,
-        extra_callbacks=()) -> dict:
-    """Train ``model`` in place for ``steps`` steps, resuming from ``out_dir/checkpoints/last.ckpt``."""
+def fit(model: Decoder, spec: Spec, cfg: DictConfig, out_dir: Path, steps: int, csv_only=False) -> dict:
+    """Train ``model`` in place for ``steps`` steps (resuming from ``out_dir/checkpoints/last.ckpt``),
+    in this process or, when the trainer asks for several devices, in one worker per device; then
+    evaluate it here on the full validation set."""
+    if launch.needs_launch(cfg.trainer):
+        res = launch.fit_in_workers(model, spec.optim, cfg, out_dir, steps, csv_only, _sweeper_pruner_node())
+        on_gpu = cfg.trainer.get("accelerator") in ("gpu", "cuda") and torch.cuda.is_available()
+        device = torch.device("cuda" if on_gpu else "cpu")
+        model.to(device)
+    else:
+        res, _ = train_here(model, spec, cfg, out_dir, steps, csv_only, extra_callbacks=pruning_callbacks(cfg))
+        device = next(model.parameters()).device
+    done = res["status"] == "complete"
+    val = evaluate(model, spec.data.val_dataloader(), device) if done else float("nan")
+    model.to("cpu")
+    tokens = steps * spec.data.batch_size * spec.data.seq_len
+    points = res.pop("val_points") + ([{"step": steps, "tokens": tokens, "flops": tokens * res["flops_per_token"],
+                                        "val_loss": val}] if done else [])
+    return {**res, "val_loss": val, "val_curve": points,
+            "best_val_loss": min((p["val_loss"] for p in points), default=float("nan"))}
+
+
+def train_here(model: Decoder, spec: Spec, cfg: DictConfig, out_dir: Path, steps: int, csv_only=False,
+               extra_callbacks=()) -> tuple[dict, L.Trainer]:
+    """The Lightning fit itself (one process, or one rank of a multi-process job)."""
     seq = spec.data.seq_len
     fpt = flops.count_model(model, seq).train_per_token
     model.activation_checkpointing = bool(cfg.train.get("activation_checkpointing", False))
     if _compile_enabled(cfg):
         model.compile_blocks()
     peak = float(cfg.train.peak_tflops) * 1e12 if cfg.train.get("peak_tflops") else None
-    lit = LitLM(model, spec.optim, steps, fpt, peak)
-    spec.data.total_steps = steps
+    tokens_per_step = spec.data.batch_size * seq
+    lit = LitLM(model, spec.optim, steps, fpt, peak, tokens_per_step)
+    world = launch.world_size(cfg.trainer)
+    spec.data.total_steps, spec.data.world_size = steps, world
+    _, accumulate = spec.data.split_batch(world)
     ckpt_dir = out_dir / "checkpoints"
-    curve = ValCurve(spec.data.batch_size * seq, fpt)
+    curve = ValCurve(tokens_per_step, fpt)
     callbacks = [ModelCheckpoint(dirpath=ckpt_dir, save_last=True, save_top_k=0,
                                  every_n_train_steps=int(cfg.train.ckpt_every)), curve]
     callbacks += [instantiate(c) for c in (cfg.get("callbacks") or {}).values()] + list(extra_callbacks)
     stop = cfg.train.get("stop_after_steps")
     if stop:
         callbacks.append(StopAfter(int(stop)))
+    plugins = [LightningEnvironment()] if os.environ.get(launch.WORKER_ENV) == "local" else None
     trainer: L.Trainer = instantiate(
         cfg.trainer, max_steps=steps, logger=_loggers(cfg, out_dir, csv_only) or False,
-        callbacks=callbacks, default_root_dir=str(out_dir), val_check_interval=int(cfg.train.val_every),
-        check_val_every_n_epoch=None, num_sanity_val_steps=0,
+        callbacks=callbacks, default_root_dir=str(out_dir), val_check_interval=int(cfg.train.val_every) * accumulate,
+        check_val_every_n_epoch=None, num_sanity_val_steps=0, accumulate_grad_batches=accumulate, plugins=plugins,
     )
     last = ckpt_dir / "last.ckpt"
     t0 = time.perf_counter()
@@ -178,17 +208,20 @@ def fit(model: Decoder, spec: Spec, cfg: DictConfig, out_dir: Path, steps: int, 
     finally:
         _close_loggers(trainer)
     wall = time.perf_counter() - t0
-    done = trainer.global_step >= steps
-    device = next(model.parameters()).device
-    val = evaluate(model, spec.data.val_dataloader(), device) if done else float("nan")
-    points = curve.points + ([{"step": steps, "tokens": steps * spec.data.batch_size * seq * trainer.world_size,
-                              "flops": steps * spec.data.batch_size * seq * trainer.world_size * fpt,
-                              "val_loss": val}] if done else [])
-    tokens = steps * spec.data.batch_size * seq * trainer.world_size
-    return {"status": "complete" if done else "interrupted", "steps": trainer.global_step, "val_loss": val,
-            "best_val_loss": min((p["val_loss"] for p in points), default=float("nan")), "tokens": tokens,
-            "flops_per_token": fpt, "train_flops": tokens * fpt, "fit_wall_s": wall, "val_curve": points,
-            "world_size": trainer.world_size}
+    tokens = steps * tokens_per_step
+    return {"status": "complete" if trainer.global_step >= steps else "interrupted", "steps": trainer.global_step,
+            "tokens": tokens, "flops_per_token": fpt, "train_flops": tokens * fpt, "fit_wall_s": wall,
+            "val_points": curve.points, "world_size": trainer.world_size, "accumulate_grad_batches": accumulate}, trainer
+
+
+def _sweeper_pruner_node() -> dict | None:
+    """The Optuna sweeper's pruner config, handed to workers (they run outside Hydra)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return None
+    node = HydraConfig.get().sweeper.get("pruner")
+    return OmegaConf.to_container(node, resolve=True) if node else None
 
 
 def _compile_enabled(cfg: DictConfig) -> bool:
@@ -201,8 +234,8 @@ def _compile_enabled(cfg: DictConfig) -> bool:
     return value
 
 
-def _steps(tokens: float, spec: Spec, world: int = 1) -> int:
-    return max(1, math.ceil(tokens / (spec.data.batch_size * spec.data.seq_len * world)))
+def _steps(tokens: float, spec: Spec) -> int:
+    return max(1, math.ceil(tokens / (spec.data.batch_size * spec.data.seq_len)))
 
 
 def dense_base(spec: Spec, cfg: DictConfig) -> tuple[Decoder, dict]:
@@ -292,9 +325,7 @@ def run(cfg: DictConfig, spec: Spec, out_dir: Path) -> dict:
         steps = _steps(iso_tokens, spec)
         res["iso_flop_of"] = spec.moe.name
     res.update(params_total=counts.params_total, params_active=counts.params_active)
-    from harness.pruning import pruning_callbacks
-
-    res.update(fit(model, spec, cfg, out_dir, steps, extra_callbacks=pruning_callbacks(cfg)))
+    res.update(fit(model, spec, cfg, out_dir, steps))
     start = {"step": 0, "tokens": 0, "flops": 0, "val_loss": res["init_val_loss"]}
     res["val_curve"] = [start] + res["val_curve"]  # the step-0 gap is part of the curve
     if spec.method == "upcycle" and cfg.iso_flop_baseline and res["status"] == "complete":
