@@ -19,7 +19,7 @@ import lightning as L
 import numpy as np
 import torch
 from filelock import FileLock
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from harness.errors import ConfigError
 from harness.io import atomic_write_bytes, atomic_write_text, corrupt_files, file_digest
@@ -239,9 +239,18 @@ class TokenDataModule(L.LightningDataModule):
         # against len(loader); sample i of this loader is global sample (step * per_step + i).
         ds = RandomWindows(self.shard("train"), self.seq_len, step * per_step,
                            max(self.total_steps, 1) * per_step, self.seed)
-        return DataLoader(ds, batch_size=self.loader_batch, shuffle=False, num_workers=self.num_workers,
-                          persistent_workers=self.num_workers > 0)
+        return DataLoader(ds, batch_size=self.loader_batch, sampler=self._rank_sampler(ds),
+                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
 
     def val_dataloader(self) -> DataLoader:
         ds = FixedWindows(self.shard("val"), self.seq_len, self.val_batches * self.batch_size)
-        return DataLoader(ds, batch_size=self.loader_batch, shuffle=False, num_workers=0)
+        return DataLoader(ds, batch_size=self.loader_batch, sampler=self._rank_sampler(ds), num_workers=0)
+
+    def _rank_sampler(self, ds: Dataset) -> Sampler | None:
+        """Rank r of W takes samples r, r+W, ...: each optimizer step consumes the same global samples
+        as on one device. (Lightning's own distributed sampler would shuffle training data, breaking
+        that and exact resume, so the Trainer runs with ``use_distributed_sampler=False``.)"""
+        if self.trainer is None or self.trainer.world_size == 1:
+            return None
+        return DistributedSampler(ds, num_replicas=self.trainer.world_size, rank=self.trainer.global_rank,
+                                  shuffle=False)

@@ -55,6 +55,12 @@ def in_worker() -> bool:
     return WORKER_ENV in os.environ
 
 
+def idle_task() -> bool:
+    """True in the other tasks of a multi-node SLURM job: node 0's task drives the job and starts
+    every node's workers through ``srun``; the others have nothing to do."""
+    return not in_worker() and int(os.environ.get("SLURM_PROCID", "0")) > 0
+
+
 def needs_launch(trainer_cfg: DictConfig) -> bool:
     """True in the job's process when the trainer wants several processes."""
     if in_worker() or world_size(trainer_cfg) == 1:

@@ -200,6 +200,7 @@ def train_here(model: Decoder, spec: Spec, cfg: DictConfig, out_dir: Path, steps
         cfg.trainer, max_steps=steps, logger=_loggers(cfg, out_dir, csv_only) or False,
         callbacks=callbacks, default_root_dir=str(out_dir), val_check_interval=int(cfg.train.val_every) * accumulate,
         check_val_every_n_epoch=None, num_sanity_val_steps=0, accumulate_grad_batches=accumulate, plugins=plugins,
+        use_distributed_sampler=False,  # the datamodule shards by rank itself, in order
     )
     last = ckpt_dir / "last.ckpt"
     t0 = time.perf_counter()
@@ -354,6 +355,10 @@ def _print_summary(res: dict) -> None:
 
 def main(cfg: DictConfig) -> float:
     """Run one experiment; write ``results.json`` atomically; return the final val loss."""
+    if launch.idle_task():
+        log.info("SLURM task %s: the job's first task drives it (and starts this node's workers)",
+                 os.environ["SLURM_PROCID"])
+        return float("nan")
     out_dir = Path(cfg.paths.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     spec = build_spec(cfg)  # raises ConfigError before any compute
