@@ -131,6 +131,8 @@ def fit_in_workers(model: torch.nn.Module, optim, cfg: DictConfig, out_dir: Path
     if any(codes):
         _raise_worker_error(folder, codes, commands)
     model.load_state_dict(torch.load(folder / "final.pt", map_location="cpu", weights_only=True))
+    for bulky in ("job.pt", "final.pt"):  # full model copies: the checkpoints are what resume uses
+        (folder / bulky).unlink()
     return json.loads((folder / "result.json").read_text())
 
 

@@ -86,6 +86,8 @@ class LitLM(L.LightningModule):
         if self._t_last is not None:
             tps = x.numel() * self.trainer.world_size / (now - self._t_last)
             self.log("perf/tokens_per_s", tps)
+            if x.is_cuda:
+                self.log("perf/max_mem_gib", torch.cuda.max_memory_allocated(x.device) / 2**30)
             if self.peak_flops:
                 self.log("perf/mfu", tps * self.flops_per_token / (self.peak_flops * self.trainer.world_size))
         self._t_last = now

@@ -189,8 +189,9 @@ def train_here(model: Decoder, spec: Spec, cfg: DictConfig, out_dir: Path, steps
     _, accumulate = spec.data.split_batch(world)
     ckpt_dir = out_dir / "checkpoints"
     curve = ValCurve(tokens_per_step, fpt)
-    callbacks = [ModelCheckpoint(dirpath=ckpt_dir, save_last=True, save_top_k=0,
-                                 every_n_train_steps=int(cfg.train.ckpt_every)), curve]
+    save = bool(cfg.train.get("save_checkpoints", True))
+    callbacks = [curve] + ([ModelCheckpoint(dirpath=ckpt_dir, save_last=True, save_top_k=0,
+                                            every_n_train_steps=int(cfg.train.ckpt_every))] if save else [])
     callbacks += [instantiate(c) for c in (cfg.get("callbacks") or {}).values()] + list(extra_callbacks)
     stop = cfg.train.get("stop_after_steps")
     if stop:
@@ -200,6 +201,7 @@ def train_here(model: Decoder, spec: Spec, cfg: DictConfig, out_dir: Path, steps
         cfg.trainer, max_steps=steps, logger=_loggers(cfg, out_dir, csv_only) or False,
         callbacks=callbacks, default_root_dir=str(out_dir), val_check_interval=int(cfg.train.val_every) * accumulate,
         check_val_every_n_epoch=None, num_sanity_val_steps=0, accumulate_grad_batches=accumulate, plugins=plugins,
+        enable_checkpointing=save,
         use_distributed_sampler=False,  # the datamodule shards by rank itself, in order
     )
     last = ckpt_dir / "last.ckpt"

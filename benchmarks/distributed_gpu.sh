@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Issue 6 on 2 GPUs (nvidia-h200-x2): correctness of DDP/FSDP against one GPU through run.py (the
+# tiny default config, same global batch), the DDP multirun, an FSDP run killed with SIGKILL and
+# resumed, then 1-GPU vs DDP vs FSDP throughput of the ~350M upcycled E8G1T2.
+#   bash benchmarks/distributed_gpu.sh $OUT [part]     part: correctness | speed | big | all (default)
+set -u
+out=${1:-bench_out}; part=${2:-all}; mkdir -p "$out"
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} NCCL_NVLS_ENABLE=0 WANDB_MODE=offline WANDB_SILENT=true
+export UPCYCLE_CACHE=${UPCYCLE_CACHE:-$PWD/.cache_gpu} UPCYCLE_LOGS=$out/logs
+common=(trainer.enable_progress_bar=false print_config=false iso_flop_baseline=false train.ckpt_every=10)
+runpy() { timeout 300 python3 run.py "${common[@]}" "$@" >>"$out/run.log" 2>&1 || echo "FAILED: $*" | tee -a "$out/run.log"; }
+if [[ $part == all || $part == correctness ]]; then
+  runpy name=one trainer=gpu
+  runpy name=one_seed1 trainer=gpu seed=1
+  runpy -m name=ddp routing=softmax_topk,topk_softmax trainer=ddp logger=wandb   # the issue's command
+  runpy name=fsdp trainer=fsdp
+  # FSDP killed with SIGKILL after its first checkpoint, then the same command again
+  setsid python3 run.py "${common[@]}" name=fsdp_killed trainer=fsdp >>"$out/killed.log" 2>&1 &
+  pid=$!; ck=$UPCYCLE_LOGS/runs/fsdp_killed/checkpoints/last.ckpt
+  for _ in $(seq 1 1200); do [[ -e $ck ]] && break; sleep 0.1; done
+  kill -9 -- -$pid; wait $pid 2>/dev/null; echo "killed with $(ls $ck 2>/dev/null) present" | tee -a "$out/killed.log"
+  runpy name=fsdp_killed trainer=fsdp
+  grep -h "Restoring states\|resuming" "$out/run.log" | tail -2
+  python3 - "$UPCYCLE_LOGS" <<'PY'
+import json, sys, pathlib
+root = pathlib.Path(sys.argv[1])
+print(f"{'run':40} {'world':>5} {'steps':>5} {'status':9} {'val_loss':>8}")
+for f in sorted(root.glob("**/results.json")):
+    r = json.loads(f.read_text())
+    print(f"{str(f.parent.relative_to(root)):40} {r.get('world_size', '-'):>5} {r.get('steps', '-'):>5} "
+          f"{r['status']:9} {r.get('val_loss', float('nan')):8.4f}")
+PY
+fi
+if [[ $part == all || $part == speed ]]; then
+  timeout 400 python3 benchmarks/distributed.py --model medium350m --moe E8G1T2 --trainers gpu ddp fsdp --devices 2 \
+    --batch 16 --steps 30 --out "$out/bench" --json "$out/speed.jsonl" 2>>"$out/speed.err" | tail -5
+fi
+if [[ $part == big ]]; then  # ~9.9B-param upcycled model: 16 B/param of training state does not fit one H200
+  timeout 560 python3 benchmarks/distributed.py --model large1b --moe E8G1T2 --num-experts 12 --trainers fsdp ddp \
+    --devices 2 --batch 8 --steps 8 --warmup 3 --ckpt --compile false --out "$out/big" --json "$out/big.jsonl" \
+    2>>"$out/big.err" | tail -4
+fi
