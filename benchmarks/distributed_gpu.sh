@@ -8,7 +8,11 @@ out=${1:-bench_out}; part=${2:-all}; mkdir -p "$out"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} NCCL_NVLS_ENABLE=0 WANDB_MODE=offline WANDB_SILENT=true
 export UPCYCLE_CACHE=${UPCYCLE_CACHE:-$PWD/.cache_gpu} UPCYCLE_LOGS=$out/logs
 common=(trainer.enable_progress_bar=false print_config=false iso_flop_baseline=false train.ckpt_every=10)
-runpy() { timeout 300 python3 run.py "${common[@]}" "$@" >>"$out/run.log" 2>&1 || echo "FAILED: $*" | tee -a "$out/run.log"; }
+runpy() { timeout 300 python3 run.py "$@" "${common[@]}" >>"$out/run.log" 2>&1 || echo "FAILED: $*" | tee -a "$out/run.log"; }
+if [[ $part == ddp_multirun ]]; then
+  runpy -m name=ddp routing=softmax_topk,topk_softmax trainer=ddp logger=wandb
+  find "$UPCYCLE_LOGS" -name results.json | sort | while read -r f; do python3 -c "import json,sys; r=json.load(open(sys.argv[1])); print(sys.argv[1].split('logs/')[-1], r['routing'], r['world_size'], r['steps'], r['status'], round(r['val_loss'],4), r['config']['moe']['routing'])" "$f"; done
+fi
 if [[ $part == all || $part == correctness ]]; then
   runpy name=one trainer=gpu
   runpy name=one_seed1 trainer=gpu seed=1
@@ -32,11 +36,12 @@ for f in sorted(root.glob("**/results.json")):
 PY
 fi
 if [[ $part == all || $part == speed ]]; then
-  timeout 400 python3 benchmarks/distributed.py --model medium350m --moe E8G1T2 --trainers gpu ddp fsdp --devices 2 \
-    --batch 16 --steps 30 --out "$out/bench" --json "$out/speed.jsonl" 2>>"$out/speed.err" | tail -5
+  # same experiment (global batch 32) and same micro-batch (16 x 2048 tokens): 1 GPU accumulates 2 micro-batches
+  timeout 400 python3 benchmarks/distributed.py --model medium350m --moe E8G1T2 --trainers ${SPEED_TRAINERS:-gpu ddp} --devices 2 \
+    --batch 32 --micro 16 --steps 16 --warmup 6 --out "$out/bench" --json "$out/speed.jsonl" 2>>"$out/speed.err" | tail -4
 fi
-if [[ $part == big ]]; then  # ~9.9B-param upcycled model: 16 B/param of training state does not fit one H200
-  timeout 560 python3 benchmarks/distributed.py --model large1b --moe E8G1T2 --num-experts 12 --trainers fsdp ddp \
-    --devices 2 --batch 8 --steps 8 --warmup 3 --ckpt --compile false --out "$out/big" --json "$out/big.jsonl" \
+if [[ $part == big ]]; then  # medium350m upcycled to E24 (7.3B params): DDP's 16 B/param + activations exceed one H200
+  timeout ${BIG_TIMEOUT:-560} python3 benchmarks/distributed.py --model medium350m --moe E8G1T2 --num-experts 24 --trainers fsdp ddp \
+    --devices 2 --batch 32 --micro 16 --steps 6 --warmup 3 --compile false --out "$out/big" --json "$out/big.jsonl" \
     2>>"$out/big.err" | tail -4
 fi
