@@ -42,6 +42,6 @@ if [[ $part == all || $part == speed ]]; then
 fi
 if [[ $part == big ]]; then  # medium350m upcycled to E24 (7.3B params): DDP's 16 B/param + activations exceed one H200
   timeout ${BIG_TIMEOUT:-560} python3 benchmarks/distributed.py --model medium350m --moe E8G1T2 --num-experts 24 --trainers fsdp ddp \
-    --devices 2 --batch 32 --micro 16 --steps 6 --warmup 3 --compile false --out "$out/big" --json "$out/big.jsonl" \
+    --devices 2 --batch 32 --micro 8 --steps 6 --warmup 3 --compile false --out "$out/big" --json "$out/big.jsonl" \
     2>>"$out/big.err" | tail -4
 fi
