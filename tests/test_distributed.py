@@ -1,21 +1,13 @@
 """Several processes per job (DDP over gloo on CPU) through the real entry point, the launcher's
 commands, and the SLURM launcher config."""
 
-import json
-import os
-import signal
-import subprocess
-import sys
-import time
-from pathlib import Path
-
 import pytest
 from omegaconf import OmegaConf
 
 from harness import launch
 from harness.errors import ConfigError
 
-from test_e2e import FAST, ROOT, env, results, run  # noqa: F401  (env is a fixture)
+from test_e2e import ROOT, env, kill_after_first_checkpoint, results, run  # noqa: F401  (env is a fixture)
 
 DENSE = ["method=dense", "train.tokens=12800", "train.val_every=5"]
 
@@ -33,17 +25,7 @@ def test_ddp_matches_one_process_and_resumes_after_sigkill(env, tmp_path):  # no
         assert a["step"] == b["step"] and abs(a["val_loss"] - b["val_loss"]) < 1e-5
 
     # SIGKILL the job (and its workers) after a checkpoint, run the same command again: same result
-    cmd = [sys.executable, "run.py", *FAST, *DENSE, "name=killed", "trainer=ddp_cpu"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env={**env, "UPCYCLE_LOGS": str(tmp_path)}, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    ckpt = tmp_path / "runs" / "killed" / "checkpoints" / "last.ckpt"
-    deadline = time.time() + 300
-    while not ckpt.exists() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.1)
-    time.sleep(0.3)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert ckpt.exists()
+    kill_after_first_checkpoint(env, tmp_path, *DENSE, "name=killed", "trainer=ddp_cpu")
     killed_dir = tmp_path / "runs" / "killed"
     assert not (killed_dir / "results.json").exists() or results(killed_dir)["status"] != "complete"
     run(env, tmp_path, *DENSE, "name=killed", "trainer=ddp_cpu")

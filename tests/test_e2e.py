@@ -39,6 +39,24 @@ def results(path: Path) -> dict:
     return json.loads((path / "results.json").read_text())
 
 
+def kill_after_first_checkpoint(env, logs, *overrides) -> None:
+    """Start run.py, SIGKILL it (and every process it started) once its first checkpoint exists."""
+    import signal
+    import time
+
+    name = next(o.split("=", 1)[1] for o in overrides if o.startswith("name="))
+    proc = subprocess.Popen([sys.executable, "run.py", *FAST, *overrides], cwd=ROOT, env={**env, "UPCYCLE_LOGS": str(logs)},
+                            start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpt = logs / "runs" / name / "checkpoints" / "last.ckpt"
+    deadline = time.time() + 300
+    while not ckpt.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.1)
+    time.sleep(0.3)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert ckpt.exists(), "the run ended before its first checkpoint"
+
+
 @pytest.mark.slow
 def test_default_run_moe_vs_iso_flop_dense(env, tmp_path):
     run(env, tmp_path)
@@ -203,21 +221,9 @@ def test_unreachable_wandb_does_not_stop_training(env, tmp_path):
 
 @pytest.mark.slow
 def test_sigkill_mid_training_then_rerun_gives_the_uninterrupted_result(env, tmp_path):
-    import signal
-    import time
-
     args = ["iso_flop_baseline=false", "train.tokens=24000"]
     run(env, tmp_path, *args, "name=straight")
-    cmd = [sys.executable, "run.py", *FAST, *args, "name=killed"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env={**env, "UPCYCLE_LOGS": str(tmp_path)}, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    ckpt = tmp_path / "runs" / "killed" / "checkpoints" / "last.ckpt"
-    deadline = time.time() + 300
-    while not ckpt.exists() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.1)
-    time.sleep(0.5)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_after_first_checkpoint(env, tmp_path, *args, "name=killed")
     assert not (tmp_path / "runs" / "killed" / "results.json").exists() or \
         results(tmp_path / "runs" / "killed")["status"] != "complete"
     run(env, tmp_path, *args, "name=killed")
