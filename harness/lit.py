@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from dataclasses import dataclass
 
 import lightning as L
@@ -56,8 +57,13 @@ class LitLM(L.LightningModule):
     """Trains a Decoder; logs train/loss, val/loss, moe/*, lr, tokens and FLOPs seen, perf/*."""
 
     def __init__(self, model: Decoder, optim: OptimConfig, total_steps: int, train_flops_per_token: int,
-                 peak_flops: float | None = None, tokens_per_step: int | None = None):
+                 peak_flops: float | None = None, tokens_per_step: int | None = None,
+                 max_grad_norm: float | None = None, collapse_share: float = 1.0, collapse_steps: int = 100):
         super().__init__()
+        # numerical guards: a pre-clip gradient norm above max_grad_norm (or non-finite) stops the run;
+        # one expert taking more than collapse_share of the tokens for collapse_steps steps is a warning
+        self.max_grad_norm, self.collapse_share, self.collapse_steps = max_grad_norm, collapse_share, collapse_steps
+        self._collapsed_for = 0
         self.model, self.optim, self.total_steps = model, optim, total_steps
         self.tokens_per_step = tokens_per_step  # global tokens per optimizer step (None: one micro-batch x world)
         # decided before any wrapping: FSDP (use_orig_params) flattens the parameters it shards
@@ -82,6 +88,7 @@ class LitLM(L.LightningModule):
         self.log("loss", out.loss, prog_bar=True, logger=False)
         if out.router:
             self._log_router(out.router)
+            self._watch_collapse(out.router, x.numel())
         now = time.perf_counter()
         if self._t_last is not None:
             tps = x.numel() * self.trainer.world_size / (now - self._t_last)
@@ -104,6 +111,16 @@ class LitLM(L.LightningModule):
             metrics[f"moe/layer{layer}_load_cv"] = r.load_cv
         self.log_dict(metrics)
 
+    def _watch_collapse(self, router, tokens: int) -> None:
+        if self.collapse_share >= 1.0:
+            return
+        share = max(float(r.tokens_per_expert.max()) for r in router) / tokens  # fraction of tokens, not copies
+        self._collapsed_for = self._collapsed_for + 1 if share > self.collapse_share else 0
+        self.log("moe/router_collapse", float(self._collapsed_for >= self.collapse_steps))
+        if self._collapsed_for == self.collapse_steps:
+            warnings.warn(f"router collapse: one expert has taken > {self.collapse_share:.0%} of the tokens for "
+                          f"{self.collapse_steps} steps (step {self.global_step}); consider a larger moe.aux_loss_coef")
+
     def validation_step(self, batch, batch_idx):
         x, y = batch
         self.log("val/loss", self.model(x, y).loss, prog_bar=True, sync_dist=True)
@@ -122,13 +139,19 @@ class LitLM(L.LightningModule):
         """Clip here rather than through the Trainer: Lightning's AMP plugin refuses to clip for
         fused AdamW, and bf16 needs no gradient unscaling."""
         self.log("lr", optimizer.param_groups[0]["lr"])
-        if self.optim.grad_clip > 0:
-            root = self.trainer.strategy.model if self._trainer is not None else None
-            if type(root).__name__ == "FullyShardedDataParallel":  # sharded grads: the norm needs a collective
-                norm = root.clip_grad_norm_(self.optim.grad_clip)
-            else:
-                norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.optim.grad_clip)
-            self.log("train/grad_norm", norm)
+        clip = self.optim.grad_clip if self.optim.grad_clip > 0 else float("inf")  # inf: measure, do not clip
+        root = self.trainer.strategy.model if self._trainer is not None else None
+        if type(root).__name__ == "FullyShardedDataParallel":  # sharded grads: the norm needs a collective
+            norm = root.clip_grad_norm_(clip)
+        else:
+            norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+        self.log("train/grad_norm", norm)
+        value = float(norm)
+        if not math.isfinite(value) or (self.max_grad_norm is not None and value > self.max_grad_norm):
+            raise FloatingPointError(
+                f"gradient norm {value:.4g} at step {self.global_step} is not finite or exceeds "
+                f"train.max_grad_norm={self.max_grad_norm}: stopping before the update; checkpoints/last.ckpt is "
+                "the last good state (lower optim.lr or raise optim.warmup_steps)")
 
 
 def _clean(name: str) -> str:

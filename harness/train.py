@@ -76,6 +76,11 @@ def build_spec(cfg: DictConfig) -> Spec:
     for key in ("tokens", "ckpt_every", "val_every"):
         if int(cfg.train[key]) <= 0:
             raise ConfigError(f"train.{key}={cfg.train[key]!r} must be > 0")
+    mgn, share = cfg.train.get("max_grad_norm"), cfg.train.get("collapse_share", 1.0)
+    if mgn is not None and not (isinstance(mgn, (int, float)) and mgn > 0):
+        raise ConfigError(f"train.max_grad_norm={mgn!r} must be > 0 (or null)")
+    if not (isinstance(share, (int, float)) and 0 < share <= 1) or int(cfg.train.get("collapse_steps", 100)) < 1:
+        raise ConfigError(f"train.collapse_share={share!r} / train.collapse_steps must be in (0, 1] / >= 1")
     if int(cfg.pretrain.tokens) <= 0:
         raise ConfigError(f"pretrain.tokens={cfg.pretrain.tokens!r} must be > 0")
     model = make(cfg.model)
@@ -183,7 +188,9 @@ def train_here(model: Decoder, spec: Spec, cfg: DictConfig, out_dir: Path, steps
         model.compile_blocks()
     peak = float(cfg.train.peak_tflops) * 1e12 if cfg.train.get("peak_tflops") else None
     tokens_per_step = spec.data.batch_size * seq
-    lit = LitLM(model, spec.optim, steps, fpt, peak, tokens_per_step)
+    lit = LitLM(model, spec.optim, steps, fpt, peak, tokens_per_step, max_grad_norm=cfg.train.get("max_grad_norm"),
+                collapse_share=float(cfg.train.get("collapse_share", 1.0)),
+                collapse_steps=int(cfg.train.get("collapse_steps", 100)))
     world = launch.world_size(cfg.trainer)
     spec.data.total_steps, spec.data.world_size = steps, world
     _, accumulate = spec.data.split_batch(world)

@@ -173,11 +173,32 @@ def test_upcycle_from_hf_checkpoint_folder(env, tmp_path):
 @pytest.mark.slow
 def test_diverging_run_stops_cleanly_with_a_clear_error(env, tmp_path):
     proc = run(env, tmp_path, "optim.lr=1e12", "optim.warmup_steps=0", "iso_flop_baseline=false", "name=nan",
-               check=False)
+               "train.max_grad_norm=null", check=False)  # only the NaN/Inf guard
     assert proc.returncode != 0
     res = results(tmp_path / "runs" / "nan")
     assert res["status"] == "failed" and "non-finite training loss" in res["error"]
     assert "FloatingPointError" in proc.stderr
+
+
+@pytest.mark.slow
+def test_exploding_gradient_norm_stops_cleanly(env, tmp_path):
+    run(env, tmp_path, "train.tokens=2000", "iso_flop_baseline=false", "name=warm")  # dense base cached first
+    proc = run(env, tmp_path, "train.max_grad_norm=1e-6", "iso_flop_baseline=false", "name=explode", check=False)
+    assert proc.returncode != 0
+    res = results(tmp_path / "runs" / "explode")
+    assert res["status"] == "failed" and "exceeds train.max_grad_norm=1e-06" in res["error"]
+
+
+@pytest.mark.slow
+def test_router_collapse_is_flagged_as_a_metric_and_a_warning(env, tmp_path):
+    import csv
+
+    proc = run(env, tmp_path, "train.collapse_share=0.01", "train.collapse_steps=3", "trainer.log_every_n_steps=1",
+               "train.tokens=8000", "iso_flop_baseline=false")
+    assert "router collapse: one expert has taken > 1% of the tokens for 3 steps" in proc.stderr
+    rows = list(csv.DictReader(next((tmp_path / "runs" / "default").glob("csv/version_*/metrics.csv")).open()))
+    flags = [float(r["moe/router_collapse"]) for r in rows if r.get("moe/router_collapse")]
+    assert flags[:2] == [0.0, 0.0] and flags[2:] and set(flags[2:]) == {1.0}
 
 
 @pytest.mark.slow
