@@ -15,8 +15,13 @@ def main(cfg: DictConfig) -> float:
 
     try:
         return train_main(cfg)
-    except ConfigError as e:  # one line naming the bad key, no traceback
-        raise SystemExit(f"config error: {e}") from None
+    except ConfigError as e:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        if HydraConfig.get().mode == RunMode.MULTIRUN:  # an ordinary job failure: the sweep's other jobs go on
+            raise
+        raise SystemExit(f"config error: {e}") from None  # one line naming the bad key, no traceback
 
 
 if __name__ == "__main__":

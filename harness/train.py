@@ -370,7 +370,13 @@ def main(cfg: DictConfig) -> float:
         return float("nan")
     out_dir = Path(cfg.paths.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    spec = build_spec(cfg)  # raises ConfigError before any compute
+    try:
+        spec = build_spec(cfg)  # raises ConfigError before any compute
+    except ConfigError as e:  # recorded, so a sweep's report shows the job as failed rather than missing
+        atomic_write_json(out_dir / "results.json", {"config": OmegaConf.to_container(cfg, resolve=False),
+                                                     "run_dir": str(out_dir), "status": "failed",
+                                                     "error": f"ConfigError: {e}"})
+        raise
     resolved = OmegaConf.to_container(cfg, resolve=True)
     config_hash = _hash({k: v for k, v in resolved.items() if k not in ("paths", "force", "optuna")})
     results_path = out_dir / "results.json"

@@ -136,7 +136,9 @@ def test_bad_config_fails_fast_with_one_line(env, tmp_path, override, needle):
     assert proc.returncode != 0
     last = proc.stderr.strip().splitlines()[-1]
     assert needle in last and last.startswith("config error:"), proc.stderr[-2000:]
-    assert not (tmp_path / "runs" / "default" / "results.json").exists()  # failed before any compute
+    run_dir = tmp_path / "runs" / "default"
+    assert results(run_dir)["status"] == "failed" and needle in results(run_dir)["error"]
+    assert not (run_dir / "checkpoints").exists() and not (run_dir / "config_resolved.yaml").exists()  # no compute
 
 
 @pytest.mark.slow
@@ -229,6 +231,16 @@ def test_failing_job_is_recorded_and_siblings_finish_and_reruns_skip(env, tmp_pa
     assert status == {"1000000000000.0": "failed", "0.003": "complete"}  # ...after every job has run
     again = run(env, tmp_path, *args, check=False)
     assert (again.stdout + again.stderr).count("skipping") == 1  # the finished job is not recomputed
+
+
+@pytest.mark.slow
+def test_a_bad_config_in_a_sweep_fails_that_job_only(env, tmp_path):
+    proc = run(env, tmp_path, "-m", "moe.top_k=16,2", "iso_flop_baseline=false", "train.tokens=2000", check=False)
+    assert proc.returncode != 0
+    jobs = {p.parent.name: results(p.parent) for p in (tmp_path / "multirun" / "default").glob("*/results.json")}
+    status = {name.split("moe.top_k=")[1].split(",")[0]: r for name, r in jobs.items()}
+    assert status["2"]["status"] == "complete"  # ran after the bad job
+    assert status["16"]["status"] == "failed" and "moe.top_k=16" in status["16"]["error"]
 
 
 @pytest.mark.slow
