@@ -362,6 +362,14 @@ def _print_summary(res: dict) -> None:
     Console().print(t)
 
 
+def _container(cfg: DictConfig) -> dict:
+    """The config as plain data, resolved when it can be (a bad value may break an interpolation)."""
+    try:
+        return OmegaConf.to_container(cfg, resolve=True)
+    except Exception:
+        return OmegaConf.to_container(cfg, resolve=False)
+
+
 def main(cfg: DictConfig) -> float:
     """Run one experiment; write ``results.json`` atomically; return the final val loss."""
     if launch.idle_task():
@@ -373,7 +381,7 @@ def main(cfg: DictConfig) -> float:
     try:
         spec = build_spec(cfg)  # raises ConfigError before any compute
     except ConfigError as e:  # recorded, so a sweep's report shows the job as failed rather than missing
-        atomic_write_json(out_dir / "results.json", {"config": OmegaConf.to_container(cfg, resolve=False),
+        atomic_write_json(out_dir / "results.json", {"config": _container(cfg),
                                                      "run_dir": str(out_dir), "status": "failed",
                                                      "error": f"ConfigError: {e}"})
         raise
