@@ -122,7 +122,8 @@ def fit_in_workers(model: torch.nn.Module, optim, cfg: DictConfig, out_dir: Path
         for rank, (cmd, extra) in enumerate(zip(commands, envs)):
             # rank 0 keeps the console (progress bar); the others write to launch/rank<r>.log
             out = None if rank == 0 else open(folder / f"rank{rank}.log", "w")
-            procs.append(subprocess.Popen(cmd, env={**os.environ, **extra}, stdout=out, stderr=out))
+            procs.append(subprocess.Popen(cmd, env={**os.environ, **extra}, stdout=out, stderr=out,
+                                          preexec_fn=_die_with_parent))
         codes = _wait_all(procs)
     finally:
         for p in procs:
@@ -134,6 +135,14 @@ def fit_in_workers(model: torch.nn.Module, optim, cfg: DictConfig, out_dir: Path
     for bulky in ("job.pt", "final.pt"):  # full model copies: the checkpoints are what resume uses
         (folder / bulky).unlink()
     return json.loads((folder / "result.json").read_text())
+
+
+def _die_with_parent() -> None:
+    """Linux: a worker gets SIGKILL when the job process dies, however it dies (no orphans on the GPUs)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
 def _wait_all(procs: list[subprocess.Popen]) -> list[int]:

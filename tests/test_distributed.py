@@ -126,3 +126,42 @@ def test_only_the_first_slurm_task_of_a_job_drives_it(monkeypatch):
     monkeypatch.setenv("SLURM_PROCID", "3")
     monkeypatch.setenv(launch.WORKER_ENV, "srun")  # a training worker is never idle
     assert not launch.idle_task()
+
+
+@pytest.mark.slow
+def test_workers_die_with_their_job_process(env, tmp_path):  # noqa: F811
+    """SIGKILL the job process alone (not its process group): its workers must not live on as orphans."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    from test_e2e import FAST
+
+    folder = tmp_path / "runs" / "orphans" / "launch"
+    cmd = [sys.executable, "run.py", *FAST, "method=dense", "train.tokens=400000", "name=orphans", "trainer=ddp_cpu"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env={**env, "UPCYCLE_LOGS": str(tmp_path)}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+
+    def workers() -> list[int]:
+        found = []
+        for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+            try:
+                if str(folder).encode() in cmdline.read_bytes():
+                    found.append(int(cmdline.parent.name))
+            except OSError:
+                pass
+        return found
+
+    deadline = time.time() + 120
+    while len(workers()) < 2 and time.time() < deadline:
+        time.sleep(0.2)
+    assert len(workers()) == 2, "the job did not start its two workers"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    deadline = time.time() + 20
+    while workers() and time.time() < deadline:
+        time.sleep(0.2)
+    assert not workers()
