@@ -7,6 +7,7 @@ before the first tensor is touched.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
@@ -95,7 +96,11 @@ def build_spec(cfg: DictConfig) -> Spec:
         raise ConfigError(f"data.seq_len={data.seq_len} > model.max_seq_len={model.max_seq_len}")
     layers = resolve_moe_layers(recipe.moe_layers, model.n_layers)
     _compile_enabled(cfg)  # validates train.compile
-    data.split_batch(launch.world_size(cfg.trainer))  # the global batch must split over the devices
+    world = launch.world_size(cfg.trainer)
+    data.split_batch(world)  # the global batch must split over the devices
+    pre_batch = cfg.pretrain.get("batch_size")
+    if not isinstance(pre_batch, int) or pre_batch < 1 or pre_batch % world:
+        raise ConfigError(f"pretrain.batch_size={pre_batch!r} must be a positive int that splits over {world} devices")
     return Spec(cfg.method, model, moe, recipe, optim, data, layers)
 
 
@@ -259,8 +264,10 @@ def dense_base(spec: Spec, cfg: DictConfig) -> tuple[Decoder, dict]:
             raise ConfigError(f"model.hf_path: tokenizer vocab {tok_vocab} > model vocab_size {model.cfg.vocab_size}")
         key = "hf:" + _hash({"path": spec.model.hf_path, "config": read_config(spec.model.hf_path)})
         return model, {"key": key, "hf_path": spec.model.hf_path}
+    # the base depends on the pretraining recipe only (its own batch size included), so every variant of a
+    # sweep (batch size, LR, ...) upcycles the very same checkpoint
     key = _hash({"model": asdict(spec.model), "data": spec.data.shard_dir.name, "seq": spec.data.seq_len,
-                 "batch": spec.data.batch_size, "pretrain": OmegaConf.to_container(cfg.pretrain, resolve=True)})
+                 "pretrain": OmegaConf.to_container(cfg.pretrain, resolve=True)})
     out = Path(cfg.paths.cache_dir) / "dense" / key
     out.mkdir(parents=True, exist_ok=True)
     with FileLock(str(out / ".lock")):
@@ -276,9 +283,11 @@ def dense_base(spec: Spec, cfg: DictConfig) -> tuple[Decoder, dict]:
             log.info("pretraining dense base %s -> %s", spec.model.name, out)
             torch.manual_seed(int(cfg.pretrain.seed))
             model = Decoder(spec.model)
+            pre_data = copy.copy(spec.data)
+            pre_data.batch_size = int(cfg.pretrain.batch_size)
             pre_spec = Spec(spec.method, spec.model, spec.moe, spec.recipe, instantiate(cfg.pretrain.optim),
-                            spec.data, spec.moe_layers)
-            res = fit(model, pre_spec, cfg, out, _steps(cfg.pretrain.tokens, spec), csv_only=True)
+                            pre_data, spec.moe_layers)
+            res = fit(model, pre_spec, cfg, out, _steps(cfg.pretrain.tokens, pre_spec), csv_only=True)
             if res["status"] != "complete":
                 raise RuntimeError("dense pretraining stopped before its budget; run again to resume it")
             torch.save(model.state_dict(), out / "model.pt.tmp")
@@ -294,7 +303,8 @@ def dense_base(spec: Spec, cfg: DictConfig) -> tuple[Decoder, dict]:
 
 def dense_continuation(dense: Decoder, base_key: str, tokens: int, spec: Spec, cfg: DictConfig) -> dict:
     """Continue the dense model for ``tokens`` tokens (cached: MoE variants of equal FLOPs share it)."""
-    key = _hash({"base": base_key, "tokens": tokens, "optim": asdict(spec.optim), "seed": cfg.seed})
+    key = _hash({"base": base_key, "tokens": tokens, "optim": asdict(spec.optim), "seed": cfg.seed,
+                 "batch": spec.data.batch_size})
     out = Path(cfg.paths.cache_dir) / "dense_continuation" / key
     out.mkdir(parents=True, exist_ok=True)
     with FileLock(str(out / ".lock")):

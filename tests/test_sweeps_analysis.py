@@ -1,5 +1,6 @@
 """Named sweeps compose; a tiny sweep runs end to end and its table and plots regenerate from the outputs."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -38,6 +39,8 @@ def test_named_sweep_runs_on_cpu_and_its_table_regenerates(env, tmp_path, name):
     sweep = tmp_path / "multirun" / f"sweep_{name}"
     df = collect(sweep)
     assert len(df) == JOBS[name] and (df.status == "complete").all()
+    bases = {json.loads(p.read_text())["dense_base"] for p in sweep.glob("*/results.json")}
+    assert len(bases) == 1  # every variant upcycles (or continues) the same dense checkpoint
     files = report([str(sweep)], tmp_path / "report")
     table = files["md"].read_text()
     n_variants = 1 if name == "seeds" else JOBS[name]
