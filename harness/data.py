@@ -29,11 +29,36 @@ EOT = "<|endoftext|>"
 TEXT_SUFFIXES = (".txt", ".md", ".rst", ".py", ".jsonl")
 
 
-def _stdlib_files() -> list[Path]:
-    root = Path(sysconfig.get_paths()["stdlib"])
-    skip = {"test", "tests", "idlelib", "site-packages", "lib2to3", "turtledemo"}
-    files = [p for p in root.rglob("*.py") if not skip & set(p.relative_to(root).parts)]
+SKIP_DIRS = {"test", "tests", "idlelib", "site-packages", "dist-packages", "lib2to3", "turtledemo", "__pycache__"}
+MAX_FILE_BYTES = 1_000_000  # larger .py files are generated tables or data, not prose-like code
+
+
+def _py_files(root: Path) -> list[Path]:
+    files = [p for p in root.rglob("*.py") if not SKIP_DIRS & set(p.relative_to(root).parts)
+             and p.is_file() and p.stat().st_size <= MAX_FILE_BYTES]
     return sorted(files, key=lambda p: str(p.relative_to(root)))
+
+
+def _stdlib_files() -> list[Path]:
+    return _py_files(Path(sysconfig.get_paths()["stdlib"]))
+
+
+def _python_files() -> list[Path]:
+    """The stdlib, then every installed package's source (site-packages of the running interpreter):
+    a larger real corpus (hundreds of MB on a machine with torch), still with no download. Identical
+    files (vendored copies) are kept once."""
+    roots = [Path(sysconfig.get_paths()["stdlib"])]
+    roots += sorted({Path(sysconfig.get_paths()[k]) for k in ("purelib", "platlib")} - set(roots))
+    seen, files = set(), []
+    for root in roots:
+        if not root.is_dir():
+            continue
+        for f in _py_files(root):
+            digest = hashlib.sha1(f.read_bytes()).digest()
+            if digest not in seen:
+                seen.add(digest)
+                files.append(f)
+    return files
 
 
 def _user_files(path: str) -> list[Path]:
@@ -52,8 +77,10 @@ def read_documents(source: str, path: str | None, max_bytes: int) -> list[str]:
         files = _user_files(path)
     elif source == "stdlib":
         files = _stdlib_files()
+    elif source == "python":
+        files = _python_files()
     else:
-        raise ConfigError(f"data.source={source!r} is not 'stdlib' (or give data.path=)")
+        raise ConfigError(f"data.source={source!r} is not 'stdlib' or 'python' (or give data.path=)")
     docs, total = [], 0
     for f in files:
         raw = f.read_bytes().decode("utf-8", errors="replace")

@@ -40,7 +40,7 @@ from harness.pruning import pruning_callbacks
 from harness.upcycle import Recipe, resolve_moe_layers, upcycle
 
 log = logging.getLogger("upcycle")
-METHODS = ("upcycle", "dense")
+METHODS = ("upcycle", "dense", "pretrain")  # pretrain: only the (cached) dense base
 
 
 @dataclass
@@ -332,6 +332,15 @@ def run(cfg: DictConfig, spec: Spec, out_dir: Path) -> dict:
     parent_val = evaluate(dense, val_loader)
     res = {"method": spec.method, "moe": spec.moe.name, "routing": spec.moe.routing,
            "dense_parent_val_loss": parent_val, "data": spec.data.meta, "dense_base": base_meta["key"]}
+    if spec.method == "pretrain":  # the base's own record: its learning curve shows whether it plateaued
+        counts = dense_flops
+        res.update(status="complete", tokens=0, train_flops=0)  # an HF base: trained elsewhere
+        res.update({k: base_meta[k] for k in ("status", "steps", "tokens", "train_flops", "flops_per_token",
+                                              "fit_wall_s", "val_curve") if k in base_meta},
+                   init_val_loss=parent_val, val_loss=parent_val, params_total=counts.params_total,
+                   params_active=counts.params_active, wall_time_s=time.time() - t0)
+        res["best_val_loss"] = min([p["val_loss"] for p in res.get("val_curve", [])] + [parent_val])
+        return res
     torch.manual_seed(int(cfg.seed))
     if spec.method == "upcycle":
         model = upcycle(dense, spec.moe, spec.recipe)

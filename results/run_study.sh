@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# The study of results/README.md on one GPU, in two parts (each fits one ~30-minute H100 lease):
+#   bash results/run_study.sh A    # dense base; routing, granularity (+ iso-FLOP dense), weight scaling
+#   bash results/run_study.sh B    # dense base (same recipe); init, peak LR; Drop-Upcycling at 3x tokens
+# Each part pretrains its own dense base from the one recipe (+scale=study method=pretrain) and compares
+# runs only within the part. Sweeps run as parallel streams (a 50M model leaves the GPU mostly idle
+# between kernels). Outputs: $UPCYCLE_LOGS (default logs/study/<part>); then
+#   python -m analysis.study results/runs --out results
+set -uo pipefail
+part=${1:?usage: run_study.sh A|B}
+export UPCYCLE_LOGS=${UPCYCLE_LOGS:-logs/study/$part} UPCYCLE_CACHE=${UPCYCLE_CACHE:-.cache} PYTHONUNBUFFERED=1
+mkdir -p "$UPCYCLE_LOGS"
+S=(+scale=study trainer.enable_progress_bar=false print_config=false)
+say() { echo "[$(date -u +%FT%TZ)] $*" | tee -a "$UPCYCLE_LOGS/driver.log"; }
+job() {  # job TAG ARGS...: one run.py command, its output in TAG.out
+  local tag=$1; shift
+  say "start $tag: python run.py $*"
+  if python run.py "$@" >"$UPCYCLE_LOGS/$tag.out" 2>&1; then say "done $tag"; else say "FAILED $tag (see $tag.out)"; fi
+}
+say "part $part on $(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1), git $(git rev-parse --short HEAD 2>/dev/null)"
+job pretrain "${S[@]}" method=pretrain name=study_pretrain
+case $part in
+  A)
+    job routing -m "${S[@]}" +sweep=routing &
+    job granularity -m "${S[@]}" +sweep=granularity moe=E8G1T1,E32G4T4,E64G8T8 &  # E8G1T2: the routing sweep's
+    job scaling -m "${S[@]}" +sweep=weight_scaling upcycle.weight_scaling=none iso_flop_baseline=false &
+    wait ;;
+  B)
+    job lr -m "${S[@]}" +sweep=lr iso_flop_baseline=false &
+    { job init -m "${S[@]}" +sweep=init iso_flop_baseline=false
+      job drop_long -m "${S[@]}" +sweep=init init=copy,drop_upcycling seed=0 train.tokens=24000000 \
+        name=sweep_init_long iso_flop_baseline=false; } &
+    wait ;;
+  *) echo "part must be A or B" >&2; exit 2 ;;
+esac
+say "part $part finished"
