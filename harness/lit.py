@@ -163,12 +163,14 @@ def _clean(name: str) -> str:
 
 @torch.no_grad()
 def evaluate(model: Decoder, loader, device: torch.device | str = "cpu") -> float:
-    """Mean LM loss over a loader (plain torch: used for the before/after numbers in results.json)."""
-    was_training = model.training
-    model.eval()
+    """Mean LM loss over a loader (plain torch, fp32: the before/after numbers in results.json), on
+    ``device``; the model goes back to where it was."""
+    was_training, home = model.training, next(model.parameters()).device
+    model.eval().to(device)
     total, n = 0.0, 0
-    for x, y in loader:
-        total += model(x.to(device), y.to(device)).loss.item()
-        n += 1
-    model.train(was_training)
+    with torch.no_grad():
+        for x, y in loader:
+            total += model(x.to(device), y.to(device)).loss.item()
+            n += 1
+    model.train(was_training).to(home)
     return total / max(n, 1)

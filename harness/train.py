@@ -167,14 +167,10 @@ def fit(model: Decoder, spec: Spec, cfg: DictConfig, out_dir: Path, steps: int, 
     evaluate it here on the full validation set."""
     if launch.needs_launch(cfg.trainer):
         res = launch.fit_in_workers(model, spec.optim, cfg, out_dir, steps, csv_only, _sweeper_pruner_node())
-        on_gpu = cfg.trainer.get("accelerator") in ("gpu", "cuda") and torch.cuda.is_available()
-        device = torch.device("cuda" if on_gpu else "cpu")
-        model.to(device)
     else:
         res, _ = train_here(model, spec, cfg, out_dir, steps, csv_only, extra_callbacks=pruning_callbacks(cfg))
-        device = next(model.parameters()).device
     done = res["status"] == "complete"
-    val = evaluate(model, spec.data.val_dataloader(), device) if done else float("nan")
+    val = evaluate(model, spec.data.val_dataloader(), eval_device(cfg)) if done else float("nan")
     model.to("cpu")
     tokens = steps * spec.data.batch_size * spec.data.seq_len
     points = res.pop("val_points") + ([{"step": steps, "tokens": tokens, "flops": tokens * res["flops_per_token"],
@@ -237,6 +233,13 @@ def _sweeper_pruner_node() -> dict | None:
         return None
     node = HydraConfig.get().sweeper.get("pruner")
     return OmegaConf.to_container(node, resolve=True) if node else None
+
+
+def eval_device(cfg: DictConfig) -> torch.device:
+    """Where results.json's losses are computed: the trainer's GPU when it has one (Lightning hands the
+    model back on the CPU after fit, where a 50M model's full validation took minutes)."""
+    on_gpu = cfg.trainer.get("accelerator") in ("gpu", "cuda") and torch.cuda.is_available()
+    return torch.device("cuda" if on_gpu else "cpu")
 
 
 def _compile_enabled(cfg: DictConfig) -> bool:
@@ -329,7 +332,7 @@ def run(cfg: DictConfig, spec: Spec, out_dir: Path) -> dict:
     moe_tokens = _steps(cfg.train.tokens, spec) * spec.data.batch_size * spec.data.seq_len
     iso_tokens = flops.iso_flop_tokens(moe_tokens, moe_flops.train_per_token, dense_flops.train_per_token)
     val_loader = spec.data.val_dataloader()
-    parent_val = evaluate(dense, val_loader)
+    parent_val = evaluate(dense, val_loader, eval_device(cfg))
     res = {"method": spec.method, "moe": spec.moe.name, "routing": spec.moe.routing,
            "dense_parent_val_loss": parent_val, "data": spec.data.meta, "dense_base": base_meta["key"]}
     if spec.method == "pretrain":  # the base's own record: its learning curve shows whether it plateaued
@@ -344,7 +347,7 @@ def run(cfg: DictConfig, spec: Spec, out_dir: Path) -> dict:
     torch.manual_seed(int(cfg.seed))
     if spec.method == "upcycle":
         model = upcycle(dense, spec.moe, spec.recipe)
-        res["init_val_loss"] = evaluate(model, val_loader)
+        res["init_val_loss"] = evaluate(model, val_loader, eval_device(cfg))
         counts = moe_flops
         steps = _steps(cfg.train.tokens, spec)
     else:  # dense continuation at the iso-FLOP budget of cfg.moe

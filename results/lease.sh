@@ -27,7 +27,7 @@ for f in sorted(list(Path(".cache/dense").glob("*/csv/version_*/metrics.csv")) +
 PY
 }
 while (( $(date +%s) - t0 < budget )); do
-  sleep 30
+  sleep 20
   echo "--- $(( $(date +%s) - t0 )) s"; tail -n 3 "$UPCYCLE_LOGS/driver.log" 2>/dev/null; progress
   grep -q "finished" "$UPCYCLE_LOGS/driver.log" 2>/dev/null && break
 done

@@ -22,13 +22,16 @@ job pretrain "${S[@]}" method=pretrain name=study_pretrain
 case $part in
   A)
     job routing -m "${S[@]}" +sweep=routing &
-    job granularity -m "${S[@]}" +sweep=granularity moe=E8G1T1,E32G4T4,E64G8T8 &  # E8G1T2: the routing sweep's
+    # E8G1T2 of the granularity grid is the routing sweep's softmax_topk run (at G=1 virtual groups = copy)
+    job granularity -m "${S[@]}" +sweep=granularity moe=E8G1T1,E32G4T4 &
+    job granularity64 -m "${S[@]}" +sweep=granularity moe=E64G8T8 &
     job scaling -m "${S[@]}" +sweep=weight_scaling upcycle.weight_scaling=none iso_flop_baseline=false &
     wait ;;
   B)
     job lr -m "${S[@]}" +sweep=lr iso_flop_baseline=false &
-    { job init -m "${S[@]}" +sweep=init iso_flop_baseline=false
-      job drop_long -m "${S[@]}" +sweep=init init=copy,drop_upcycling seed=0 train.tokens=24000000 \
+    job init -m "${S[@]}" +sweep=init init=copy,virtual_group iso_flop_baseline=false &
+    { job init_drop -m "${S[@]}" +sweep=init init=drop_upcycling iso_flop_baseline=false
+      job drop_long -m "${S[@]}" +sweep=init init=copy,drop_upcycling seed=0 train.tokens=18000000 \
         name=sweep_init_long iso_flop_baseline=false; } &
     wait ;;
   *) echo "part must be A or B" >&2; exit 2 ;;
