@@ -8,7 +8,7 @@
 #   python -m analysis.study results/runs --out results
 set -uo pipefail
 part=${1:?usage: run_study.sh A|B}
-export UPCYCLE_LOGS=${UPCYCLE_LOGS:-logs/study/$part} UPCYCLE_CACHE=${UPCYCLE_CACHE:-.cache} PYTHONUNBUFFERED=1
+export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True UPCYCLE_LOGS=${UPCYCLE_LOGS:-logs/study/$part} UPCYCLE_CACHE=${UPCYCLE_CACHE:-.cache} PYTHONUNBUFFERED=1
 mkdir -p "$UPCYCLE_LOGS"
 S=(+scale=study trainer.enable_progress_bar=false print_config=false)
 say() { echo "[$(date -u +%FT%TZ)] $*" | tee -a "$UPCYCLE_LOGS/driver.log"; }
@@ -30,9 +30,7 @@ case $part in
   B)
     job lr -m "${S[@]}" +sweep=lr iso_flop_baseline=false &
     job init -m "${S[@]}" +sweep=init init=copy,virtual_group iso_flop_baseline=false &
-    { job init_drop -m "${S[@]}" +sweep=init init=drop_upcycling iso_flop_baseline=false
-      job drop_long -m "${S[@]}" +sweep=init init=copy,drop_upcycling seed=0 train.tokens=18000000 \
-        name=sweep_init_long iso_flop_baseline=false; } &
+    job init_drop -m "${S[@]}" +sweep=init init=drop_upcycling iso_flop_baseline=false &
     wait ;;
   *) echo "part must be A or B" >&2; exit 2 ;;
 esac
