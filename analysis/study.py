@@ -1,0 +1,166 @@
+"""The study's findings table (results/README.md) and every sweep's table and plots, from committed runs:
+
+    python -m analysis.study results/runs --out results
+
+Each finding of arXiv 2410.07524 / 2502.19261 is a comparison of two variants *on the same dense base*
+(one study part, results/runs/<part>), paired by seed; the row gives both means, the seed spread and a
+verdict from a fixed rule (below), so regenerating gives the same words as well as the same numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from pathlib import Path
+
+import pandas as pd
+
+from analysis.collect import collect
+from analysis.report import report
+
+# selection of the variant rows, by collect()'s columns; base recipe: E8G1T2, softmax_topk, paper scaling, lr 1e-3
+BASE = {"method": "upcycle", "drop_ratio": 0.0, "weight_scaling": "paper", "lr": 1e-3, "routing": "softmax_topk"}
+FINE = {**BASE, "router_init": "virtual_group"}
+
+# (finding, what the paper reports, favoured variant, other variant); a variant is (label, selection)
+FINDINGS = [
+    ("softmax->topK beats topK->softmax", "softmax_topk lower loss (2410.07524)",
+     ("softmax_topk", {**BASE, "moe": "E8G1T2"}), ("topk_softmax", {**BASE, "moe": "E8G1T2", "routing": "topk_softmax"})),
+    ("upcycling beats iso-FLOP dense continuation (E8G1T2)", "MoE lower loss at equal training FLOPs",
+     ("MoE E8G1T2", {**BASE, "moe": "E8G1T2"}), ("dense iso-FLOP", "dense_iso")),
+    ("upcycling beats iso-FLOP dense continuation (E64G8T8)", "MoE lower loss at equal training FLOPs",
+     ("MoE E64G8T8", {**FINE, "moe": "E64G8T8"}), ("dense iso-FLOP", "dense_iso")),
+    ("higher granularity helps (G=8 vs G=1, equal active FLOPs)", "E64G8T8 lower loss than E8G1T1",
+     ("E64G8T8", {**FINE, "moe": "E64G8T8"}), ("E8G1T1", {**FINE, "moe": "E8G1T1"})),
+    ("higher granularity helps (G=4 vs G=1, equal active FLOPs)", "E32G4T4 lower loss than E8G1T1",
+     ("E32G4T4", {**FINE, "moe": "E32G4T4"}), ("E8G1T1", {**FINE, "moe": "E8G1T1"})),
+    ("weight scaling lowers loss ~1.5% (E64G8T8)", "~1.5% lower loss with scaling",
+     ("scaling=paper", {**FINE, "moe": "E64G8T8"}), ("scaling=none", {**FINE, "moe": "E64G8T8", "weight_scaling": "none"})),
+    ("Drop-Upcycling (r=0.5) helps with longer training (E32G4T4)", "lower loss than copy, growing with tokens",
+     ("drop r=0.5", {**BASE, "moe": "E32G4T4", "drop_ratio": 0.5, "router_init": "random"}),
+     ("copy", {**BASE, "moe": "E32G4T4", "router_init": "random"})),
+]
+
+
+def _select(df: pd.DataFrame, sel: dict) -> pd.DataFrame:
+    rows = df[(df.status == "complete")]
+    for key, value in sel.items():
+        col = rows[key]
+        rows = rows[(col - value).abs() < 1e-12] if isinstance(value, float) else rows[col == value]
+    return rows
+
+
+def _side(df: pd.DataFrame, sel, favoured: pd.DataFrame) -> pd.Series:
+    """Final val loss by (part, seed)."""
+    if sel == "dense_iso":  # the iso-FLOP dense continuation of the favoured run, same seed and base
+        return favoured.set_index(["part", "seed"]).dense_iso_val_loss.dropna()
+    return _select(df, sel).set_index(["part", "seed"]).val_loss
+
+
+def verdict(diffs: pd.Series) -> str:
+    """diffs = other - favoured, one per seed (positive: the paper's direction). Rule: 'agrees' when the
+    mean paired difference is more than 2 standard errors above 0, 'disagrees' when more than 2 below,
+    else 'within noise'; one seed cannot give a standard error ('1 seed: ...')."""
+    n = len(diffs)
+    if n == 0:
+        return "not run"
+    mean = diffs.mean()
+    if n == 1:
+        return "1 seed: " + ("same direction" if mean > 0 else "opposite direction")
+    se = diffs.std(ddof=1) / math.sqrt(n)
+    if mean > 2 * se:
+        return "agrees"
+    if mean < -2 * se:
+        return "disagrees"
+    return "within noise"
+
+
+def findings(df: pd.DataFrame) -> pd.DataFrame:
+    out = []
+    for name, claim, (fav_label, fav_sel), (oth_label, oth_sel) in FINDINGS:
+        fav_rows = _select(df, fav_sel)
+        fav = fav_rows.set_index(["part", "seed"]).val_loss
+        oth = _side(df, oth_sel, fav_rows)
+        both = fav.index.intersection(oth.index)
+        diffs = (oth[both] - fav[both]).sort_index()
+        parts = sorted({p for p, _ in both})
+        out.append({
+            "finding": name, "paper": claim, "favoured": fav_label, "other": oth_label,
+            "part": ",".join(parts) or "-", "seeds": len(both),
+            "favoured_loss": fav[both].mean() if len(both) else float("nan"),
+            "favoured_std": fav[both].std(ddof=1) if len(both) > 1 else float("nan"),
+            "other_loss": oth[both].mean() if len(both) else float("nan"),
+            "other_std": oth[both].std(ddof=1) if len(both) > 1 else float("nan"),
+            "delta_pct": 100 * (diffs / oth[both]).mean() if len(both) else float("nan"),
+            "diff_min": diffs.min() if len(both) else float("nan"),
+            "diff_max": diffs.max() if len(both) else float("nan"),
+            "verdict": verdict(diffs),
+        })
+    return pd.DataFrame(out)
+
+
+def _fmt(x: float, std: float = float("nan")) -> str:
+    if x != x:
+        return "-"
+    return f"{x:.4f}" + ("" if std != std else f" ± {std:.4f}")
+
+
+def findings_markdown(f: pd.DataFrame) -> str:
+    head = ("| finding | paper | ours: favoured | ours: other | Δ (other−fav)/other | paired diff range | seeds | base | verdict |\n"
+            "|---|---|---|---|---|---|---|---|---|\n")
+    rows = [f"| {r.finding} | {r.paper} | {r.favoured}: {_fmt(r.favoured_loss, r.favoured_std)} | "
+            f"{r.other}: {_fmt(r.other_loss, r.other_std)} | "
+            f"{'-' if r.delta_pct != r.delta_pct else f'{r.delta_pct:+.2f}%'} | "
+            f"{'-' if r.diff_min != r.diff_min else f'{r.diff_min:+.4f} .. {r.diff_max:+.4f}'} | {r.seeds} | {r.part} | "
+            f"**{r.verdict}** |" for r in f.itertuples()]
+    return head + "\n".join(rows) + "\n"
+
+
+def pretrain_markdown(df: pd.DataFrame, roots: list[Path]) -> str:
+    """The dense base of each part: final val loss and how much the last 10% of pretraining still gained."""
+    import json
+
+    lines = ["| base | tokens | params | val loss | val loss 10% of tokens earlier | gain over last 10% |",
+             "|---|---|---|---|---|---|"]
+    for res_path in sorted(p for root in roots for p in root.glob("*/runs/study_pretrain/results.json")):
+        res = json.loads(res_path.read_text())
+        curve = res["val_curve"]
+        cut = [p for p in curve if p["tokens"] <= 0.9 * res["tokens"]][-1]
+        gain = 100 * (cut["val_loss"] - res["val_loss"]) / cut["val_loss"]
+        lines.append(f"| {res_path.parts[-4]} | {res['tokens']:,} | {res['params_total']:,} | {res['val_loss']:.4f} | "
+                     f"{cut['val_loss']:.4f} | {gain:.2f}% |")
+    return "\n".join(lines) + "\n"
+
+
+def study(roots: list[str], out: str | Path) -> dict[str, Path]:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    df = collect(*roots)
+    df = df[df.method != "pretrain"].copy()
+    df["part"] = [Path(d).relative_to(next(Path(r) for r in roots if d.startswith(str(Path(r))))).parts[0]
+                  for d in df.run_dir]
+    f = findings(df)
+    files = {"findings_md": out / "findings.md", "findings_csv": out / "findings.csv",
+             "pretrain_md": out / "pretrain.md"}
+    f.to_csv(files["findings_csv"], index=False, float_format="%.6f")
+    files["findings_md"].write_text(findings_markdown(f))
+    files["pretrain_md"].write_text(pretrain_markdown(df, [Path(r) for r in roots]))
+    for sweep in sorted({Path(d).parent for d in df.run_dir if Path(d).parent.parent.name == "multirun"}):
+        part = sweep.parent.parent.name
+        for key, path in report([str(sweep)], out / "tables" / f"{part}_{sweep.name}").items():
+            files[f"{part}_{sweep.name}_{key}"] = path
+    return files
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("roots", nargs="+", help="study folders (results/runs)")
+    ap.add_argument("--out", default="results")
+    args = ap.parse_args()
+    files = study(args.roots, args.out)
+    print(files["findings_md"].read_text())
+    print("wrote", len(files), "files under", args.out)
+
+
+if __name__ == "__main__":
+    main()
