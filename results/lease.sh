@@ -32,5 +32,5 @@ while (( $(date +%s) - t0 < budget )); do
   grep -q "finished" "$UPCYCLE_LOGS/driver.log" 2>/dev/null && break
 done
 cp .cache/data/*/meta.json "$UPCYCLE_LOGS/corpus_meta.json" 2>/dev/null
-tar czf "$OUT/study_$part.tgz" --exclude='*.pt' --exclude='*.ckpt' --exclude='launch' -C logs/study "$part"
+tar czf "$OUT/study_$part.tgz" --exclude='*.pt' --exclude='*.ckpt' --exclude='launch' --exclude='*.wandb' -C logs/study "$part"
 ls -la "$OUT"; grep -c '"status": "complete"' $(find "$UPCYCLE_LOGS" -name results.json) 2>/dev/null | tail -n 40

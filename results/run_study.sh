@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The study of results/README.md on one GPU, in two parts (each fits one ~30-minute H100 lease):
 #   bash results/run_study.sh A    # dense base; routing, granularity (+ iso-FLOP dense), weight scaling
-#   bash results/run_study.sh B    # dense base (same recipe); init, peak LR; Drop-Upcycling at 3x tokens
+#   bash results/run_study.sh B    # dense base (same recipe); init (copy, virtual group, Drop-Upcycling),
+#                                  # peak LR (+ iso-FLOP dense at the lowest), granularity G=1 vs G=4
 # Each part pretrains its own dense base from the one recipe (+scale=study method=pretrain) and compares
 # runs only within the part. Sweeps run as parallel streams (a 50M model leaves the GPU mostly idle
 # between kernels). Outputs: $UPCYCLE_LOGS (default logs/study/<part>); then
@@ -28,9 +29,15 @@ case $part in
     job scaling -m "${S[@]}" +sweep=weight_scaling upcycle.weight_scaling=none iso_flop_baseline=false &
     wait ;;
   B)
-    job lr -m "${S[@]}" +sweep=lr iso_flop_baseline=false &
-    job init -m "${S[@]}" +sweep=init init=copy,virtual_group iso_flop_baseline=false &
-    job init_drop -m "${S[@]}" +sweep=init init=drop_upcycling iso_flop_baseline=false &
+    # six streams; micro-batches of 32 (2 accumulated per step of 64) keep each under ~12 GiB so all six fit
+    M=(data.micro_batch_size=32)
+    job lr_low -m "${S[@]}" "${M[@]}" +sweep=lr optim.lr=3e-4 &   # with its iso-FLOP dense continuation
+    job lr -m "${S[@]}" "${M[@]}" +sweep=lr optim.lr=1e-3,3e-3 iso_flop_baseline=false &
+    job init_copy -m "${S[@]}" "${M[@]}" +sweep=init init=copy iso_flop_baseline=false &
+    job init_vg -m "${S[@]}" "${M[@]}" +sweep=init init=virtual_group iso_flop_baseline=false &
+    job init_drop -m "${S[@]}" "${M[@]}" +sweep=init init=drop_upcycling iso_flop_baseline=false &
+    # G=1 at the active FLOPs of E32G4T4 (init_vg's runs): the granularity pair on this base, 3 seeds
+    job granularity -m "${S[@]}" "${M[@]}" +sweep=granularity moe=E8G1T1 iso_flop_baseline=false &
     wait ;;
   *) echo "part must be A or B" >&2; exit 2 ;;
 esac
