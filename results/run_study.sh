@@ -3,12 +3,13 @@
 #   bash results/run_study.sh A    # dense base; routing, granularity (+ iso-FLOP dense), weight scaling
 #   bash results/run_study.sh B    # dense base (same recipe); init (copy, virtual group, Drop-Upcycling),
 #                                  # peak LR (+ iso-FLOP dense at the lowest), granularity G=1 vs G=4
+#   bash results/run_study.sh C    # dense base (same recipe); 30M-token E8G1T2 copy vs Drop-Upcycling + iso dense
 # Each part pretrains its own dense base from the one recipe (+scale=study method=pretrain) and compares
 # runs only within the part. Sweeps run as parallel streams (a 50M model leaves the GPU mostly idle
 # between kernels). Outputs: $UPCYCLE_LOGS (default logs/study/<part>); then
 #   python -m analysis.study results/runs --out results
 set -uo pipefail
-part=${1:?usage: run_study.sh A|B}
+part=${1:?usage: run_study.sh A|B|C}
 export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True UPCYCLE_LOGS=${UPCYCLE_LOGS:-logs/study/$part} UPCYCLE_CACHE=${UPCYCLE_CACHE:-.cache} PYTHONUNBUFFERED=1
 mkdir -p "$UPCYCLE_LOGS"
 S=(+scale=study trainer.enable_progress_bar=false print_config=false)
@@ -39,6 +40,14 @@ case $part in
     # G=1 at the active FLOPs of E32G4T4 (init_vg's runs): the granularity pair on this base, 3 seeds
     job granularity -m "${S[@]}" "${M[@]}" +sweep=granularity moe=E8G1T1 iso_flop_baseline=false &
     wait ;;
-  *) echo "part must be A or B" >&2; exit 2 ;;
+  C)
+    # longer continuation: E8G1T2 copy vs Drop-Upcycling at 30M tokens, LR 3e-4, with iso-FLOP dense (one stream
+    # per run; a seed's copy and drop runs share one cached dense continuation)
+    M=(data.micro_batch_size=32)
+    for seed in 0 1; do for init in copy drop_upcycling; do
+      job "long_${init}_s$seed" -m "${S[@]}" "${M[@]}" +sweep=long init=$init seed=$seed &
+    done; done
+    wait ;;
+  *) echo "part must be A, B or C" >&2; exit 2 ;;
 esac
 say "part $part finished"
