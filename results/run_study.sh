@@ -3,7 +3,7 @@
 #   bash results/run_study.sh A    # dense base; routing, granularity (+ iso-FLOP dense), weight scaling
 #   bash results/run_study.sh B    # dense base (same recipe); init (copy, virtual group, Drop-Upcycling),
 #                                  # peak LR (+ iso-FLOP dense at the lowest), granularity G=1 vs G=4
-#   bash results/run_study.sh C    # dense base (same recipe); 30M-token E8G1T2 copy vs Drop-Upcycling + iso dense
+#   bash results/run_study.sh C    # dense base (same recipe); 20M-token E8G1T2 copy vs Drop-Upcycling + iso dense
 # Each part pretrains its own dense base from the one recipe (+scale=study method=pretrain) and compares
 # runs only within the part. Sweeps run as parallel streams (a 50M model leaves the GPU mostly idle
 # between kernels). Outputs: $UPCYCLE_LOGS (default logs/study/<part>); then
@@ -41,7 +41,7 @@ case $part in
     job granularity -m "${S[@]}" "${M[@]}" +sweep=granularity moe=E8G1T1 iso_flop_baseline=false &
     wait ;;
   C)
-    # longer continuation: E8G1T2 copy vs Drop-Upcycling at 30M tokens, LR 3e-4, with iso-FLOP dense (one stream
+    # longer continuation: E8G1T2 copy vs Drop-Upcycling at 20M tokens, LR 3e-4, with iso-FLOP dense (one stream
     # per run; a seed's copy and drop runs share one cached dense continuation)
     M=(data.micro_batch_size=32)
     for seed in 0 1; do for init in copy drop_upcycling; do
