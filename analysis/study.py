@@ -1,6 +1,6 @@
 """The study's findings table (results/README.md) and every sweep's table and plots, from committed runs:
 
-    python -m analysis.study results/runs --out results
+    python -m analysis.study results/runs --partial results/partial --out results
 
 Each finding of arXiv 2410.07524 / 2502.19261 is a comparison of two variants *on the same dense base*
 (one study part, results/runs/<part>), paired by seed; the row gives both means, the seed spread and a
@@ -10,6 +10,7 @@ verdict from a fixed rule (below), so regenerating gives the same words as well 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 from pathlib import Path
 
@@ -36,6 +37,10 @@ FINDINGS = [
      ("E32G4T4", {**FINE, "moe": "E32G4T4"}), ("E8G1T1", {**FINE, "moe": "E8G1T1"})),
     ("weight scaling lowers loss ~1.5% (E64G8T8)", "~1.5% lower loss with scaling",
      ("scaling=paper", {**FINE, "moe": "E64G8T8"}), ("scaling=none", {**FINE, "moe": "E64G8T8", "weight_scaling": "none"})),
+    ("upcycling beats iso-FLOP dense continuation (E8G1T2, peak LR 3e-4)", "MoE lower loss at equal training FLOPs",
+     ("MoE E8G1T2 lr 3e-4", {**BASE, "moe": "E8G1T2", "lr": 3e-4}), ("dense iso-FLOP", "dense_iso")),
+    ("virtual-group router init beats copy init (E32G4T4)", "virtual groups lower loss for G > 1 (2410.07524)",
+     ("virtual_group", {**FINE, "moe": "E32G4T4"}), ("copy", {**BASE, "moe": "E32G4T4", "router_init": "random"})),
     ("Drop-Upcycling (r=0.5) helps with longer training (E32G4T4)", "lower loss than copy, growing with tokens",
      ("drop r=0.5", {**BASE, "moe": "E32G4T4", "drop_ratio": 0.5, "router_init": "random"}),
      ("copy", {**BASE, "moe": "E32G4T4", "router_init": "random"})),
@@ -118,8 +123,6 @@ def findings_markdown(f: pd.DataFrame) -> str:
 
 def pretrain_markdown(df: pd.DataFrame, roots: list[Path]) -> str:
     """The dense base of each part: final val loss and how much the last 10% of pretraining still gained."""
-    import json
-
     lines = ["| base | tokens | params | val loss | val loss 10% of tokens earlier | gain over last 10% |",
              "|---|---|---|---|---|---|"]
     for res_path in sorted(p for root in roots for p in root.glob("*/runs/study_pretrain/results.json")):
@@ -132,7 +135,41 @@ def pretrain_markdown(df: pd.DataFrame, roots: list[Path]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def study(roots: list[str], out: str | Path) -> dict[str, Path]:
+def partial_markdown(root: Path) -> str:
+    """Runs a lease cut off before they finished (no results.json): their validation curves as far as they
+    went, read from each run's metrics.csv, and the drop - copy gap per seed at each evaluation."""
+    import yaml
+
+    lines = []
+    for part in sorted(d for d in root.iterdir() if d.is_dir()):
+        base = json.loads((part / "runs/study_pretrain/results.json").read_text())
+        curves = {}
+        for run in sorted((part / "multirun").glob("*/*/")):
+            cfg = yaml.safe_load((run / "config_resolved.yaml").read_text())
+            per_step = cfg["data"]["batch_size"] * cfg["data"]["seq_len"]
+            planned = math.ceil(cfg["train"]["tokens"] / per_step)
+            vals = pd.read_csv(run / "metrics.csv").dropna(subset=["val/loss"])
+            curves[(cfg["upcycle"]["drop_ratio"], cfg["seed"])] = (planned, dict(zip(vals.step, vals["val/loss"])),
+                                                                   cfg["train"]["tokens"], cfg["optim"]["lr"], per_step)
+        steps = sorted({s for _, c, *_ in curves.values() for s in c})
+        planned, _, tokens, lr, per_step = next(iter(curves.values()))
+        lines += [f"### {part.name}: E8G1T2, {tokens / 1e6:g}M-token schedule ({planned} steps), peak LR {lr:g}, "
+                  f"base val loss {base['val_loss']:.4f}", "",
+                  "| run | " + " | ".join(f"step {s + 1} ({(s + 1) * per_step / 1e6:.1f}M tok)" for s in steps) + " |",
+                  "|---|" + "---|" * len(steps)]
+        for (drop, seed), (_, c, *_) in sorted(curves.items()):
+            label = f"{'drop r=' + format(drop, 'g') if drop else 'copy'} seed {seed}"
+            lines.append(f"| {label} | " + " | ".join(f"{c[s]:.4f}" if s in c else "-" for s in steps) + " |")
+        seeds = sorted({seed for _, seed in curves})
+        gaps = [[curves[(d, seed)][1].get(s) for seed in seeds for d in (0.5, 0.0)] for s in steps]
+        lines.append("| drop − copy (per seed) | " + " | ".join(
+            ", ".join(f"{g[i] - g[i + 1]:+.4f}" for i in range(0, len(g), 2) if None not in g[i:i + 2]) or "-"
+            for g in gaps) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def study(roots: list[str], out: str | Path, partial: str | Path | None = None) -> dict[str, Path]:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     df = collect(*roots)
@@ -145,6 +182,9 @@ def study(roots: list[str], out: str | Path) -> dict[str, Path]:
     f.to_csv(files["findings_csv"], index=False, float_format="%.6f")
     files["findings_md"].write_text(findings_markdown(f))
     files["pretrain_md"].write_text(pretrain_markdown(df, [Path(r) for r in roots]))
+    if partial is not None:
+        files["partial_md"] = out / "partial.md"
+        files["partial_md"].write_text(partial_markdown(Path(partial)))
     for sweep in sorted({Path(d).parent for d in df.run_dir if Path(d).parent.parent.name == "multirun"}):
         part = sweep.parent.parent.name
         for key, path in report([str(sweep)], out / "tables" / f"{part}_{sweep.name}").items():
@@ -155,9 +195,10 @@ def study(roots: list[str], out: str | Path) -> dict[str, Path]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("roots", nargs="+", help="study folders (results/runs)")
+    ap.add_argument("--partial", default=None, help="runs cut off before the end (results/partial): curves only")
     ap.add_argument("--out", default="results")
     args = ap.parse_args()
-    files = study(args.roots, args.out)
+    files = study(args.roots, args.out, args.partial)
     print(files["findings_md"].read_text())
     print("wrote", len(files), "files under", args.out)
 
