@@ -43,7 +43,7 @@ def _rows(table: pd.DataFrame, by: list[str], bold) -> tuple[list[str], list[lis
         loss = _pm(r.val_loss, r.val_loss_std)
         rows.append([str(r[a]) for a in by] + [bold(loss) if r.val_loss == best else loss,
                      _pm(r.dense_iso_val_loss, r.dense_iso_std), _pm(r.init_val_loss, float("nan")),
-                     str(r.seeds), str(r.failed)])
+                     str(int(r.seeds)), str(int(r.failed))])  # iterrows upcasts an all-numeric row to float
     return header, rows
 
 

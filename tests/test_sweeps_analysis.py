@@ -84,3 +84,17 @@ def _execute_notebook(runs: Path, out: Path, monkeypatch) -> None:
     table = pd.read_csv(out / "notebook_iso_flop.csv")
     assert set(table.routing) == {"softmax_topk", "topk_softmax"} and (table.seeds == 2).all()
     assert (out / "notebook_iso_flop.png").stat().st_size > 10_000
+
+
+def test_table_counts_stay_integers_when_every_axis_is_numeric():
+    """An LR sweep's rows are all numbers; pandas then hands each row back as floats ('3.0 seeds')."""
+    import pandas as pd
+
+    from analysis.tables import summarize, to_markdown
+
+    df = pd.DataFrame({"lr": [3e-4] * 3 + [1e-3] * 3, "seed": [0, 1, 2] * 2, "status": ["complete"] * 5 + ["failed"],
+                       "val_loss": [1.82, 1.83, 1.81, 1.9, 1.91, float("nan")], "init_val_loss": [2.0] * 6,
+                       "dense_iso_val_loss": [float("nan")] * 6, "train_flops": [1e15] * 6})
+    md = to_markdown(summarize(df, ["lr"]), ["lr"])
+    assert "| 0.0003 | **1.8200 ± 0.0100** | — | 2.0000 | 3 | 0 |" in md
+    assert "| 0.001 | 1.9050 ± 0.0071 | — | 2.0000 | 2 | 1 |" in md
