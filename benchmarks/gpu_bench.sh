@@ -1,22 +1,26 @@
 #!/usr/bin/env bash
-# The GPU figures of benchmarks/RESULTS.md in one go (one H100): MoE layer, then full train steps.
-#   bash benchmarks/gpu_bench.sh $OUT      # writes moe_layer.txt/json and train_step.jsonl under $OUT
+# The GPU figures of benchmarks/RESULTS.md (one H100): the MoE layer, then full train steps.
+#   bash benchmarks/gpu_bench.sh $OUT [part]   part: layer | step | all (default)
+# writes moe_layer.txt/json and train_step.jsonl under $OUT
 set -u
-out=${1:-bench_out}; mkdir -p "$out"; export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
-timeout 240 python3 benchmarks/moe_layer.py --profile --json "$out/moe_layer.json" 2>&1 | tee "$out/moe_layer.txt" | grep -v "^-\|^ " | tail -20
-ts() { timeout 150 python3 benchmarks/train_step.py --json "$out/train_step.jsonl" "$@" 2>>"$out/train_step.err" | tail -1; }
-ts --model medium350m --moe none
-ts --model medium350m --moe E8G1T2
-ts --model medium350m --moe none --compile
-ts --model medium350m --moe E8G1T2 --compile
-ts --model large1b --moe none --batch 4 --compile
-ts --model large1b --moe E8G1T2 --moe-layers every_4 --batch 4 --compile --ckpt
-python3 - "$out/train_step.jsonl" <<'PY'
+out=${1:-bench_out}; part=${2:-all}; mkdir -p "$out"; export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+if [[ $part == all || $part == layer ]]; then
+  timeout 420 python3 benchmarks/moe_layer.py --profile --json "$out/moe_layer.json" 2>&1 | tee "$out/moe_layer.txt" | grep -v "^-\|^ \|^Self\|^Name\|^=" | tail -8
+fi
+if [[ $part == all || $part == step ]]; then
+  ts() { timeout 150 python3 benchmarks/train_step.py --json "$out/train_step.jsonl" "$@" 2>>"$out/train_step.err" | tail -1 >/dev/null; }
+  ts --model large1b --moe none --batch 4 --compile
+  ts --model large1b --moe E8G1T2 --moe-layers every_4 --batch 4 --compile
+  ts --model large1b --moe E8G1T2 --moe-layers every_4 --batch 4 --compile --ckpt
+  ts --model medium350m --moe none --compile
+  ts --model medium350m --moe E8G1T2 --compile
+  python3 - "$out/train_step.jsonl" <<'PY'
 import json, sys
-print(f"{'model':11} {'moe':7} {'layers':8} {'comp':4} {'ckpt':4} {'total':>7} {'active':>7} {'tok/s':>8} {'MFU808':>6} {'MFU989':>6} {'GiB':>5}")
+print(f"{'model':11} {'moe':7} {'layers':8} {'comp':4} {'ckpt':4} {'batch':>5} {'total':>7} {'active':>7} {'tok/s':>8} {'MFU808':>6} {'MFU989':>6} {'GiB':>5}")
 for line in open(sys.argv[1]):
     r = json.loads(line)
-    print(f"{r['model']:11} {r['moe']:7} {r['moe_layers']:8} {str(r['compile'])[0]:4} {str(r['ckpt'])[0]:4} "
+    print(f"{r['model']:11} {r['moe']:7} {r['moe_layers']:8} {str(r['compile'])[0]:4} {str(r['ckpt'])[0]:4} {r['batch']:5} "
           f"{r['params_total']/1e9:6.2f}B {r['params_active']/1e9:6.2f}B {r['tokens_per_s']:8.0f} "
           f"{r['mfu_808']:6.1%} {r['mfu_989']:6.1%} {r['peak_mem_gib']:5.1f}")
 PY
+fi

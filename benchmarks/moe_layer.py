@@ -56,6 +56,7 @@ def main():
     ap.add_argument("--profile", action="store_true", help="print the top CUDA kernels of the compiled MoE step")
     args = ap.parse_args()
     dev, dt = "cuda", torch.bfloat16
+    torch._dynamo.config.recompile_limit = 64  # one layer is recompiled per shape, dtype and router mode
     rows = []
     for e, g, t in [(8, 1, 2), (64, 8, 8)]:
         torch.manual_seed(0)
@@ -90,21 +91,45 @@ def main():
         t_grouped_c = bench(lambda: step(moe_c))
         if args.profile:
             profile(lambda: step(moe_c), f"E{e}G{g}T{t} compiled")
+        # the v3 router (both operands cast to fp32) for comparison, compiled
+        moe.cfg.router_precision = "fp32"
+        moe_c32 = torch.compile(moe)
+        t_fp32_router_c = bench(lambda: step(moe_c32))
+        moe.cfg.router_precision = "mixed"
+        # as training runs it: fp32 master weights and fp32 residual stream under bf16 autocast, compiled
+        dense32, moe32 = dense.float(), moe.float()
+        x32 = x.detach().float().requires_grad_()
+
+        def step_autocast(layer):
+            with torch.autocast("cuda", dtype=dt):
+                out = layer(x32)
+            loss = out[0].float().square().mean() + out[1].loss if isinstance(out, tuple) else out.float().square().mean()
+            loss.backward()
+
+        dense_amp, moe_amp = torch.compile(dense32), torch.compile(moe32)
+        t_dense_amp = bench(lambda: step_autocast(dense_amp))
+        t_moe_amp = bench(lambda: step_autocast(moe_amp))
         rows.append(dict(shape=f"E{e}G{g}T{t}", rel_err_grouped_vs_loop=err, dense_tflops=flops / t_dense / 1e12,
                          grouped_tflops=flops / t_grouped / 1e12, loop_tflops=flops / t_loop / 1e12,
                          ratio_grouped_over_dense=t_dense / t_grouped, ms_dense=t_dense * 1e3,
                          ms_grouped=t_grouped * 1e3, ms_loop=t_loop * 1e3,
                          dense_compiled_tflops=flops / t_dense_c / 1e12, grouped_compiled_tflops=flops / t_grouped_c / 1e12,
                          ratio_compiled=t_dense_c / t_grouped_c,
-                         ratio_best=min(t_dense, t_dense_c) / min(t_grouped, t_grouped_c)))
+                         ratio_best=min(t_dense, t_dense_c) / min(t_grouped, t_grouped_c),
+                         grouped_compiled_fp32_router_tflops=flops / t_fp32_router_c / 1e12,
+                         dense_autocast_tflops=flops / t_dense_amp / 1e12, moe_autocast_tflops=flops / t_moe_amp / 1e12,
+                         ratio_autocast=t_dense_amp / t_moe_amp))
     print(torch.cuda.get_device_name(), "torch", torch.__version__, f"d={args.d} f={args.f} tokens={args.tokens}")
     print(f"{'shape':10} {'rel_err':>9} {'dense':>6} {'grouped':>8} {'loop':>6} {'ratio':>6} "
-          f"{'dense_c':>8} {'grouped_c':>9} {'ratio_c':>7} {'best/best':>9}   (TF/s; _c = torch.compile)")
+          f"{'dense_c':>8} {'grouped_c':>9} {'ratio_c':>7} {'best/best':>9} {'fp32rt_c':>8} "
+          f"{'dense_amp':>9} {'moe_amp':>7} {'ratio_amp':>9}")
+    print("  (TF/s; _c = torch.compile; fp32rt = the v3 fp32 router; _amp = fp32 weights under bf16 autocast, compiled)")
     for r in rows:
         print(f"{r['shape']:10} {r['rel_err_grouped_vs_loop']:9.2e} {r['dense_tflops']:6.0f} "
               f"{r['grouped_tflops']:8.0f} {r['loop_tflops']:6.0f} {r['ratio_grouped_over_dense']:6.2f} "
               f"{r['dense_compiled_tflops']:8.0f} {r['grouped_compiled_tflops']:9.0f} {r['ratio_compiled']:7.2f} "
-              f"{r['ratio_best']:9.2f}")
+              f"{r['ratio_best']:9.2f} {r['grouped_compiled_fp32_router_tflops']:8.0f} {r['dense_autocast_tflops']:9.0f} "
+              f"{r['moe_autocast_tflops']:7.0f} {r['ratio_autocast']:9.2f}")
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(rows, fh, indent=1)

@@ -103,3 +103,60 @@ def test_permutation_gather_has_the_exact_gradient_of_indexing():
     x = torch.randn(14, 3, dtype=torch.double, requires_grad=True)
     assert torch.autograd.gradcheck(lambda a: gather_rows(a, order, inverse), (x,))
     assert torch.equal(gather_rows(x, order, inverse), x[order])
+
+
+def test_dispatch_has_the_exact_gradient_of_expand_then_sort():
+    """dispatch(x) == x repeated T times then sorted, value and gradient (the sum over T copies)."""
+    from harness.moe import dispatch, permute
+
+    torch.manual_seed(0)
+    experts = torch.randint(0, 5, (7, 3))
+    order, inverse, _ = permute(experts, 5)
+    x = torch.randn(7, 4, dtype=torch.double, requires_grad=True)
+    ref = x.unsqueeze(1).expand(-1, 3, -1).reshape(-1, 4)[order]
+    assert torch.equal(dispatch(x, order, inverse, 3), ref)
+    assert torch.autograd.gradcheck(lambda a: dispatch(a, order, inverse, 3), (x,))
+
+
+def test_experts_run_in_the_autocast_dtype():
+    """Under autocast the residual stream is fp32: the experts must still get compute-dtype tokens
+    (else the fast grouped-GEMM path, which needs bf16, silently fell back to the per-expert loop)."""
+    m = layer(router_init_std=0.5)
+    seen = []
+    m.experts.register_forward_pre_hook(lambda mod, args: seen.append(args[0].dtype))
+    x = torch.randn(16, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, aux = m(x)
+    assert seen == [torch.bfloat16] and y.dtype == torch.bfloat16
+    assert aux.load_balance.dtype == torch.float32
+    y32, _ = m(x)
+    assert seen[-1] == torch.float32 and ((y.float() - y32).norm() / y32.norm()).item() < 3e-2
+
+
+def test_router_precision_is_validated():
+    from harness.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="router_precision='bf16'"):
+        MoEConfig(router_precision="bf16").validate()
+
+
+@pytest.mark.gpu
+def test_mixed_router_matches_fp32_router_on_cuda():
+    """bf16 operands with fp32 logits: logits and both gradients within bf16 rounding of fp32."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    from harness.moe import router_logits
+
+    torch.manual_seed(0)
+    x = torch.randn(4096, 256, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    w = (torch.randn(8, 256, device="cuda") * 0.1).requires_grad_()
+    grads = []
+    for precision in ("mixed", "fp32"):
+        logits = router_logits(x, w, precision)
+        assert logits.dtype == torch.float32
+        grads.append((logits, *torch.autograd.grad(logits.square().sum(), [x, w])))
+    for a, b in zip(*grads):
+        assert a.dtype == b.dtype
+        assert ((a.float() - b.float()).norm() / b.float().norm()).item() < 1e-2
+    compiled = torch.compile(lambda a, b: router_logits(a, b, "mixed"))
+    torch.testing.assert_close(compiled(x, w), grads[0][0], rtol=1e-3, atol=1e-3)
