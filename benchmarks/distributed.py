@@ -39,8 +39,9 @@ def metrics(run_dir: Path, warmup: int) -> tuple[float, float]:
     return statistics.median(tps), max(mem, default=float("nan"))
 
 
-def run_one(args, trainer: str, out: Path) -> dict:
-    overrides = [f"model={args.model}", f"moe={args.moe}", f"trainer={trainer}", f"data.seq_len={args.seq}",
+def run_one(args, spec_str: str, out: Path) -> dict:
+    trainer, *extra = spec_str.split(",")  # "ddp,trainer.strategy.comm_hook=bf16": a trainer plus overrides
+    overrides = [*extra, f"model={args.model}", f"moe={args.moe}", f"trainer={trainer}", f"data.seq_len={args.seq}",
                  f"data.batch_size={args.batch}", "logger=csv", f"paths.output_dir={out}",
                  "train.save_checkpoints=false", f"train.val_every={10 * args.steps}", "trainer.log_every_n_steps=1",
                  "trainer.enable_progress_bar=false", f"train.peak_tflops={args.peak}", "data.val_batches=1",
@@ -60,10 +61,10 @@ def run_one(args, trainer: str, out: Path) -> dict:
     model = upcycle(Decoder(spec.model), spec.moe, spec.recipe)
     params = sum(p.numel() for p in model.parameters())
     t0 = time.perf_counter()
-    res = fit(model, spec, cfg, out, args.steps)
+    res = fit(model, spec, cfg, out, args.steps, evaluate_after=args.evaluate)
     tps, mem = metrics(out, args.warmup)
     mfu = tps * res["flops_per_token"] / (args.peak * 1e12 * res["world_size"])
-    return {"trainer": trainer, "world": res["world_size"], "model": args.model, "moe": spec.moe.name,
+    return {"trainer": spec_str, "world": res["world_size"], "model": args.model, "moe": spec.moe.name,
             "params_b": params / 1e9, "batch": args.batch, "seq": args.seq, "ckpt": args.ckpt,
             "tokens_per_s": tps, "mfu": mfu, "peak_mem_gib": mem, "val_loss": res["val_loss"],
             "wall_s": time.perf_counter() - t0}
@@ -75,7 +76,8 @@ def main() -> None:
     ap.add_argument("--moe", default="E8G1T2")
     ap.add_argument("--num-experts", type=int, default=None, help="override the preset's expert count")
     ap.add_argument("--moe-layers", default="all")
-    ap.add_argument("--trainers", nargs="+", default=["gpu", "ddp"])
+    ap.add_argument("--trainers", nargs="+", default=["gpu", "ddp"],
+                    help="trainer configs, each optionally with overrides: ddp,trainer.strategy.comm_hook=bf16")
     ap.add_argument("--devices", type=int, default=2)
     ap.add_argument("--seq", type=int, default=2048)
     ap.add_argument("--batch", type=int, default=16, help="global batch (sequences per optimizer step)")
@@ -86,12 +88,13 @@ def main() -> None:
     ap.add_argument("--compile", default="auto", choices=["auto", "true", "false"])
     ap.add_argument("--peak", type=float, default=989.0, help="peak bf16 TFLOP/s per GPU for MFU")
     ap.add_argument("--out", default="bench_out/distributed")
+    ap.add_argument("--evaluate", action="store_true", help="hand the weights back and report the val loss")
     ap.add_argument("--json", default=None, help="append one JSON line per trainer")
     args = ap.parse_args()
     register()
     rows = []
     for trainer in args.trainers:
-        out = Path(args.out) / f"{args.model}_{args.moe}_{trainer}"
+        out = Path(args.out) / f"{args.model}_{args.moe}_{trainer.replace(',', '_').replace('=', '-')}"
         try:
             rows.append(run_one(args, trainer, out))
         except Exception as e:  # an OOM is a result here (DDP that cannot fit), not a crash of the benchmark
@@ -101,13 +104,13 @@ def main() -> None:
                 f.write(json.dumps(rows[-1]) + "\n")
         print(json.dumps(rows[-1]), flush=True)
     base = next((r["tokens_per_s"] for r in rows if "tokens_per_s" in r), None)
-    print(f"{'trainer':7} {'GPUs':>4} {'params':>7} {'tok/s':>9} {'speedup':>7} {'MFU989':>6} {'GiB':>6} {'val':>7}")
+    print(f"{'trainer':40} {'GPUs':>4} {'params':>7} {'tok/s':>9} {'speedup':>7} {'MFU989':>6} {'GiB':>6} {'val':>7}")
     for r in rows:
         if "error" in r:
-            print(f"{r['trainer']:7} failed: {r['error'][:120]}")
+            print(f"{r['trainer']:40} failed: {r['error'][:120]}")
             continue
-        print(f"{r['trainer']:7} {r['world']:4d} {r['params_b']:6.2f}B {r['tokens_per_s']:9.0f} "
-              f"{r['tokens_per_s'] / base:7.2f} {r['mfu']:6.1%} {r['peak_mem_gib']:6.1f} {r['val_loss']:7.3f}")
+        print(f"{r['trainer']:40} {r['world']:4d} {r['params_b']:6.2f}B {r['tokens_per_s']:9.0f} "
+              f"{r['tokens_per_s'] / base:7.2f} {r['mfu']:6.1%} {r['peak_mem_gib']:6.1f} {r['val_loss']:7.3f}")  # nan without --evaluate
 
 
 if __name__ == "__main__":

@@ -37,11 +37,15 @@ PY
 fi
 if [[ $part == all || $part == speed ]]; then
   # same experiment (global batch 32) and same micro-batch (16 x 2048 tokens): 1 GPU accumulates 2 micro-batches
-  timeout 400 python3 benchmarks/distributed.py --model medium350m --moe E8G1T2 --trainers ${SPEED_TRAINERS:-gpu ddp} --devices 2 \
-    --batch 32 --micro 16 --steps 16 --warmup 6 --out "$out/bench" --json "$out/speed.jsonl" 2>>"$out/speed.err" | tail -4
+  # SPEED_TRAINERS: trainer configs with optional overrides, e.g. "gpu ddp ddp,trainer.strategy.comm_hook=bf16"
+  timeout ${SPEED_TIMEOUT:-400} python3 benchmarks/distributed.py --model medium350m --moe E8G1T2 --trainers ${SPEED_TRAINERS:-gpu ddp} \
+    --devices 2 --batch ${SPEED_BATCH:-32} --micro 16 --steps 16 --warmup 6 --out "$out/bench" --json "$out/speed.jsonl" \
+    2>>"$out/speed.err" | tail -6
 fi
-if [[ $part == big ]]; then  # medium350m upcycled to E24 (7.3B params): DDP's 16 B/param + activations exceed one H200
+if [[ $part == big ]]; then
+  # medium350m upcycled to E24 (7.3B params), micro-batch 16 x 2048: DDP's 16 B/param (109 GiB of weights, grads and
+  # AdamW state) plus ~55 GiB of activations exceed one H200; FSDP holds half the state per GPU
   timeout ${BIG_TIMEOUT:-560} python3 benchmarks/distributed.py --model medium350m --moe E8G1T2 --num-experts 24 --trainers fsdp ddp \
-    --devices 2 --batch 32 --micro 8 --steps 6 --warmup 3 --compile false --out "$out/big" --json "$out/big.jsonl" \
+    --devices 2 --batch 32 --micro 16 --steps 6 --warmup 3 --compile false --out "$out/big" --json "$out/big.jsonl" \
     2>>"$out/big.err" | tail -4
 fi

@@ -106,8 +106,11 @@ def worker_command(folder: Path, trainer_cfg: DictConfig) -> tuple[list[list[str
 
 
 def fit_in_workers(model: torch.nn.Module, optim, cfg: DictConfig, out_dir: Path, steps: int, csv_only: bool,
-                   pruner: dict | None) -> dict:
-    """Train ``model`` in place on ``world_size(cfg.trainer)`` processes; returns the fit summary."""
+                   pruner: dict | None, hand_back: bool = True) -> dict:
+    """Train ``model`` in place on ``world_size(cfg.trainer)`` processes; returns the fit summary.
+
+    ``hand_back=False`` leaves ``model`` untrained here (the checkpoints hold the result): for
+    throughput benchmarks of models whose full-state gather to rank 0 would take minutes."""
     folder = out_dir / "launch"
     folder.mkdir(parents=True, exist_ok=True)
     for stale in list(folder.glob("error_rank*.txt")) + [folder / "result.json", folder / "final.pt"]:
@@ -115,7 +118,7 @@ def fit_in_workers(model: torch.nn.Module, optim, cfg: DictConfig, out_dir: Path
     torch.save({"model": model, "optim": optim}, folder / "job.pt")
     OmegaConf.save(cfg, folder / "config.yaml", resolve=True)
     (folder / "args.json").write_text(json.dumps({"out_dir": str(out_dir), "steps": steps, "csv_only": csv_only,
-                                                  "pruner": pruner}))
+                                                  "pruner": pruner, "hand_back": hand_back}))
     commands, envs = worker_command(folder, cfg.trainer)
     procs = []
     try:
@@ -131,9 +134,10 @@ def fit_in_workers(model: torch.nn.Module, optim, cfg: DictConfig, out_dir: Path
                 p.kill()
     if any(codes):
         _raise_worker_error(folder, codes, commands)
-    model.load_state_dict(torch.load(folder / "final.pt", map_location="cpu", weights_only=True))
+    if hand_back:
+        model.load_state_dict(torch.load(folder / "final.pt", map_location="cpu", weights_only=True))
     for bulky in ("job.pt", "final.pt"):  # full model copies: the checkpoints are what resume uses
-        (folder / bulky).unlink()
+        (folder / bulky).unlink(missing_ok=True)
     return json.loads((folder / "result.json").read_text())
 
 
@@ -189,11 +193,14 @@ def worker_main(folder: Path) -> None:
         model = job["model"]
         res, trainer = train_here(model, spec, cfg, Path(args["out_dir"]), args["steps"], args["csv_only"],
                                   extra_callbacks=pruning_callbacks(cfg, args["pruner"]))
-        state = trainer.strategy.lightning_module_state_dict()  # a collective under FSDP: every rank calls it
+        hand_back = args.get("hand_back", True)
+        # a collective under FSDP: every rank calls it
+        state = trainer.strategy.lightning_module_state_dict() if hand_back else {}
         if trainer.is_global_zero:
             state = {k.removeprefix("model."): v.detach().cpu() for k, v in state.items()}
-            torch.save(state, folder / "final.pt.tmp")
-            (folder / "final.pt.tmp").replace(folder / "final.pt")
+            if hand_back:
+                torch.save(state, folder / "final.pt.tmp")
+                (folder / "final.pt.tmp").replace(folder / "final.pt")
             (folder / "result.json").write_text(json.dumps(res))
     except BaseException as e:
         (folder / f"error_rank{rank}.txt").write_text(json.dumps(

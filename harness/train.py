@@ -161,15 +161,18 @@ def _close_loggers(trainer: L.Trainer) -> None:
                 warnings.warn(f"wandb finish failed: {e}")
 
 
-def fit(model: Decoder, spec: Spec, cfg: DictConfig, out_dir: Path, steps: int, csv_only=False) -> dict:
+def fit(model: Decoder, spec: Spec, cfg: DictConfig, out_dir: Path, steps: int, csv_only=False,
+        evaluate_after: bool = True) -> dict:
     """Train ``model`` in place for ``steps`` steps (resuming from ``out_dir/checkpoints/last.ckpt``),
     in this process or, when the trainer asks for several devices, in one worker per device; then
-    evaluate it here on the full validation set."""
+    evaluate it here on the full validation set. ``evaluate_after=False`` (throughput benchmarks):
+    no final evaluation, and multi-device workers do not hand the weights back."""
     if launch.needs_launch(cfg.trainer):
-        res = launch.fit_in_workers(model, spec.optim, cfg, out_dir, steps, csv_only, _sweeper_pruner_node())
+        res = launch.fit_in_workers(model, spec.optim, cfg, out_dir, steps, csv_only, _sweeper_pruner_node(),
+                                    hand_back=evaluate_after)
     else:
         res, _ = train_here(model, spec, cfg, out_dir, steps, csv_only, extra_callbacks=pruning_callbacks(cfg))
-    done = res["status"] == "complete"
+    done = res["status"] == "complete" and evaluate_after
     val = evaluate(model, spec.data.val_dataloader(), eval_device(cfg)) if done else float("nan")
     model.to("cpu")
     tokens = steps * spec.data.batch_size * spec.data.seq_len

@@ -165,3 +165,16 @@ def test_workers_die_with_their_job_process(env, tmp_path):  # noqa: F811
     while workers() and time.time() < deadline:
         time.sleep(0.2)
     assert not workers()
+
+
+def test_ddp_strategy_knobs():
+    from lightning.pytorch.strategies import DDPStrategy
+
+    from harness.errors import ConfigError
+    from harness.strategies import ddp
+
+    s = ddp(comm_hook="bf16", bucket_cap_mb=100)
+    assert isinstance(s, DDPStrategy) and s._ddp_kwargs["gradient_as_bucket_view"] is True
+    assert s._ddp_kwargs["bucket_cap_mb"] == 100 and s._ddp_comm_hook.__name__ == "bf16_compress_hook"
+    with pytest.raises(ConfigError, match="comm_hook='int8'"):
+        ddp(comm_hook="int8")
