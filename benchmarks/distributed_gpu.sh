@@ -39,7 +39,7 @@ if [[ $part == all || $part == speed ]]; then
   # same experiment (global batch 32) and same micro-batch (16 x 2048 tokens): 1 GPU accumulates 2 micro-batches
   # SPEED_TRAINERS: trainer configs with optional overrides, e.g. "gpu ddp ddp,trainer.strategy.comm_hook=bf16"
   timeout ${SPEED_TIMEOUT:-400} python3 benchmarks/distributed.py --model medium350m --moe E8G1T2 --trainers ${SPEED_TRAINERS:-gpu ddp} \
-    --devices 2 --batch ${SPEED_BATCH:-32} --micro 16 --steps 16 --warmup 6 --out "$out/bench" --json "$out/speed.jsonl" \
+    --devices 2 --batch ${SPEED_BATCH:-32} --micro 16 --steps ${SPEED_STEPS:-16} --warmup ${SPEED_WARMUP:-6} --out "$out/bench" --json "$out/speed.jsonl" \
     2>>"$out/speed.err" | tail -6
 fi
 if [[ $part == big ]]; then
