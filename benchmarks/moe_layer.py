@@ -52,6 +52,40 @@ def profile(fn, title: str, rows: int = 15) -> None:
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=rows, max_name_column_width=70))
 
 
+def sync_check(d: int, f: int, tokens: int) -> None:
+    """Does the compiled E8G1T2 step make the host wait on the GPU? Prints every synchronizing call
+    (torch's sync debug mode) and the host-side CUDA API calls of three steps, by CPU time."""
+    import warnings
+
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    torch.manual_seed(0)
+    moe = torch.compile(MoE(d, f, "swiglu", MoEConfig(num_experts=8, top_k=2, aux_loss_coef=0.01)).cuda().bfloat16())
+    x = torch.randn(tokens, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+
+    def step():
+        y, aux = moe(x)
+        (y.float().square().mean() + aux.loss).backward()
+
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        step()
+        torch.cuda.set_sync_debug_mode("default")
+    print(f"synchronizing calls in one step: {len(caught)}")
+    for w in caught[:10]:
+        print(f"  {w.filename}:{w.lineno}: {str(w.message)[:120]}")
+    with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(3):
+            step()
+        torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=60))
+
+
 def rel(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
@@ -63,7 +97,10 @@ def main():
     ap.add_argument("--tokens", type=int, default=16384)
     ap.add_argument("--json", default=None)
     ap.add_argument("--profile", action="store_true", help="print the top CUDA kernels of the compiled MoE step")
+    ap.add_argument("--sync-check", action="store_true", help="only: list host syncs of the compiled E8G1T2 step")
     args = ap.parse_args()
+    if args.sync_check:
+        return sync_check(args.d, args.f, args.tokens)
     dev, dt = "cuda", torch.bfloat16
     torch._dynamo.config.recompile_limit = 64  # one layer is recompiled per shape, dtype and router mode
     rows = []
