@@ -48,15 +48,17 @@ def _states(logs):
 def test_killed_study_restarts_and_continues_the_same_study(env, tmp_path):  # noqa: F811
     run(env, tmp_path, "train.tokens=1000")  # warm the shared dense-base cache outside the timed part
     cmd = [sys.executable, "run.py", *SEARCH, *FAST, "train.tokens=96000"]
+    log = (tmp_path / "search.log").open("w")
     proc = subprocess.Popen(cmd, cwd=ROOT, env={**env, "UPCYCLE_LOGS": str(tmp_path)}, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            stdout=log, stderr=subprocess.STDOUT)
     deadline = time.time() + 600
     while time.time() < deadline:  # kill mid-trial: one trial finished, the next one running
         states = _states(tmp_path)
         if TrialState.COMPLETE in states and states[-1] == TrialState.RUNNING:
             time.sleep(1.5)
             break
-        assert proc.poll() is None, "the search ended before it could be killed"
+        assert proc.poll() is None, ("the search ended before it could be killed:\n"
+                                     + (tmp_path / "search.log").read_text()[-3000:])
         time.sleep(0.2)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()

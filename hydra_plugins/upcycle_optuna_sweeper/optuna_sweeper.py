@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import threading
+import time
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
@@ -65,6 +66,21 @@ def _format(value: Any) -> str:
     return repr(value) if isinstance(value, float) else str(value)
 
 
+def _open_storage(make, attempts: int = 5):
+    """Open the study's RDB storage, retrying briefly: when several processes (parallel sweep workers,
+    a dashboard) open a new SQLite study at once, all of them try to create its tables, and the
+    losers get an OperationalError ("table ... already exists" / "database is locked")."""
+    from sqlalchemy.exc import OperationalError
+
+    for i in range(attempts):
+        try:
+            return make()
+        except OperationalError:
+            if i == attempts - 1:
+                raise
+            time.sleep(0.5 * (i + 1))
+
+
 class OptunaSweeper(Sweeper):
     def __init__(self, storage, study_name, direction, n_trials, n_jobs, sampler, pruner, params,
                  heartbeat_interval, grace_period, max_retry):
@@ -106,8 +122,9 @@ class OptunaSweeper(Sweeper):
         warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # heartbeat/retry
         if url:
             retry = RetryHeartbeatStaleTrialCallback(max_retry=self.max_retry)
-            storage = RDBStorage(url, heartbeat_interval=self.heartbeat_interval, grace_period=self.grace_period,
-                                 heartbeat_stale_trial_callback=retry)
+            storage = _open_storage(lambda: RDBStorage(url, heartbeat_interval=self.heartbeat_interval,
+                                                       grace_period=self.grace_period,
+                                                       heartbeat_stale_trial_callback=retry))
         study = optuna.create_study(storage=storage, study_name=self.study_name, direction=self.direction,
                                     sampler=_build(self.sampler_cfg), pruner=_build(self.pruner_cfg),
                                     load_if_exists=True)
