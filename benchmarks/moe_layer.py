@@ -25,6 +25,8 @@ def fresh_grads(*modules) -> None:
 
 
 def bench(fn, iters=20, warmup=5):
+    """Median seconds per call, with the host waiting for the GPU after each call (so each call
+    also pays the host's launch latency before its first kernel, ~1 ms for a compiled layer)."""
     for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
@@ -37,6 +39,33 @@ def bench(fn, iters=20, warmup=5):
         torch.cuda.synchronize()
         times.append(a.elapsed_time(b) / 1e3)
     return sorted(times)[len(times) // 2]
+
+
+def bench_steady(fn, iters=20, warmup=5):
+    """Mean seconds per call over calls issued back to back, as a training step issues its layers:
+    the host runs ahead, so this is the GPU's time for the layer."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    a.record()
+    for _ in range(iters):
+        fn()
+    b.record()
+    torch.cuda.synchronize()
+    return a.elapsed_time(b) / 1e3 / iters
+
+
+def interleaved(fns: dict, rounds: int = 3) -> dict:
+    """Median over ``rounds`` of each timing, the candidates taking turns within each round, so that
+    clock and temperature drift (±5% between minutes on the lent H100) hit them alike."""
+    got = {name: ([], []) for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            got[name][0].append(bench(fn))
+            got[name][1].append(bench_steady(fn))
+    med = lambda v: sorted(v)[len(v) // 2]  # noqa: E731
+    return {name: (med(s), med(b)) for name, (s, b) in got.items()}
 
 
 def profile(fn, title: str, rows: int = 15) -> None:
@@ -96,6 +125,7 @@ def main():
     ap.add_argument("--f", type=int, default=8192)
     ap.add_argument("--tokens", type=int, default=16384)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds for the compiled dense/MoE pair")
     ap.add_argument("--profile", action="store_true", help="print the top CUDA kernels of the compiled MoE step")
     ap.add_argument("--sync-check", action="store_true", help="only: list host syncs of the compiled E8G1T2 step")
     args = ap.parse_args()
@@ -135,8 +165,8 @@ def main():
         t_loop = bench(lambda: step(moe, "loop"))
         moe.experts.backend = "grouped_mm"
         dense_c, moe_c = torch.compile(dense), torch.compile(moe)
-        t_dense_c = bench(lambda: step(dense_c))
-        t_grouped_c = bench(lambda: step(moe_c))
+        timed = interleaved({"dense": lambda: step(dense_c), "moe": lambda: step(moe_c)}, args.rounds)
+        (t_dense_c, t_dense_steady), (t_grouped_c, t_grouped_steady) = timed["dense"], timed["moe"]
         if args.profile:
             profile(lambda: step(moe_c), f"E{e}G{g}T{t} compiled")
         # the v3 router (both operands cast to fp32) for comparison, compiled
@@ -157,29 +187,36 @@ def main():
             loss.backward()
 
         dense_amp, moe_amp = torch.compile(dense32), torch.compile(moe32)
-        t_dense_amp = bench(lambda: step_autocast(dense_amp))
-        t_moe_amp = bench(lambda: step_autocast(moe_amp))
+        timed = interleaved({"dense": lambda: step_autocast(dense_amp), "moe": lambda: step_autocast(moe_amp)},
+                            args.rounds)
+        (t_dense_amp, t_dense_amp_steady), (t_moe_amp, t_moe_amp_steady) = timed["dense"], timed["moe"]
         rows.append(dict(shape=f"E{e}G{g}T{t}", rel_err_grouped_vs_loop=err, dense_tflops=flops / t_dense / 1e12,
                          grouped_tflops=flops / t_grouped / 1e12, loop_tflops=flops / t_loop / 1e12,
                          ratio_grouped_over_dense=t_dense / t_grouped, ms_dense=t_dense * 1e3,
                          ms_grouped=t_grouped * 1e3, ms_loop=t_loop * 1e3,
                          dense_compiled_tflops=flops / t_dense_c / 1e12, grouped_compiled_tflops=flops / t_grouped_c / 1e12,
                          ratio_compiled=t_dense_c / t_grouped_c,
+                         ms_dense_compiled=t_dense_c * 1e3, ms_grouped_compiled=t_grouped_c * 1e3,
+                         ms_dense_steady=t_dense_steady * 1e3, ms_grouped_steady=t_grouped_steady * 1e3,
+                         ratio_steady=t_dense_steady / t_grouped_steady,
                          ratio_best=min(t_dense, t_dense_c) / min(t_grouped, t_grouped_c),
                          grouped_compiled_fp32_router_tflops=flops / t_fp32_router_c / 1e12,
                          dense_autocast_tflops=flops / t_dense_amp / 1e12, moe_autocast_tflops=flops / t_moe_amp / 1e12,
-                         ratio_autocast=t_dense_amp / t_moe_amp))
+                         ratio_autocast=t_dense_amp / t_moe_amp,
+                         ratio_autocast_steady=t_dense_amp_steady / t_moe_amp_steady))
     print(torch.cuda.get_device_name(), "torch", torch.__version__, f"d={args.d} f={args.f} tokens={args.tokens}")
     print(f"{'shape':10} {'rel_err':>9} {'dense':>6} {'grouped':>8} {'loop':>6} {'ratio':>6} "
           f"{'dense_c':>8} {'grouped_c':>9} {'ratio_c':>7} {'best/best':>9} {'fp32rt_c':>8} "
-          f"{'dense_amp':>9} {'moe_amp':>7} {'ratio_amp':>9}")
-    print("  (TF/s; _c = torch.compile; fp32rt = the v3 fp32 router; _amp = fp32 weights under bf16 autocast, compiled)")
+          f"{'dense_amp':>9} {'moe_amp':>7} {'ratio_amp':>9} | {'ms_dense_st':>11} {'ms_moe_st':>9} {'ratio_steady':>12} {'ratio_amp_st':>12}")
+    print("  (TF/s; _c = torch.compile; fp32rt = the v3 fp32 router; _amp = fp32 weights under bf16 autocast, compiled;"
+          " _st = compiled, steps issued back to back, ms)")
     for r in rows:
         print(f"{r['shape']:10} {r['rel_err_grouped_vs_loop']:9.2e} {r['dense_tflops']:6.0f} "
               f"{r['grouped_tflops']:8.0f} {r['loop_tflops']:6.0f} {r['ratio_grouped_over_dense']:6.2f} "
               f"{r['dense_compiled_tflops']:8.0f} {r['grouped_compiled_tflops']:9.0f} {r['ratio_compiled']:7.2f} "
               f"{r['ratio_best']:9.2f} {r['grouped_compiled_fp32_router_tflops']:8.0f} {r['dense_autocast_tflops']:9.0f} "
-              f"{r['moe_autocast_tflops']:7.0f} {r['ratio_autocast']:9.2f}")
+              f"{r['moe_autocast_tflops']:7.0f} {r['ratio_autocast']:9.2f} | {r['ms_dense_steady']:11.2f} "
+              f"{r['ms_grouped_steady']:9.2f} {r['ratio_steady']:12.3f} {r['ratio_autocast_steady']:12.3f}")
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(rows, fh, indent=1)

@@ -114,7 +114,14 @@ class _MixedLinear(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):
         x, w = ctx.saved_tensors
         g = grad.to(x.dtype)
-        return torch.mm(g, w), torch.mm(g.t(), x, out_dtype=torch.float32)
+        if torch.compiler.is_compiling() and w.shape[0] <= 16:
+            # few experts: E multiply-adds per element, which torch.compile fuses with the dispatch
+            # gradient that x also receives; as a GEMM (K=E) it took a copy of that gradient and an
+            # accumulating GEMM (~0.1 ms per E8G1T2 layer at 16k tokens on H100)
+            grad_x = sum(grad[:, e, None] * w[e].float() for e in range(w.shape[0])).to(x.dtype)
+        else:
+            grad_x = torch.mm(g, w)
+        return grad_x, torch.mm(g.t(), x, out_dtype=torch.float32)
 
 
 def router_logits(x: torch.Tensor, weight: torch.Tensor, precision: str = "mixed") -> torch.Tensor:
@@ -137,47 +144,37 @@ def permute(experts: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torc
     ``rows[order]`` sorts token copies by expert; ``sorted_rows[inverse]`` puts them back.
     """
     flat = experts.reshape(-1)
-    order = torch.argsort(flat, stable=True)
+    # narrow sort keys: the radix sort makes one pass per key byte (int64 ids cost 8 passes; on H100
+    # uint8 keys sorted 131k ids in 54 us instead of 138 us)
+    keys = flat.to(torch.uint8 if num_experts <= 256 else torch.int16 if num_experts <= 2**15 else torch.int32)
+    order = torch.argsort(keys, stable=True)
     inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
     counts = torch.zeros(num_experts, dtype=torch.int64, device=flat.device)
     counts.scatter_add_(0, flat, torch.ones_like(flat))
     return order, inverse, counts
 
 
-class _Gather(torch.autograd.Function):
-    """``x[index]`` for a permutation ``index``: the backward is the gather by its inverse, instead of
-    autograd's generic index_add (atomics; 3% of the E8G1T2 layer's time on H100 in the v1 profile)."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, index: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(inverse)
-        return x.index_select(0, index)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        (inverse,) = ctx.saved_tensors
-        return grad.index_select(0, inverse), None, None
-
-
-def gather_rows(x: torch.Tensor, index: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
-    return _Gather.apply(x, index, inverse)
-
-
 def _sum_copies(rows: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
-    """Sum [N, T, d] over T (optionally weighted by [N, T]) in fp32, written as T explicit terms:
-    torch.compile turns this into one pointwise kernel with T loads per element, where a ``sum(1)``
-    over the strided T axis became a reduction kernel running at under half the memory bandwidth
-    (E64G8T8 v4 profile). Eager PyTorch would run those T terms as ~3T kernels with fp32
-    temporaries, so outside torch.compile it is one fused multiply and sum (fp32 accumulation)."""
+    """Sum [N, T, d] over T (optionally weighted by [N, T]) in fp32 (or wider), written as T explicit
+    terms: torch.compile turns this into one pointwise kernel with T loads per element, where a
+    ``sum(1)`` over the strided T axis became a reduction kernel running at under half the memory
+    bandwidth (E64G8T8 v4 profile). Eager PyTorch would run those T terms as ~3T kernels with fp32
+    temporaries, so outside torch.compile it is one fused multiply and sum (fp32 accumulation).
+
+    Casts are made only where the dtype changes: with fp32 rows, torch 2.11 traced the no-op casts
+    into a graph whose backward returned zero gradients."""
     if not torch.compiler.is_compiling():
         if weights is None:
             return rows.sum(1)
         return torch.bmm(weights.to(rows.dtype).unsqueeze(1), rows).squeeze(1)
+    acc_dtype = torch.promote_types(rows.dtype, torch.float32)
     acc = None
     for k in range(rows.shape[1]):
-        term = rows[:, k].float() if weights is None else rows[:, k].float() * weights[:, k, None]
+        term = rows[:, k] if rows.dtype == acc_dtype else rows[:, k].to(acc_dtype)
+        if weights is not None:
+            term = term * weights[:, k, None]
         acc = term if acc is None else acc + term
-    return acc.to(rows.dtype)
+    return acc if acc.dtype == rows.dtype else acc.to(rows.dtype)
 
 
 class _Dispatch(torch.autograd.Function):
@@ -205,14 +202,43 @@ def dispatch(x: torch.Tensor, order: torch.Tensor, inverse: torch.Tensor, top_k:
     return _Dispatch.apply(x, order, inverse, top_k)
 
 
+class _Combine(torch.autograd.Function):
+    """``y[n] = sum_k weights[n, k] * out_sorted[inverse[n*T + k]]`` with fp32 accumulation.
+
+    The backward is written out because autograd's version of it costs two extra passes over the
+    [N*T, d] copies: it built the copies' gradient in token order and then permuted it into expert
+    order (~10% of the E64G8T8 layer's time in the v4 profile). Here the gradient of sorted copy i,
+    ``grad_y[order[i] // T] * weight``, is gathered straight into expert order, and the weights'
+    gradient is each copy's output dotted with its token's ``grad_y``: one pass each."""
+
+    @staticmethod
+    def forward(ctx, out_sorted: torch.Tensor, weights: torch.Tensor, order: torch.Tensor,
+                inverse: torch.Tensor) -> torch.Tensor:
+        n, t = weights.shape
+        ctx.save_for_backward(out_sorted, weights, order, inverse)
+        return _sum_copies(out_sorted.index_select(0, inverse).view(n, t, -1), weights)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        out_sorted, weights, order, inverse = ctx.saved_tensors
+        n, t = weights.shape
+        # both gradients, always: training needs both
+        g = grad.index_select(0, order // t if t > 1 else order)
+        w = weights.reshape(-1).index_select(0, order).unsqueeze(1)
+        rows = out_sorted.index_select(0, inverse).view(n, t, -1)
+        if torch.compiler.is_compiling():  # fp32 products, each fused into one kernel
+            grad_out = (g.to(w.dtype) * w).to(out_sorted.dtype)
+            grad_weights = (rows.to(weights.dtype) * grad.to(weights.dtype).unsqueeze(1)).sum(-1)
+        else:  # eager: no fp32 [N*T, d] temporaries, as the bmm this replaces
+            grad_out = g * w.to(g.dtype)
+            grad_weights = torch.bmm(rows, grad.to(rows.dtype).unsqueeze(2)).squeeze(2).to(weights.dtype)
+        return grad_out, grad_weights, None, None
+
+
 def unpermute(out_sorted: torch.Tensor, order: torch.Tensor, inverse: torch.Tensor,
               weights: torch.Tensor) -> torch.Tensor:
-    """Put expert outputs back in token order and sum each token's T outputs with its weights.
-
-    Written as gather, multiply, sum (not a bmm) so that torch.compile fuses the three into one kernel.
-    """
-    n, t = weights.shape
-    return _sum_copies(gather_rows(out_sorted, inverse, order).view(n, t, -1), weights.float())
+    """Put expert outputs back in token order and sum each token's T outputs with their fp32 weights."""
+    return _Combine.apply(out_sorted, weights.float(), order, inverse)
 
 
 def _grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:

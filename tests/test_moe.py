@@ -93,16 +93,31 @@ def test_grouped_mm_matches_loop_on_cuda_bf16():
     assert ((ya - yb).norm() / ya.norm()).item() < 1e-2
 
 
-def test_permutation_gather_has_the_exact_gradient_of_indexing():
-    from harness.moe import gather_rows, permute
+@pytest.mark.parametrize("compiled", [False, True])
+def test_combine_has_the_gradient_of_gather_then_weighted_sum(compiled):
+    """unpermute (hand-written backward) == autograd through ``(out[inverse] * w).sum over T``, for the
+    eager branch and the branch torch.compile traces (aot_eager: the same graph, no C++ compiler)."""
+    from harness.moe import _Combine, permute, unpermute
 
     torch.manual_seed(0)
-    experts = torch.randint(0, 5, (7, 2))
-    order, inverse, counts = permute(experts, 5)
-    assert torch.equal(order[inverse], torch.arange(14)) and counts.sum() == 14
-    x = torch.randn(14, 3, dtype=torch.double, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda a: gather_rows(a, order, inverse), (x,))
-    assert torch.equal(gather_rows(x, order, inverse), x[order])
+    n, t, d = 7, 3, 4
+    order, inverse, counts = permute(torch.randint(0, 5, (n, t)), 5)
+    assert torch.equal(order[inverse], torch.arange(n * t)) and counts.sum() == n * t
+    out = torch.randn(n * t, d, requires_grad=True)
+    w = torch.rand(n, t, requires_grad=True)
+    grad_y = torch.randn(n, d)
+    ref = (out[inverse].view(n, t, d) * w.unsqueeze(-1)).sum(1)
+    ref_grads = torch.autograd.grad(ref, [out, w], grad_y)
+    fn = lambda o, ww: unpermute(o, order, inverse, ww)  # noqa: E731
+    if compiled:  # fp32 here: torch 2.11 returned zero gradients for fp32 before _sum_copies' fix
+        fn = torch.compile(fn, backend="aot_eager", fullgraph=True)
+    y = fn(out, w)
+    torch.testing.assert_close(y, ref)
+    for got, want in zip(torch.autograd.grad(y, [out, w], grad_y), ref_grads):
+        torch.testing.assert_close(got, want)
+    if not compiled:
+        args = (out.detach().double().requires_grad_(), w.detach().double().requires_grad_())
+        assert torch.autograd.gradcheck(lambda a, b: _Combine.apply(a, b, order, inverse), args)
 
 
 def test_dispatch_has_the_exact_gradient_of_expand_then_sort():
@@ -138,6 +153,26 @@ def test_router_precision_is_validated():
 
     with pytest.raises(ConfigError, match="router_precision='bf16'"):
         MoEConfig(router_precision="bf16").validate()
+
+
+@pytest.mark.gpu
+def test_compiled_moe_layer_matches_eager_on_cuda():
+    """The compiled layer (its hand-written backwards take their torch.compile branches) gives the
+    eager layer's output and gradients, for a few experts (fused router gradient), for more, and in fp32."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    torch.manual_seed(0)
+    for e, g, t, dtype in [(8, 1, 2, torch.bfloat16), (32, 4, 4, torch.bfloat16), (8, 1, 2, torch.float32)]:
+        moe = MoE(256, 512, "swiglu", MoEConfig(num_experts=e, granularity=g, top_k=t, router_init_std=0.5))
+        moe = moe.to("cuda", dtype)
+        x = torch.randn(4096, 256, device="cuda", dtype=dtype, requires_grad=True)
+        results = []
+        for run in (moe, torch.compile(moe)):
+            y, aux = run(x)
+            loss = y.float().square().mean() + aux.loss
+            results.append((y, *torch.autograd.grad(loss, [x, moe.experts.w1, moe.experts.w2, moe.router.weight])))
+        for a, b in zip(*results):
+            assert ((a.float() - b.float()).norm() / b.float().norm()).item() < 1e-2
 
 
 @pytest.mark.gpu
