@@ -38,13 +38,18 @@ class OptimConfig:
         if self.warmup_steps < 0 or not 0 <= self.min_lr_ratio <= 1:
             raise ConfigError(f"optim.warmup_steps={self.warmup_steps} / optim.min_lr_ratio={self.min_lr_ratio} out of range")
 
+    def decay_start(self, total: int) -> int:
+        """WSD: the first step of the decay. Every step before it has the same LR for any ``total``, which is
+        what lets runs of several budgets share one stable trunk (harness/trunk.py)."""
+        return max(int(total * (1 - self.decay_fraction)), self.warmup_steps)
+
     def lr_factor(self, step: int, total: int) -> float:
         if step < self.warmup_steps:
             return (step + 1) / self.warmup_steps
         if self.schedule == "constant":
             return 1.0
         if self.schedule == "wsd":
-            start = int(total * (1 - self.decay_fraction))
+            start = self.decay_start(total)
             if step < start:
                 return 1.0
             frac = (step - start) / max(1, total - start)

@@ -29,7 +29,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.plugins.environments import LightningEnvironment
 from omegaconf import DictConfig, OmegaConf
 
-from harness import flops, launch
+from harness import flops, launch, trunk
 from harness.data import TokenDataModule
 from harness.errors import ConfigError
 from harness.io import atomic_write_json, corrupt_files, file_digest
@@ -91,6 +91,10 @@ def build_spec(cfg: DictConfig) -> Spec:
     recipe.validate()
     optim = make(cfg.optim)
     optim.validate()
+    share = cfg.train.get("share_trunk", False)
+    if not isinstance(share, bool) or (share and optim.schedule != "wsd"):
+        raise ConfigError(f"train.share_trunk={share!r} needs a bool, and true needs optim=wsd "
+                          f"(optim.schedule is {optim.schedule!r}): only WSD runs share a stable phase")
     data = make(cfg.data)
     if data.seq_len > model.max_seq_len:
         raise ConfigError(f"data.seq_len={data.seq_len} > model.max_seq_len={model.max_seq_len}")
@@ -162,16 +166,19 @@ def _close_loggers(trainer: L.Trainer) -> None:
 
 
 def fit(model: Decoder, spec: Spec, cfg: DictConfig, out_dir: Path, steps: int, csv_only=False,
-        evaluate_after: bool = True) -> dict:
-    """Train ``model`` in place for ``steps`` steps (resuming from ``out_dir/checkpoints/last.ckpt``),
-    in this process or, when the trainer asks for several devices, in one worker per device; then
-    evaluate it here on the full validation set. ``evaluate_after=False`` (throughput benchmarks):
-    no final evaluation, and multi-device workers do not hand the weights back."""
+        evaluate_after: bool = True, trunk_dir: Path | None = None) -> dict:
+    """Train ``model`` in place for ``steps`` steps (resuming from ``out_dir/checkpoints/last.ckpt``, else
+    from the WSD trunk in ``trunk_dir``), in this process or, when the trainer asks for several devices, in
+    one worker per device; then evaluate it here on the full validation set. ``evaluate_after=False``
+    (throughput benchmarks): no final evaluation, and multi-device workers do not hand the weights back."""
+    if trunk_dir is not None and launch.needs_launch(cfg.trainer):
+        raise ConfigError("train.share_trunk=true runs on one device for now (trainer.devices=1)")
     if launch.needs_launch(cfg.trainer):
         res = launch.fit_in_workers(model, spec.optim, cfg, out_dir, steps, csv_only, _sweeper_pruner_node(),
                                     hand_back=evaluate_after)
     else:
-        res, _ = train_here(model, spec, cfg, out_dir, steps, csv_only, extra_callbacks=pruning_callbacks(cfg))
+        res, _ = train_here(model, spec, cfg, out_dir, steps, csv_only, extra_callbacks=pruning_callbacks(cfg),
+                            trunk_dir=trunk_dir)
     done = res["status"] == "complete" and evaluate_after
     val = evaluate(model, spec.data.val_dataloader(), eval_device(cfg)) if done else float("nan")
     model.to("cpu")
@@ -183,7 +190,7 @@ def fit(model: Decoder, spec: Spec, cfg: DictConfig, out_dir: Path, steps: int, 
 
 
 def train_here(model: Decoder, spec: Spec, cfg: DictConfig, out_dir: Path, steps: int, csv_only=False,
-               extra_callbacks=()) -> tuple[dict, L.Trainer]:
+               extra_callbacks=(), trunk_dir: Path | None = None) -> tuple[dict, L.Trainer]:
     """The Lightning fit itself (one process, or one rank of a multi-process job)."""
     seq = spec.data.seq_len
     fpt = flops.count_model(model, seq).train_per_token
@@ -207,6 +214,16 @@ def train_here(model: Decoder, spec: Spec, cfg: DictConfig, out_dir: Path, steps
     stop = cfg.train.get("stop_after_steps")
     if stop:
         callbacks.append(StopAfter(int(stop)))
+    last = ckpt_dir / "last.ckpt"
+    start = last if last.exists() else None
+    if trunk_dir is not None:  # WSD ladder: branch off the shared stable phase, and extend it for the next budget
+        decay_start = spec.optim.decay_start(steps)
+        callbacks.append(trunk.SaveTrunk(trunk_dir, decay_start))
+        branch = trunk.branch_point(trunk_dir, decay_start)
+        if start is None and branch is not None:
+            log.info("branching off the WSD trunk at step %d of %d (decay starts at %d): %s", branch[0], steps,
+                     decay_start, branch[1])
+            start = branch[1]
     plugins = [LightningEnvironment()] if os.environ.get(launch.WORKER_ENV) == "local" else None
     trainer: L.Trainer = instantiate(
         cfg.trainer, max_steps=steps, logger=_loggers(cfg, out_dir, csv_only) or False,
@@ -215,10 +232,9 @@ def train_here(model: Decoder, spec: Spec, cfg: DictConfig, out_dir: Path, steps
         enable_checkpointing=save,
         use_distributed_sampler=False,  # the datamodule shards by rank itself, in order
     )
-    last = ckpt_dir / "last.ckpt"
     t0 = time.perf_counter()
     try:
-        trainer.fit(lit, datamodule=spec.data, ckpt_path=str(last) if last.exists() else None)
+        trainer.fit(lit, datamodule=spec.data, ckpt_path=str(start) if start else None)
     finally:
         _close_loggers(trainer)
     wall = time.perf_counter() - t0
@@ -307,10 +323,30 @@ def dense_base(spec: Spec, cfg: DictConfig) -> tuple[Decoder, dict]:
     return model, json.loads(meta_path.read_text())
 
 
+def _trunk_dir(cfg: DictConfig, recipe: dict) -> Path | None:
+    """Where runs of this recipe at every token budget keep their shared WSD stable phase (harness/trunk.py)."""
+    if not cfg.train.get("share_trunk", False):
+        return None
+    return Path(cfg.paths.cache_dir) / "trunks" / _hash(recipe)
+
+
+def experiment_recipe(cfg: DictConfig) -> dict:
+    """The resolved config of what a run trains, without its length or anything cosmetic: runs that agree
+    on it differ only in budget, so under WSD they share one stable trunk."""
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    for key in ("paths", "force", "print_config", "optuna", "logger", "name", "iso_flop_baseline",
+                "token_matched_baseline", "hydra"):
+        resolved.pop(key, None)
+    for key in ("tokens", "stop_after_steps", "val_every", "ckpt_every", "save_checkpoints", "peak_tflops"):
+        resolved["train"].pop(key, None)
+    resolved.get("trainer", {}).pop("enable_progress_bar", None)
+    return resolved
+
+
 def dense_continuation(dense: Decoder, base_key: str, tokens: int, spec: Spec, cfg: DictConfig) -> dict:
     """Continue the dense model for ``tokens`` tokens (cached: MoE variants of equal FLOPs share it)."""
-    key = _hash({"base": base_key, "tokens": tokens, "optim": asdict(spec.optim), "seed": cfg.seed,
-                 "batch": spec.data.batch_size})
+    recipe = {"base": base_key, "optim": asdict(spec.optim), "seed": cfg.seed, "batch": spec.data.batch_size}
+    key = _hash({**recipe, "tokens": tokens})
     out = Path(cfg.paths.cache_dir) / "dense_continuation" / key
     out.mkdir(parents=True, exist_ok=True)
     with FileLock(str(out / ".lock")):
@@ -320,7 +356,8 @@ def dense_continuation(dense: Decoder, base_key: str, tokens: int, spec: Spec, c
         torch.manual_seed(int(cfg.seed))
         model = Decoder(spec.model)
         model.load_state_dict(dense.state_dict())
-        res = fit(model, spec, cfg, out, _steps(tokens, spec), csv_only=True)
+        res = fit(model, spec, cfg, out, _steps(tokens, spec), csv_only=True,
+                  trunk_dir=_trunk_dir(cfg, {"dense_continuation": recipe}))
         if res["status"] == "complete":
             atomic_write_json(res_path, res)
         return res
@@ -360,13 +397,18 @@ def run(cfg: DictConfig, spec: Spec, out_dir: Path) -> dict:
         steps = _steps(iso_tokens, spec)
         res["iso_flop_of"] = spec.moe.name
     res.update(params_total=counts.params_total, params_active=counts.params_active)
-    res.update(fit(model, spec, cfg, out_dir, steps))
+    res.update(fit(model, spec, cfg, out_dir, steps, trunk_dir=_trunk_dir(cfg, experiment_recipe(cfg))))
     start = {"step": 0, "tokens": 0, "flops": 0, "val_loss": res["init_val_loss"]}
     res["val_curve"] = [start] + res["val_curve"]  # the step-0 gap is part of the curve
-    if spec.method == "upcycle" and cfg.iso_flop_baseline and res["status"] == "complete":
-        iso = dense_continuation(dense, base_meta["key"], iso_tokens, spec, cfg)
-        res["dense_iso"] = {k: iso[k] for k in ("val_loss", "best_val_loss", "tokens", "train_flops")}
-        res["dense_iso"]["val_curve"] = [{**start, "val_loss": parent_val}] + iso["val_curve"]
+    if spec.method == "upcycle" and res["status"] == "complete":
+        # iso-FLOP: the dense model gets the MoE's training FLOPs; token-matched: the MoE's tokens
+        baselines = [("dense_iso", iso_tokens, cfg.iso_flop_baseline),
+                     ("dense_tokens", moe_tokens, cfg.get("token_matched_baseline", False))]
+        for field, tokens, wanted in sorted(baselines, key=lambda b: b[1]):  # shorter first: a WSD trunk grows
+            if wanted:
+                cont = dense_continuation(dense, base_meta["key"], tokens, spec, cfg)
+                res[field] = {k: cont[k] for k in ("val_loss", "best_val_loss", "tokens", "train_flops")}
+                res[field]["val_curve"] = [{**start, "val_loss": parent_val}] + cont["val_curve"]
     res["wall_time_s"] = time.time() - t0
     return res
 

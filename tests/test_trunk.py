@@ -1,0 +1,42 @@
+"""WSD budget ladders: runs that differ only in train.tokens share one stable phase (harness/trunk.py)."""
+
+from pathlib import Path
+
+import pytest
+
+from harness.lit import OptimConfig
+from tests.test_e2e import env, results, run  # noqa: F401  (env is a fixture)
+
+WSD = ["optim=wsd", "train.share_trunk=true"]
+
+
+def test_every_step_before_the_decay_has_the_same_lr_for_any_budget():
+    opt = OptimConfig(lr=1.0, warmup_steps=5, schedule="wsd", decay_fraction=0.2, min_lr_ratio=0.1)
+    short, long = 40, 400
+    for step in range(opt.decay_start(short)):
+        assert opt.lr_factor(step, short) == opt.lr_factor(step, long)
+    assert opt.lr_factor(opt.decay_start(short), short) == 1.0  # the decay starts from the stable LR ...
+    assert opt.lr_factor(short, short) == pytest.approx(0.1)  # ... and ends at the floor
+    assert opt.decay_start(6) == 5  # never inside the warmup
+
+
+@pytest.mark.slow
+def test_a_budget_branched_off_the_trunk_equals_its_own_full_run(env, tmp_path):  # noqa: F811
+    run(env, tmp_path, "-m", *WSD, "train.tokens=6400,12800", "iso_flop_baseline=false", "token_matched_baseline=true")
+    jobs = sorted(Path(tmp_path / "multirun" / "default").glob("*/results.json"), key=lambda p: results(p.parent)["tokens"])
+    short, branched = (results(p.parent) for p in jobs)
+    trunks = list((Path(env["UPCYCLE_CACHE"]) / "trunks").glob("*/step_*.ckpt"))
+    # MoE trunk at both decay starts (5, 10 steps of 16x64 tokens), and the dense trunk of the token-matched twins
+    assert sorted(int(p.stem.split("_")[1]) for p in trunks) == [5, 5, 10, 10]
+    assert branched["dense_tokens"]["tokens"] == branched["tokens"]
+    assert short["val_curve"][-1]["step"] == 7 and branched["val_curve"][-1]["step"] == 13
+    run(env, tmp_path, "name=alone", "optim=wsd", "train.tokens=12800", "iso_flop_baseline=false")
+    alone = results(tmp_path / "runs" / "alone")
+    assert alone["val_loss"] == branched["val_loss"]  # bitwise on CPU: the same steps on the same data
+    assert [p["step"] for p in alone["val_curve"]] == [p["step"] for p in branched["val_curve"]]
+
+
+def test_share_trunk_without_wsd_fails_fast_with_one_line(env, tmp_path):  # noqa: F811
+    proc = run(env, tmp_path, "train.share_trunk=true", check=False)
+    last = proc.stderr.strip().splitlines()[-1]
+    assert proc.returncode != 0 and last.startswith("config error:") and "optim=wsd" in last
