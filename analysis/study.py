@@ -17,6 +17,7 @@ from pathlib import Path
 import pandas as pd
 
 from analysis.collect import collect
+from analysis.ladder import ladder
 from analysis.report import report
 
 # selection of the variant rows, by collect()'s columns; base recipe: E8G1T2, softmax_topk, paper scaling, lr 1e-3
@@ -169,7 +170,8 @@ def partial_markdown(root: Path) -> str:
     return "\n".join(lines)
 
 
-def study(roots: list[str], out: str | Path, partial: str | Path | None = None) -> dict[str, Path]:
+def study(roots: list[str], out: str | Path, partial: str | Path | None = None,
+          ladder_root: str | Path | None = None) -> dict[str, Path]:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     df = collect(*roots)
@@ -185,6 +187,8 @@ def study(roots: list[str], out: str | Path, partial: str | Path | None = None) 
     if partial is not None:
         files["partial_md"] = out / "partial.md"
         files["partial_md"].write_text(partial_markdown(Path(partial)))
+    if ladder_root is not None:
+        files.update(ladder(ladder_root, out))
     for sweep in sorted({Path(d).parent for d in df.run_dir if Path(d).parent.parent.name == "multirun"}):
         part = sweep.parent.parent.name
         for key, path in report([str(sweep)], out / "tables" / f"{part}_{sweep.name}").items():
@@ -196,9 +200,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("roots", nargs="+", help="study folders (results/runs)")
     ap.add_argument("--partial", default=None, help="runs cut off before the end (results/partial): curves only")
+    ap.add_argument("--ladder", default=None, help="budget-ladder runs (results/ladder): crossover table and plot")
     ap.add_argument("--out", default="results")
     args = ap.parse_args()
-    files = study(args.roots, args.out, args.partial)
+    files = study(args.roots, args.out, args.partial, args.ladder)
     print(files["findings_md"].read_text())
     print("wrote", len(files), "files under", args.out)
 

@@ -91,6 +91,10 @@ def build_spec(cfg: DictConfig) -> Spec:
     recipe.validate()
     optim = make(cfg.optim)
     optim.validate()
+    fraction = cfg.train.get("pretrain_fraction")
+    if fraction is not None and (not isinstance(fraction, (int, float)) or fraction <= 0 or cfg.model.get("hf_path")):
+        raise ConfigError(f"train.pretrain_fraction={fraction!r} must be a number > 0 (or null), and needs a base this "
+                          "harness pretrained (an HF checkpoint's pretraining compute is unknown)")
     share = cfg.train.get("share_trunk", False)
     if not isinstance(share, bool) or (share and optim.schedule != "wsd"):
         raise ConfigError(f"train.share_trunk={share!r} needs a bool, and true needs optim=wsd "
@@ -224,6 +228,8 @@ def train_here(model: Decoder, spec: Spec, cfg: DictConfig, out_dir: Path, steps
             log.info("branching off the WSD trunk at step %d of %d (decay starts at %d): %s", branch[0], steps,
                      decay_start, branch[1])
             start = branch[1]
+            # the trunk's ModelCheckpoint state names the run that saved it; this run keeps its own folder
+            warnings.filterwarnings("ignore", message="The dirpath has changed from")
     plugins = [LightningEnvironment()] if os.environ.get(launch.WORKER_ENV) == "local" else None
     trainer: L.Trainer = instantiate(
         cfg.trainer, max_steps=steps, logger=_loggers(cfg, out_dir, csv_only) or False,
@@ -337,7 +343,7 @@ def experiment_recipe(cfg: DictConfig) -> dict:
     for key in ("paths", "force", "print_config", "optuna", "logger", "name", "iso_flop_baseline",
                 "token_matched_baseline", "hydra"):
         resolved.pop(key, None)
-    for key in ("tokens", "stop_after_steps", "val_every", "ckpt_every", "save_checkpoints", "peak_tflops"):
+    for key in ("tokens", "pretrain_fraction", "stop_after_steps", "val_every", "ckpt_every", "save_checkpoints", "peak_tflops"):
         resolved["train"].pop(key, None)
     resolved.get("trainer", {}).pop("enable_progress_bar", None)
     return resolved
@@ -369,7 +375,7 @@ def run(cfg: DictConfig, spec: Spec, out_dir: Path) -> dict:
     dense, base_meta = dense_base(spec, cfg)
     dense_flops = flops.count(spec.model, spec.data.seq_len)
     moe_flops = flops.count(spec.model, spec.data.seq_len, spec.moe, spec.moe_layers)
-    moe_tokens = _steps(cfg.train.tokens, spec) * spec.data.batch_size * spec.data.seq_len
+    moe_tokens = _steps(_moe_tokens(cfg, base_meta, dense_flops, moe_flops), spec) * spec.data.batch_size * spec.data.seq_len
     iso_tokens = flops.iso_flop_tokens(moe_tokens, moe_flops.train_per_token, dense_flops.train_per_token)
     val_loader = spec.data.val_dataloader()
     parent_val = evaluate(dense, val_loader, eval_device(cfg))
@@ -389,7 +395,7 @@ def run(cfg: DictConfig, spec: Spec, out_dir: Path) -> dict:
         model = upcycle(dense, spec.moe, spec.recipe)
         res["init_val_loss"] = evaluate(model, val_loader, eval_device(cfg))
         counts = moe_flops
-        steps = _steps(cfg.train.tokens, spec)
+        steps = _steps(moe_tokens, spec)
     else:  # dense continuation at the iso-FLOP budget of cfg.moe
         model = dense
         res["init_val_loss"] = parent_val
@@ -409,8 +415,19 @@ def run(cfg: DictConfig, spec: Spec, out_dir: Path) -> dict:
                 cont = dense_continuation(dense, base_meta["key"], tokens, spec, cfg)
                 res[field] = {k: cont[k] for k in ("val_loss", "best_val_loss", "tokens", "train_flops")}
                 res[field]["val_curve"] = [{**start, "val_loss": parent_val}] + cont["val_curve"]
+    if base_meta.get("train_flops"):  # the run's budget as a share of its base's pretraining compute
+        res["pretrain_compute_share"] = res["train_flops"] / base_meta["train_flops"]
     res["wall_time_s"] = time.time() - t0
     return res
+
+
+def _moe_tokens(cfg: DictConfig, base_meta: dict, dense_flops, moe_flops) -> float:
+    """The MoE's training tokens: ``train.tokens``, or ``train.pretrain_fraction`` of the dense base's
+    pretraining FLOPs spent at the MoE's FLOPs per token (a budget ladder in the units users plan in)."""
+    share = cfg.train.get("pretrain_fraction")
+    if share is None:
+        return cfg.train.tokens
+    return float(share) * base_meta["train_flops"] / moe_flops.train_per_token
 
 
 def _print_summary(res: dict) -> None:
@@ -426,6 +443,9 @@ def _print_summary(res: dict) -> None:
     if "dense_iso" in res:
         d = res["dense_iso"]
         t.add_row("dense iso-FLOP", f"{d['tokens']:,}", f"{d['train_flops']:.3e}", f"{d['val_loss']:.4f}")
+    if "dense_tokens" in res:
+        d = res["dense_tokens"]
+        t.add_row("dense, same tokens", f"{d['tokens']:,}", f"{d['train_flops']:.3e}", f"{d['val_loss']:.4f}")
     Console().print(t)
 
 

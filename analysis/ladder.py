@@ -1,0 +1,152 @@
+"""The budget ladder: each upcycled variant against its dense twins at several shares of the base's pretraining
+compute, and where (if anywhere) it crosses the iso-FLOP dense continuation.
+
+    python -m analysis.study results/runs --ladder results/ladder --out results   # writes ladder.md/.csv/.png
+
+A variant is one upcycling recipe (preset, routing, weight scaling, router start, Drop-Upcycling ratio); a rung
+is one budget (``train.pretrain_fraction``). At each rung the MoE is paired by seed with the dense continuation
+that got the same training FLOPs (iso-FLOP) and with the one that saw the same tokens; the verdict uses the rule
+of :func:`analysis.study.verdict` on those paired differences.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pandas as pd
+
+VARIANT = ["moe", "routing", "weight_scaling", "router_start", "drop_ratio"]
+
+
+def _get(cfg: dict, *keys, default=None):
+    for key in keys:
+        if not isinstance(cfg, dict) or key not in cfg:
+            return default
+        cfg = cfg[key]
+    return cfg
+
+
+def ladder_runs(root: str | Path) -> pd.DataFrame:
+    """One row per complete ladder run under ``root`` (runs with ``train.pretrain_fraction`` set)."""
+    rows = []
+    for path in sorted(Path(root).rglob("results.json")):
+        res = json.loads(path.read_text())
+        cfg = res.get("config", {})
+        share = _get(cfg, "train", "pretrain_fraction")
+        if res.get("status") != "complete" or res.get("method") != "upcycle" or share is None:
+            continue
+        moe = cfg["moe"]
+        rows.append({
+            "moe": f"E{moe['num_experts']}G{moe['granularity']}T{moe['top_k']}", "routing": moe["routing"],
+            "weight_scaling": _get(cfg, "upcycle", "weight_scaling"),
+            "router_start": _get(cfg, "upcycle", "router_start", default="fixed"),
+            "drop_ratio": float(_get(cfg, "upcycle", "drop_ratio", default=0.0)),
+            "budget": float(share), "compute_share": res.get("pretrain_compute_share"), "seed": cfg["seed"],
+            "tokens": res["tokens"], "init_val_loss": res["init_val_loss"], "val_loss": res["val_loss"],
+            "dense_parent_val_loss": res["dense_parent_val_loss"],
+            "dense_iso_val_loss": (res.get("dense_iso") or {}).get("val_loss"),
+            "dense_tokens_val_loss": (res.get("dense_tokens") or {}).get("val_loss"),
+            "run_dir": str(path.parent),
+        })
+    return pd.DataFrame(rows)
+
+
+def label(row) -> str:
+    """A variant in the words of the README's knobs."""
+    start = "" if row.routing == "topk_softmax" else f", {row.weight_scaling} scaling, {row.router_start} router"
+    drop = f", Drop-Upcycling r={row.drop_ratio:g}" if row.drop_ratio else ""
+    return f"{row.moe} {row.routing}{start}{drop}"
+
+
+def rungs(df: pd.DataFrame) -> pd.DataFrame:
+    """Per (variant, budget): means over seeds and the paired MoE - dense differences with their verdicts."""
+    from analysis.study import verdict
+
+    out = []
+    for key, g in df.groupby(VARIANT + ["budget"], sort=True, dropna=False):
+        iso = (g.val_loss - g.dense_iso_val_loss).dropna()
+        tok = (g.val_loss - g.dense_tokens_val_loss).dropna()
+        out.append({**dict(zip(VARIANT + ["budget"], key)), "variant": label(g.iloc[0]), "seeds": len(g),
+                    "tokens": int(g.tokens.iloc[0]), "init_val_loss": g.init_val_loss.mean(),
+                    "val_loss": g.val_loss.mean(), "val_loss_std": g.val_loss.std(ddof=1) if len(g) > 1 else math.nan,
+                    "dense_iso_val_loss": g.dense_iso_val_loss.mean(), "dense_tokens_val_loss": g.dense_tokens_val_loss.mean(),
+                    "vs_iso": iso.mean(), "vs_iso_pct": 100 * (iso / g.dense_iso_val_loss).mean(),
+                    "vs_tokens": tok.mean(),
+                    # verdict's convention: positive = the favoured side (the MoE) is lower
+                    "vs_iso_verdict": verdict(-iso), "vs_tokens_verdict": verdict(-tok)})
+    return pd.DataFrame(out)
+
+
+def crossover(r: pd.DataFrame) -> dict[str, str]:
+    """Per variant, one sentence: the smallest budget from which the MoE stays below its iso-FLOP twin."""
+    said = {}
+    for variant, g in r.sort_values("budget").groupby("variant", sort=False):
+        wins = list(g.vs_iso_verdict == "agrees")
+        below = list(g.vs_iso < 0)
+        first = next((i for i in range(len(g)) if all(wins[i:])), None)
+        if first is not None:
+            said[variant] = (f"below its iso-FLOP dense twin beyond the seed spread from {g.budget.iloc[first]:.0%} of "
+                             "pretraining compute on")
+        elif below[-1]:
+            said[variant] = (f"below its iso-FLOP dense twin at {g.budget.iloc[-1]:.0%} on the mean, not beyond the "
+                             "seed spread")
+        else:
+            gap = g.vs_iso_pct.tolist()
+            trend = "narrowing" if abs(gap[-1]) < abs(gap[0]) else "not narrowing"
+            said[variant] = (f"above its iso-FLOP dense twin at every budget up to {g.budget.iloc[-1]:.0%} "
+                             f"({gap[0]:+.2f}% → {gap[-1]:+.2f}%, {trend})")
+    return said
+
+
+def ladder_markdown(r: pd.DataFrame) -> str:
+    def num(x, std=math.nan):
+        return "-" if x != x else f"{x:.4f}" + ("" if std != std else f" ± {std:.4f}")
+
+    lines = ["| variant | budget (of pretraining FLOPs) | MoE tokens | seeds | step 0 | MoE | dense iso-FLOP | "
+             "dense same tokens | MoE − iso | vs iso | vs same tokens |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for row in r.itertuples():
+        lines.append(f"| {row.variant} | {row.budget:.0%} | {row.tokens:,} | {row.seeds} | "
+                     f"{num(row.init_val_loss)} | {num(row.val_loss, row.val_loss_std)} | {num(row.dense_iso_val_loss)} | "
+                     f"{num(row.dense_tokens_val_loss)} | {row.vs_iso_pct:+.2f}% | **{row.vs_iso_verdict}** | "
+                     f"{row.vs_tokens_verdict} |")
+    lines += ["", "Where each variant crosses its iso-FLOP dense twin:", ""]
+    lines += [f"- {variant}: {text}." for variant, text in crossover(r).items()]
+    return "\n".join(lines) + "\n"
+
+
+def crossover_plot(df: pd.DataFrame, r: pd.DataFrame, path: Path) -> Path:
+    """(MoE - dense iso-FLOP) / dense, per seed (dots) and mean (line), against the budget (log axis)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    for i, (variant, g) in enumerate(r.sort_values("budget").groupby("variant", sort=False)):
+        color = f"C{i}"
+        ax.plot(g.budget, g.vs_iso_pct, "-o", color=color, label=variant)
+        runs = df[[label(row) == variant for row in df.itertuples()]]
+        ax.scatter(runs.budget, 100 * (runs.val_loss - runs.dense_iso_val_loss) / runs.dense_iso_val_loss,
+                   color=color, s=12, alpha=0.5)
+    ax.axhline(0, color="k", lw=0.8)
+    ax.set_xscale("log")
+    ax.set_xlabel("upcycling budget, share of the dense base's pretraining FLOPs")
+    ax.set_ylabel("(MoE − dense iso-FLOP) / dense, %  (below 0: MoE wins)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def ladder(root: str | Path, out: str | Path) -> dict[str, Path]:
+    out = Path(out)
+    df = ladder_runs(root)
+    r = rungs(df)
+    files = {"ladder_md": out / "ladder.md", "ladder_csv": out / "ladder.csv"}
+    files["ladder_md"].write_text(ladder_markdown(r))
+    r.to_csv(files["ladder_csv"], index=False, float_format="%.6f")
+    files["ladder_png"] = crossover_plot(df, r, out / "ladder_crossover.png")
+    return files
