@@ -223,11 +223,12 @@ def train_here(model: Decoder, spec: Spec, cfg: DictConfig, out_dir: Path, steps
     if trunk_dir is not None:  # WSD ladder: branch off the shared stable phase, and extend it for the next budget
         decay_start = spec.optim.decay_start(steps)
         callbacks.append(trunk.SaveTrunk(trunk_dir, decay_start))
-        branch = trunk.branch_point(trunk_dir, decay_start)
-        if start is None and branch is not None:
-            log.info("branching off the WSD trunk at step %d of %d (decay starts at %d): %s", branch[0], steps,
-                     decay_start, branch[1])
-            start = branch[1]
+        link = ckpt_dir / "trunk.ckpt"
+        branch = trunk.branch_point(trunk_dir, decay_start, link) if start is None else None
+        if branch is not None:
+            log.info("branching off the WSD trunk %s at step %d of %d (decay starts at %d)", trunk_dir, branch, steps,
+                     decay_start)
+            start = link
             # the trunk's ModelCheckpoint state names the run that saved it; this run keeps its own folder
             warnings.filterwarnings("ignore", message="The dirpath has changed from")
     plugins = [LightningEnvironment()] if os.environ.get(launch.WORKER_ENV) == "local" else None
@@ -243,6 +244,8 @@ def train_here(model: Decoder, spec: Spec, cfg: DictConfig, out_dir: Path, steps
         trainer.fit(lit, datamodule=spec.data, ckpt_path=str(start) if start else None)
     finally:
         _close_loggers(trainer)
+        if trunk_dir is not None:
+            (ckpt_dir / "trunk.ckpt").unlink(missing_ok=True)
     wall = time.perf_counter() - t0
     tokens = steps * tokens_per_step
     return {"status": "complete" if trainer.global_step >= steps else "interrupted", "steps": trainer.global_step,

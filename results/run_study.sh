@@ -4,12 +4,14 @@
 #   bash results/run_study.sh B    # dense base (same recipe); init (copy, virtual group, Drop-Upcycling),
 #                                  # peak LR (+ iso-FLOP dense at the lowest), granularity G=1 vs G=4
 #   bash results/run_study.sh C    # dense base (same recipe); 20M-token E8G1T2 copy vs Drop-Upcycling + iso dense
+#   bash results/run_study.sh D    # dense base (same recipe); the budget ladder (5-60% of pretraining FLOPs), exact vs
+#                                  # Megatron start, Drop-Upcycling and granularity at larger budgets
 # Each part pretrains its own dense base from the one recipe (+scale=study method=pretrain) and compares
 # runs only within the part. Sweeps run as parallel streams (a 50M model leaves the GPU mostly idle
 # between kernels). Outputs: $UPCYCLE_LOGS (default logs/study/<part>); then
 #   python -m analysis.study results/runs --out results
 set -uo pipefail
-part=${1:?usage: run_study.sh A|B|C}
+part=${1:?usage: run_study.sh A|B|C|D}
 export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True UPCYCLE_LOGS=${UPCYCLE_LOGS:-logs/study/$part} UPCYCLE_CACHE=${UPCYCLE_CACHE:-.cache} PYTHONUNBUFFERED=1
 mkdir -p "$UPCYCLE_LOGS"
 S=(+scale=study trainer.enable_progress_bar=false print_config=false)
@@ -48,6 +50,22 @@ case $part in
       job "long_${init}_s$seed" -m "${S[@]}" "${M[@]}" +sweep=long init=$init seed=$seed &
     done; done
     wait ;;
-  *) echo "part must be A, B or C" >&2; exit 2 ;;
+  D)
+    # budget ladder, 5% to 60% of the base's pretraining FLOPs (WSD, shared trunks; each job runs one variant's
+    # budgets in ascending order, each beside its iso-FLOP and token-matched dense continuations, which the jobs of
+    # one seed share): topk_softmax, softmax_topk from Megatron's start (paper scaling, router std 0.02), softmax_topk
+    # from the exact start (the default), 2 seeds; Drop-Upcycling r=0.5 from the exact start, seed 0; and the
+    # granularity trio at equal active FLOPs at 15%, seed 0. Micro-batches of 16 keep eight streams in 80 GB.
+    M=(data.micro_batch_size=16 train.val_every=100)
+    for seed in 0 1; do
+      job "ladder_topk_softmax_s$seed" -m "${S[@]}" "${M[@]}" +sweep=ladder routing=topk_softmax seed=$seed &
+      job "ladder_paper_s$seed" -m "${S[@]}" "${M[@]}" +sweep=ladder scaling=paper upcycle.router_start=fixed seed=$seed &
+      job "ladder_exact_s$seed" -m "${S[@]}" "${M[@]}" +sweep=ladder seed=$seed &
+    done
+    job ladder_drop_s0 -m "${S[@]}" "${M[@]}" +sweep=ladder init=drop_upcycling seed=0 &
+    job granularity15 -m "${S[@]}" "${M[@]}" +sweep=ladder moe=E8G1T1,E32G4T4,E64G8T8 init=virtual_group \
+      train.pretrain_fraction=0.15 train.share_trunk=false token_matched_baseline=false seed=0 &
+    wait ;;
+  *) echo "part must be A, B, C or D" >&2; exit 2 ;;
 esac
 say "part $part finished"

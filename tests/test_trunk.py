@@ -22,12 +22,15 @@ def test_every_step_before_the_decay_has_the_same_lr_for_any_budget():
 
 @pytest.mark.slow
 def test_a_budget_branched_off_the_trunk_equals_its_own_full_run(env, tmp_path):  # noqa: F811
-    run(env, tmp_path, "-m", *WSD, "train.tokens=6400,12800", "iso_flop_baseline=false", "token_matched_baseline=true")
+    proc = run(env, tmp_path, "-m", *WSD, "train.tokens=6400,12800", "iso_flop_baseline=false",
+               "token_matched_baseline=true")
+    log = proc.stdout + proc.stderr
+    assert log.count("branching off the WSD trunk") == 2 and "at step 5 of 13" in log  # MoE and dense, second budget
     jobs = sorted(Path(tmp_path / "multirun" / "default").glob("*/results.json"), key=lambda p: results(p.parent)["tokens"])
     short, branched = (results(p.parent) for p in jobs)
     trunks = list((Path(env["UPCYCLE_CACHE"]) / "trunks").glob("*/step_*.ckpt"))
-    # MoE trunk at both decay starts (5, 10 steps of 16x64 tokens), and the dense trunk of the token-matched twins
-    assert sorted(int(p.stem.split("_")[1]) for p in trunks) == [5, 5, 10, 10]
+    # the latest checkpoint of the MoE trunk and of the token-matched dense trunk (decay starts 5, then 10 steps)
+    assert sorted(int(p.stem.split("_")[1]) for p in trunks) == [10, 10]
     assert branched["dense_tokens"]["tokens"] == branched["tokens"]
     assert short["val_curve"][-1]["step"] == 7 and branched["val_curve"][-1]["step"] == 13
     run(env, tmp_path, "name=alone", "optim=wsd", "train.tokens=12800", "iso_flop_baseline=false")
