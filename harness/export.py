@@ -18,6 +18,7 @@ Weight scaling and granularity live in the weights themselves, so they need noth
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from pathlib import Path
 
@@ -141,7 +142,8 @@ def load_run(run_dir: str | Path) -> tuple[Decoder, MoEConfig | None, dict]:
     moe = None
     if cfg.method == "upcycle":
         moe = instantiate(cfg.moe)
-        model = upcycle(model, moe, instantiate(cfg.upcycle))  # the structure; the weights come from the ckpt
+        recipe = dataclasses.replace(instantiate(cfg.upcycle), router_start="fixed")  # no calibration batch needed:
+        model = upcycle(model, moe, recipe)  # only the structure, the weights come from the ckpt
     state = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
     model.load_state_dict({k.removeprefix("model."): v for k, v in state.items()})
     return model.eval(), moe, OmegaConf.to_container(cfg)

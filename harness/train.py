@@ -30,14 +30,14 @@ from lightning.pytorch.plugins.environments import LightningEnvironment
 from omegaconf import DictConfig, OmegaConf
 
 from harness import flops, launch, trunk
-from harness.data import TokenDataModule
+from harness.data import RandomWindows, TokenDataModule
 from harness.errors import ConfigError
 from harness.io import atomic_write_json, corrupt_files, file_digest
 from harness.lit import LitLM, OptimConfig, evaluate
 from harness.model import Decoder, ModelConfig
 from harness.moe import MoEConfig
 from harness.pruning import pruning_callbacks
-from harness.upcycle import Recipe, resolve_moe_layers, upcycle
+from harness.upcycle import Recipe, resolve_moe_layers, top_mass, upcycle
 
 log = logging.getLogger("upcycle")
 METHODS = ("upcycle", "dense", "pretrain")  # pretrain: only the (cached) dense base
@@ -395,7 +395,10 @@ def run(cfg: DictConfig, spec: Spec, out_dir: Path) -> dict:
         return res
     torch.manual_seed(int(cfg.seed))
     if spec.method == "upcycle":
-        model = upcycle(dense, spec.moe, spec.recipe)
+        windows = RandomWindows(spec.data.shard("train"), spec.data.seq_len, 0, 4, spec.data.seed)
+        calib = torch.stack([x for x, _ in windows])  # the first 4 training sequences: sets the router start
+        model = upcycle(dense, spec.moe, spec.recipe, calib=calib)
+        res["init_top_mass"], res["init_top_mass_uniform"] = top_mass(model, calib)
         res["init_val_loss"] = evaluate(model, val_loader, eval_device(cfg))
         counts = moe_flops
         steps = _steps(moe_tokens, spec)

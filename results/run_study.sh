@@ -59,7 +59,7 @@ case $part in
     M=(data.micro_batch_size=16 train.val_every=100)
     for seed in 0 1; do
       job "ladder_topk_softmax_s$seed" -m "${S[@]}" "${M[@]}" +sweep=ladder routing=topk_softmax seed=$seed &
-      job "ladder_paper_s$seed" -m "${S[@]}" "${M[@]}" +sweep=ladder scaling=paper upcycle.router_start=fixed seed=$seed &
+      job "ladder_paper_s$seed" -m "${S[@]}" "${M[@]}" +sweep=ladder scaling=paper router_start=fixed seed=$seed &
       job "ladder_exact_s$seed" -m "${S[@]}" "${M[@]}" +sweep=ladder seed=$seed &
     done
     job ladder_drop_s0 -m "${S[@]}" "${M[@]}" +sweep=ladder init=drop_upcycling seed=0 &

@@ -23,7 +23,7 @@ def test_every_named_sweep_composes_with_its_grid():
         assert "params:" in proc.stdout and "seed:" in proc.stdout, name
 
 
-JOBS = {"batch_size": 3, "granularity": 4, "init": 3, "iso_flop": 3, "lr": 3, "seeds": 2, "weight_scaling": 3}
+JOBS = {"batch_size": 3, "granularity": 4, "init": 3, "iso_flop": 3, "lr": 3, "seeds": 2, "weight_scaling": 4}
 
 
 @pytest.mark.slow

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from harness.errors import ConfigError
-from harness.moe import MoEConfig
-from harness.upcycle import Recipe, activation_scale, resolve_moe_layers, upcycle
+from harness.moe import MoEConfig, router_logits
+from harness.upcycle import Recipe, activation_scale, mlp_input_rms, resolve_moe_layers, top_mass, upcycle, weight_factors
 
 SHAPES = [(8, 1, 2), (8, 1, 1), (8, 2, 4), (16, 8, 8), (4, 4, 4)]  # E8G1T2 .. scaled-down E64G8T8
 
@@ -15,7 +15,7 @@ def moe_cfg(e, g, t, routing, **kw):
 
 
 @pytest.mark.parametrize("e,g,t", SHAPES)
-@pytest.mark.parametrize("scaling", ["output", "paper"])
+@pytest.mark.parametrize("scaling", ["output", "paper", "exact"])
 def test_topk_softmax_virtual_group_is_exact(dense, tokens, activation, e, g, t, scaling):
     moe = upcycle(dense, moe_cfg(e, g, t, "topk_softmax"), Recipe("virtual_group", weight_scaling=scaling))
     ref, out = dense(tokens).logits, moe(tokens).logits
@@ -43,12 +43,13 @@ def test_without_scaling_topk_softmax_fine_grained_is_off_by_g(dense, tokens):
 
 
 @pytest.mark.parametrize("e,g,t", [(8, 1, 2), (16, 8, 8)])
-def test_softmax_topk_gap_vanishes_as_router_std_to_zero(dense, tokens, e, g, t):
+@pytest.mark.parametrize("scaling", ["output", "exact"])
+def test_softmax_topk_gap_vanishes_as_router_std_to_zero(dense, tokens, e, g, t, scaling):
     ref = dense(tokens).logits
     gaps = []
     for std in (0.2, 0.02, 0.002, 0.0):
         cfg = moe_cfg(e, g, t, "softmax_topk", router_init_std=std)
-        moe = upcycle(dense, cfg, Recipe("virtual_group", weight_scaling="output"))
+        moe = upcycle(dense, cfg, Recipe("virtual_group", weight_scaling=scaling, router_start="fixed"))
         gaps.append((moe(tokens).logits - ref).abs().max().item())
     assert gaps[0] > gaps[1] > gaps[2] and gaps[3] < 1e-5, gaps
 
@@ -58,6 +59,77 @@ def test_softmax_topk_default_std_loss_within_one_percent(dense, tokens):
     ref = dense(tokens, targets).loss
     moe = upcycle(dense, moe_cfg(8, 1, 2, "softmax_topk"), Recipe(weight_scaling="paper"))
     assert abs(moe(tokens, targets).loss / ref - 1) < 0.01
+
+
+def test_exact_scaling_puts_the_scale_where_the_activation_is_homogeneous():
+    s = 64.0
+    assert weight_factors("exact", s, "swiglu") == (1.0, 8.0, 8.0)  # silu(g) * 8u, then 8 on fc2
+    assert weight_factors("exact", s, "relu2") == pytest.approx((4.0, 4.0, 4.0))
+    assert weight_factors("exact", s, "gelu") == (1.0, 1.0, 64.0)
+    assert weight_factors("paper", s, "swiglu") == pytest.approx((4.0, 4.0, 4.0))  # Megatron: s^(1/3) everywhere
+    assert weight_factors("output", s, "swiglu") == (1.0, 1.0, 64.0)
+    assert weight_factors("exact", 1.0, "swiglu") == (1.0, 1.0, 1.0)
+
+
+@pytest.mark.parametrize("scaling", ["paper", "exact"])
+def test_expert_weights_are_the_dense_shards_times_the_factors(scaling):
+    """paper keeps Megatron's weights (s^(1/3) on gate, up and fc2); exact scales up and fc2 only."""
+    from tests.conftest import tiny_config
+    from harness.model import Decoder
+
+    torch.manual_seed(0)
+    dense = Decoder(tiny_config("swiglu"))
+    moe = upcycle(dense, moe_cfg(16, 2, 4, "softmax_topk"), Recipe(weight_scaling=scaling, router_start="fixed"))
+    c_gate, c_up, c2 = weight_factors(scaling, 16 * 2 / 4, "swiglu")
+    mlp, layer = dense.blocks[0].mlp, moe.blocks[0].mlp
+    f, fe = mlp.d_ff, mlp.d_ff // 2
+    for e in range(16):
+        rows = slice((e % 2) * fe, (e % 2 + 1) * fe)  # expert e holds shard e mod G
+        w1, w2 = layer.experts.w1[e], layer.experts.w2[e]
+        torch.testing.assert_close(w1[:fe], mlp.fc1.weight[:f][rows] * c_gate)
+        torch.testing.assert_close(w1[fe:], mlp.fc1.weight[f:][rows] * c_up)
+        torch.testing.assert_close(w2, mlp.fc2.weight[:, rows] * c2)
+
+
+@pytest.mark.parametrize("e,g,t", [(8, 1, 2), (16, 8, 8)])
+def test_data_router_start_gives_the_stated_logit_spread(dense, tokens, e, g, t):
+    """router_start=data: each layer's logits have std ~ router_logit_std on the calibration tokens, whatever
+    that layer's hidden norms, so softmax_topk's top-T mass is within ~2% of T/E."""
+    recipe = Recipe(weight_scaling="exact", router_logit_std=0.01)
+    moe = upcycle(dense, moe_cfg(e, g, t, "softmax_topk"), recipe, calib=tokens)
+    inputs = {}
+    hooks = [b.mlp.register_forward_pre_hook(lambda m, a, i=i: inputs.__setitem__(i, a[0])) for i, b in
+             enumerate(moe.blocks)]
+    with torch.no_grad():
+        moe(tokens)
+    for h in hooks:
+        h.remove()
+    rms = mlp_input_rms(dense, [0, 1], tokens)
+    for i, x in inputs.items():
+        assert abs(x.reshape(-1, x.shape[-1]).square().sum(-1).mean().sqrt() / rms[i] - 1) < 1e-3  # exact start
+        logits = router_logits(x.reshape(-1, x.shape[-1]), moe.blocks[i].mlp.router.weight, "fp32")
+        assert 0.005 < logits.std(-1).mean().item() < 0.015
+        assert logits.std(-1).min().item() > 0  # no ties between groups
+    mass, uniform = top_mass(moe, tokens)
+    assert uniform == t / e and abs(mass / uniform - 1) < 0.02
+
+
+def test_exact_start_with_data_router_is_the_dense_loss(dense, tokens):
+    targets = torch.roll(tokens, -1, 1)
+    ref = dense(tokens, targets).loss
+    for e, g, t in [(8, 1, 2), (16, 8, 8)]:
+        moe = upcycle(dense, moe_cfg(e, g, t, "softmax_topk"), Recipe(), calib=tokens)
+        assert abs(moe(tokens, targets).loss / ref - 1) < 1e-3
+
+
+def test_router_start_without_calibration_falls_back_to_the_fixed_std(dense):
+    with pytest.warns(UserWarning, match="without a calibration batch"):
+        upcycle(dense, moe_cfg(8, 1, 2, "softmax_topk"), Recipe(router_start="data"))
+
+
+def test_independent_router_rows_with_groups_warn(dense):
+    with pytest.warns(UserWarning, match="split the virtual groups"):
+        upcycle(dense, moe_cfg(8, 2, 4, "softmax_topk"), Recipe("random", router_start="fixed"))
 
 
 def test_activation_scale_matches_paper():
@@ -121,6 +193,9 @@ def test_moe_layers_selection(dense):
         (dict(), dict(drop_ratio=1.5), "upcycle.drop_ratio=1.5"),
         (dict(routing="sigmoid"), {}, "moe.routing='sigmoid'"),
         (dict(), dict(moe_layers=[7]), "upcycle.moe_layers=[7]"),
+        (dict(), dict(router_logit_std=0.0), "upcycle.router_logit_std=0.0 must be > 0"),
+        (dict(), dict(router_start="zero"), "upcycle.router_start='zero'"),
+        (dict(), dict(weight_scaling="sqrt"), "upcycle.weight_scaling='sqrt'"),
     ],
 )
 def test_bad_combinations_raise_one_clear_error(dense, kw, recipe, needle):
