@@ -181,6 +181,8 @@ class RandomWindows(Dataset):
         return self.count
 
     def __getitem__(self, i: int):
+        if not 0 <= i < self.count:  # also ends plain iteration (``for x, y in ds``), which ignores __len__
+            raise IndexError(f"window {i} of {self.count}")
         rng = np.random.default_rng([self.seed, self.first + i])
         s = int(rng.integers(0, len(self.tokens) - self.seq_len - 1))
         w = torch.from_numpy(self.tokens[s : s + self.seq_len + 1].astype(np.int64))
