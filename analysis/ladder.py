@@ -141,12 +141,48 @@ def crossover_plot(df: pd.DataFrame, r: pd.DataFrame, path: Path) -> Path:
     return path
 
 
+def cut_off_markdown(root: str | Path) -> str:
+    """Ladder runs a lease stopped before their results.json: the last validation each reached (CSV metrics),
+    beside the dense base's own validation loss. Curves, not rungs: no decay finished, no dense twin ran."""
+    import yaml
+
+    lines = []
+    for base in sorted(Path(root).rglob("runs/study_pretrain/results.json")):
+        part = base.parents[2]
+        runs = sorted(d for d in part.glob("multirun/*/*/") if not (d / "results.json").exists())
+        if not runs:
+            continue
+        lines += [f"### {part.name}: runs cut off (dense base val loss {json.loads(base.read_text())['val_loss']:.4f})", "",
+                  "| variant | seed | budget | last step logged | last validation: step, val loss |", "|---|---|---|---|---|"]
+        for d in runs:
+            cfg = yaml.safe_load((d / "config_resolved.yaml").read_text())
+            m = pd.concat([pd.read_csv(f) for f in sorted(d.glob("csv/version_*/metrics.csv"))], ignore_index=True)
+            val = m.dropna(subset=["val/loss"])
+            row = pd.Series({"moe": f"E{cfg['moe']['num_experts']}G{cfg['moe']['granularity']}T{cfg['moe']['top_k']}",
+                             "routing": cfg["moe"]["routing"], "weight_scaling": cfg["upcycle"]["weight_scaling"],
+                             "router_start": cfg["upcycle"].get("router_start", "fixed"),
+                             "drop_ratio": float(cfg["upcycle"]["drop_ratio"])})
+            last = f"{int(val.step.iloc[-1]) + 1}, {val['val/loss'].iloc[-1]:.4f}" if len(val) else "-"
+            lines.append(f"| {label(row)} | {cfg['seed']} | {cfg['train']['pretrain_fraction']:.0%} | "
+                         f"{int(m.step.max()) + 1} | {last} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
 def ladder(root: str | Path, out: str | Path) -> dict[str, Path]:
     out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
     df = ladder_runs(root)
-    r = rungs(df)
-    files = {"ladder_md": out / "ladder.md", "ladder_csv": out / "ladder.csv"}
-    files["ladder_md"].write_text(ladder_markdown(r))
-    r.to_csv(files["ladder_csv"], index=False, float_format="%.6f")
-    files["ladder_png"] = crossover_plot(df, r, out / "ladder_crossover.png")
+    files = {"ladder_md": out / "ladder.md"}
+    text = ""
+    if len(df):
+        r = rungs(df)
+        text = ladder_markdown(r)
+        files["ladder_csv"] = out / "ladder.csv"
+        r.to_csv(files["ladder_csv"], index=False, float_format="%.6f")
+        files["ladder_png"] = crossover_plot(df, r, out / "ladder_crossover.png")
+    else:
+        text = "No rung of the ladder has finished yet.\n"
+    cut = cut_off_markdown(root)
+    files["ladder_md"].write_text(text + ("\n" + cut if cut else ""))
     return files
