@@ -7,7 +7,8 @@ and weight scaling (as NVIDIA Megatron-LM ``upcycling_utils.py`` implements them
 The default start is exact: ``exact`` weight scaling (the scale put only where the activation is
 homogeneous) and a router whose initial logits have a small, stated spread measured on a calibration
 batch (``router_start=data``). Megatron's recipe (``paper`` scaling, router std 0.02) started
-SmolLM2-135M at +32.5% (E8G1T2) to +169% (E64G8T8) loss; this one within 0.5% (results/step0.md).
+SmolLM2-135M at +26% (E8G1T2) to +141% (E64G8T8) loss on English prose; this one within 0.1%
+(results/step0.md).
 """
 
 from __future__ import annotations
