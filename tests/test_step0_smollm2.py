@@ -30,6 +30,7 @@ def smollm2():
     return dense, windows, ref
 
 
+@pytest.mark.slow  # ~70 s alone on 2 cores (six 0.7B-parameter upcycles of the real model)
 @pytest.mark.parametrize("e,g,t", [(8, 1, 2), (16, 2, 4), (64, 8, 8)])
 @pytest.mark.parametrize("routing,tol", [("softmax_topk", 5e-3), ("topk_softmax", 1e-4)])
 def test_default_recipe_starts_at_the_dense_loss(smollm2, e, g, t, routing, tol):
