@@ -350,7 +350,7 @@ def run(cfg: DictConfig, spec: Spec, out_dir: Path) -> dict:
     torch.manual_seed(int(cfg.seed))
     if spec.method == "upcycle":
         windows = RandomWindows(spec.data.shard("train"), spec.data.seq_len, 0, 4, spec.data.seed)
-        calib = torch.stack([x for x, _ in windows])  # the first 4 training sequences: sets the router start
+        calib = torch.stack([windows[i][0] for i in range(4)])  # the first 4 training sequences: router start
         model = upcycle(dense, spec.moe, spec.recipe, calib=calib)
         res["init_top_mass"], res["init_top_mass_uniform"] = top_mass(model, calib)
         res["init_val_loss"] = evaluate(model, val_loader, eval_device(cfg))
