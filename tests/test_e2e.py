@@ -67,6 +67,7 @@ def test_default_run_moe_vs_iso_flop_dense(env, tmp_path):
         assert key in res, key
     assert res["params_total"] > res["params_active"]
     assert abs(res["init_val_loss"] / res["dense_parent_val_loss"] - 1) < 0.01  # scaled softmax_topk at step 0
+    assert res["init_top_mass_uniform"] == 2 / 8 and abs(res["init_top_mass"] / (2 / 8) - 1) < 0.05  # near uniform
     iso = res["dense_iso"]
     step_flops = res["train_flops"] / (res["tokens"] / (16 * 64))
     assert abs(iso["train_flops"] - res["train_flops"]) <= step_flops  # iso-FLOP up to one step

@@ -5,7 +5,8 @@ import torch
 
 from harness.errors import ConfigError
 from harness.moe import MoEConfig, router_logits
-from harness.upcycle import Recipe, activation_scale, mlp_input_rms, resolve_moe_layers, top_mass, upcycle, weight_factors
+from harness.upcycle import (Recipe, activation_scale, mlp_input_rms, resolve_moe_layers, top_mass, upcycle,
+                             weight_factors)
 
 SHAPES = [(8, 1, 2), (8, 1, 1), (8, 2, 4), (16, 8, 8), (4, 4, 4)]  # E8G1T2 .. scaled-down E64G8T8
 
