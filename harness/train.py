@@ -27,12 +27,12 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.plugins.environments import LightningEnvironment
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
-from harness import flops, launch
+from harness import flops, identity, launch
 from harness.data import TokenDataModule
-from harness.errors import ConfigError
-from harness.io import atomic_write_json, corrupt_files, file_digest
+from harness.errors import ConfigError, RunFolderError
+from harness.io import atomic_write_json, corrupt_files, file_digest, intact_zip, move_aside, read_json
 from harness.lit import LitLM, OptimConfig, evaluate
 from harness.model import Decoder, ModelConfig
 from harness.moe import MoEConfig
@@ -142,13 +142,75 @@ def _loggers(cfg: DictConfig, out_dir: Path, csv_only: bool):
         if csv_only and key != "csv":
             continue
         try:
-            logger = instantiate(lcfg, save_dir=str(out_dir))
-            if type(logger).__name__ == "WandbLogger":
-                logger.experiment  # start W&B now (Lightning starts it lazily, mid-training) so a failure is caught here
+            is_wandb = key == "wandb"
+            logger = instantiate(lcfg) if is_wandb else instantiate(lcfg, save_dir=str(out_dir))
+            if is_wandb:
+                logger._wandb_init.pop("anonymous", None)  # Lightning passes it; W&B warns that it is obsolete
+            if is_wandb:  # start W&B now (Lightning starts it lazily, mid-training) so a failure is caught here
+                _wandb_setup(logger.experiment, cfg)
             loggers.append(logger)
         except Exception as e:  # a logging service must never stop training
             warnings.warn(f"logger {key!r} could not start ({type(e).__name__}: {e}); continuing with the others")
     return loggers
+
+
+# metrics plotted against training FLOPs in W&B, so MoE and dense runs share one x-axis
+FLOPS_AXIS_METRICS = ("train/*", "val/*", "moe/*", "perf/*", "lr")
+
+
+def _wandb_setup(run, cfg: DictConfig) -> None:
+    """The run's full resolved config, and training FLOPs as the x-axis of its curves."""
+    if not hasattr(run, "define_metric"):  # a non-zero rank's dummy
+        return
+    run.config.update(_container(cfg), allow_val_change=True)
+    run.define_metric("flops/train_total")
+    for pattern in FLOPS_AXIS_METRICS:
+        run.define_metric(pattern, step_metric="flops/train_total", step_sync=True)
+
+
+def _wandb_stage(cfg: DictConfig, job_type: str, state_dir: Path, name: str) -> DictConfig:
+    """``cfg`` with its W&B logger set for one stage: job_type, name, and the id stored in the stage's
+    folder (created on first use), so a resumed stage continues its W&B run instead of starting one."""
+    if "wandb" not in (cfg.get("logger") or {}):
+        return cfg
+    id_file = state_dir / "wandb_id"
+    if not id_file.is_file() or not id_file.read_text().strip():
+        import secrets
+
+        state_dir.mkdir(parents=True, exist_ok=True)
+        id_file.write_text(secrets.token_hex(4))
+    cfg = copy.deepcopy(cfg)
+    with open_dict(cfg):
+        cfg.logger.wandb.job_type, cfg.logger.wandb.name = job_type, name
+        cfg.logger.wandb.id = id_file.read_text().strip()
+    return cfg
+
+
+def _wandb_summary(cfg: DictConfig, res: dict) -> None:
+    """Reopen the job's W&B run (training closed it) for what is known only at the end: the final
+    evaluations in its summary and the iso-FLOP dense curve on the same FLOPs axis."""
+    if "wandb" not in (cfg.get("logger") or {}) or not cfg.logger.wandb.get("id"):
+        return
+    try:
+        import wandb
+
+        w = OmegaConf.to_container(cfg.logger.wandb, resolve=True)
+        run = wandb.init(project=w["project"], id=w["id"], resume="allow", dir=w["save_dir"], mode=w.get("mode"),
+                         group=w.get("group"), job_type=w.get("job_type"), name=w.get("name"), tags=w.get("tags"),
+                         reinit="create_new")
+        iso = res.get("dense_iso") or {}
+        if iso.get("val_curve"):
+            run.define_metric("dense_iso/flops")
+            run.define_metric("dense_iso/val_loss", step_metric="dense_iso/flops")
+            for p in iso["val_curve"]:
+                run.log({"dense_iso/flops": p["flops"], "dense_iso/val_loss": p["val_loss"]})
+        run.summary.update({k: res[k] for k in ("status", "val_loss", "best_val_loss", "init_val_loss",
+                                                "dense_parent_val_loss", "train_flops", "tokens") if k in res})
+        if iso:
+            run.summary.update({"dense_iso/val_loss": iso.get("val_loss"), "dense_iso/train_flops": iso.get("train_flops")})
+        run.finish()
+    except Exception as e:  # never let logging sink a finished run
+        warnings.warn(f"W&B summary not written ({type(e).__name__}: {e})")
 
 
 def _close_loggers(trainer: L.Trainer) -> None:
@@ -259,11 +321,22 @@ def _steps(tokens: float, spec: Spec) -> int:
     return max(1, math.ceil(tokens / (spec.data.batch_size * spec.data.seq_len)))
 
 
+def _heal_checkpoint(out: Path) -> None:
+    """A truncated or damaged ``last.ckpt`` is moved aside (one warning) so the stage starts afresh
+    instead of failing mid-restore on every rerun."""
+    last = out / "checkpoints" / "last.ckpt"
+    if last.exists() and not intact_zip(last):
+        move_aside(last, "a damaged checkpoint (truncated or not a torch zip file)")
+    elif last.exists():
+        log.info("resuming from %s", last)
+
+
 def dense_base(spec: Spec, cfg: DictConfig) -> tuple[Decoder, dict]:
     """The pretrained dense checkpoint: trained once per (model, data, pretrain) config, then reused."""
     if spec.model.hf_path:  # a real pretrained checkpoint: no stage-0 pretraining
         from harness.hf import load_hf, read_config
 
+        log.info("dense base: the checkpoint %s (no pretraining)", spec.model.hf_path)
         model = load_hf(spec.model.hf_path, max_seq_len=spec.model.max_seq_len)
         tok_vocab = spec.data.meta["vocab_size"]
         if tok_vocab > model.cfg.vocab_size:
@@ -278,33 +351,43 @@ def dense_base(spec: Spec, cfg: DictConfig) -> tuple[Decoder, dict]:
     out.mkdir(parents=True, exist_ok=True)
     with FileLock(str(out / ".lock")):
         meta_path = out / "meta.json"
-        if meta_path.exists():
-            digests = {"model.pt": json.loads(meta_path.read_text()).get("checksum", "missing")}
-            if corrupt_files(out, digests):
-                warnings.warn(f"cached dense base {out / 'model.pt'} is corrupt or missing (checksum differs from "
-                              "meta.json): pretraining it again")
-                meta_path.unlink()
-                shutil.rmtree(out / "checkpoints", ignore_errors=True)
-        if not meta_path.exists():
-            log.info("pretraining dense base %s -> %s", spec.model.name, out)
+        meta = read_json(meta_path, required=("checksum", "key"))
+        if meta is not None and corrupt_files(out, {"model.pt": meta["checksum"]}):
+            if (out / "model.pt").exists():
+                move_aside(out / "model.pt", "a damaged cached dense base (checksum differs from meta.json)")
+            else:
+                warnings.warn(f"cached dense base {out / 'model.pt'} is missing: pretraining it again")
+            meta_path.unlink()
+            meta = None
+            shutil.rmtree(out / "checkpoints", ignore_errors=True)
+        if meta is None:
             torch.manual_seed(int(cfg.pretrain.seed))
             model = Decoder(spec.model)
             pre_data = copy.copy(spec.data)
             pre_data.batch_size = int(cfg.pretrain.batch_size)
             pre_spec = Spec(spec.method, spec.model, spec.moe, spec.recipe, instantiate(cfg.pretrain.optim),
                             pre_data, spec.moe_layers)
-            res = fit(model, pre_spec, cfg, out, _steps(cfg.pretrain.tokens, pre_spec), csv_only=True)
+            steps = _steps(cfg.pretrain.tokens, pre_spec)
+            log.info("dense base: pretraining %s for %d steps (%s tokens) -> %s", spec.model.name, steps,
+                     f"{steps * pre_data.batch_size * pre_data.seq_len:,}", out)
+            _heal_checkpoint(out)
+            res = fit(model, pre_spec, _wandb_stage(cfg, "pretrain", out, f"pretrain/{key}"), out, steps)
             if res["status"] != "complete":
-                raise RuntimeError("dense pretraining stopped before its budget; run again to resume it")
+                raise RuntimeError(f"dense pretraining stopped at step {res['steps']} of {steps}; run the same "
+                                   "command again to resume it")
             torch.save(model.state_dict(), out / "model.pt.tmp")
             (out / "model.pt.tmp").replace(out / "model.pt")
             checksum = file_digest(out / "model.pt")
             atomic_write_json(meta_path, {"key": key, "model": asdict(spec.model), "checksum": checksum, **res})
+            meta = json.loads(meta_path.read_text())
         else:
-            log.info("reusing cached dense base %s", out)
+            log.info("dense base: cached %s", out)
     model = Decoder(spec.model)
     model.load_state_dict(torch.load(out / "model.pt", map_location="cpu", weights_only=True))
-    return model, json.loads(meta_path.read_text())
+    return model, meta
+
+
+CONTINUATION_KEYS = ("val_loss", "best_val_loss", "tokens", "train_flops", "val_curve")
 
 
 def dense_continuation(dense: Decoder, base_key: str, tokens: int, spec: Spec, cfg: DictConfig) -> dict:
@@ -315,12 +398,18 @@ def dense_continuation(dense: Decoder, base_key: str, tokens: int, spec: Spec, c
     out.mkdir(parents=True, exist_ok=True)
     with FileLock(str(out / ".lock")):
         res_path = out / "results.json"
-        if res_path.exists():
-            return json.loads(res_path.read_text())
+        cached = read_json(res_path, required=CONTINUATION_KEYS)
+        if cached is not None:
+            log.info("iso-FLOP dense continuation: cached %s", out)
+            return cached
+        steps = _steps(tokens, spec)
+        log.info("iso-FLOP dense continuation: training %d steps (%s tokens, the MoE's training FLOPs) -> %s",
+                 steps, f"{steps * spec.data.batch_size * spec.data.seq_len:,}", out)
         torch.manual_seed(int(cfg.seed))
         model = Decoder(spec.model)
         model.load_state_dict(dense.state_dict())
-        res = fit(model, spec, cfg, out, _steps(tokens, spec), csv_only=True)
+        _heal_checkpoint(out)
+        res = fit(model, spec, _wandb_stage(cfg, "dense_iso", out, f"dense_iso/{key}"), out, steps)
         if res["status"] == "complete":
             atomic_write_json(res_path, res)
         return res
@@ -349,17 +438,26 @@ def run(cfg: DictConfig, spec: Spec, out_dir: Path) -> dict:
         return res
     torch.manual_seed(int(cfg.seed))
     if spec.method == "upcycle":
+        r = spec.recipe
+        log.info("upcycling to %s: routing %s, router init %s, drop ratio %s, weight scaling %s, MoE layers %s",
+                 spec.moe.name, spec.moe.routing, r.router_init, r.drop_ratio, r.weight_scaling, spec.moe_layers)
         model = upcycle(dense, spec.moe, spec.recipe)
         res["init_val_loss"] = evaluate(model, val_loader, eval_device(cfg))
         counts = moe_flops
         steps = _steps(cfg.train.tokens, spec)
+        stage = "upcycle"
     else:  # dense continuation at the iso-FLOP budget of cfg.moe
         model = dense
         res["init_val_loss"] = parent_val
         counts = dense_flops
         steps = _steps(iso_tokens, spec)
         res["iso_flop_of"] = spec.moe.name
+        stage = "dense_iso"
     res.update(params_total=counts.params_total, params_active=counts.params_active)
+    log.info("training %s for %d steps (%s tokens) -> %s", "the MoE" if stage == "upcycle" else
+             f"the iso-FLOP dense continuation of {spec.moe.name}", steps,
+             f"{steps * spec.data.batch_size * spec.data.seq_len:,}", out_dir)
+    _heal_checkpoint(out_dir)
     res.update(fit(model, spec, cfg, out_dir, steps))
     start = {"step": 0, "tokens": 0, "flops": 0, "val_loss": res["init_val_loss"]}
     res["val_curve"] = [start] + res["val_curve"]  # the step-0 gap is part of the curve
@@ -371,7 +469,7 @@ def run(cfg: DictConfig, spec: Spec, out_dir: Path) -> dict:
     return res
 
 
-def _print_summary(res: dict) -> None:
+def _print_summary(res: dict, out_dir: Path) -> None:
     from rich.console import Console
     from rich.table import Table
 
@@ -384,7 +482,12 @@ def _print_summary(res: dict) -> None:
     if "dense_iso" in res:
         d = res["dense_iso"]
         t.add_row("dense iso-FLOP", f"{d['tokens']:,}", f"{d['train_flops']:.3e}", f"{d['val_loss']:.4f}")
-    Console().print(t)
+    console = Console()
+    console.print(t)
+    console.print(f"results: {out_dir / 'results.json'}", soft_wrap=True)
+    runs = sorted(out_dir.glob("wandb/offline-run-*"))
+    if runs:
+        console.print(f"W&B (offline): wandb sync {out_dir / 'wandb'}/offline-run-*", soft_wrap=True)
 
 
 def _container(cfg: DictConfig) -> dict:
@@ -395,35 +498,59 @@ def _container(cfg: DictConfig) -> dict:
         return OmegaConf.to_container(cfg, resolve=False)
 
 
+def _multirun() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+JOB_TYPES = {"upcycle": "upcycle", "dense": "dense_iso", "pretrain": "pretrain"}
+
+
 def main(cfg: DictConfig) -> float:
-    """Run one experiment; write ``results.json`` atomically; return the final val loss."""
+    """Run one experiment in its own folder; write ``results.json`` atomically; return the final val loss."""
     if launch.idle_task():
         log.info("SLURM task %s: the job's first task drives it (and starts this node's workers)",
                  os.environ["SLURM_PROCID"])
         return float("nan")
+    from harness.console import quiet_libraries
+
+    quiet_libraries()
     out_dir = Path(cfg.paths.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     try:
         spec = build_spec(cfg)  # raises ConfigError before any compute
-    except ConfigError as e:  # recorded, so a sweep's report shows the job as failed rather than missing
-        atomic_write_json(out_dir / "results.json", {"config": _container(cfg),
-                                                     "run_dir": str(out_dir), "status": "failed",
-                                                     "error": f"ConfigError: {e}"})
+    except Exception as e:
+        if _multirun():  # recorded in the job's own folder, so the sweep's report counts it
+            out_dir.mkdir(parents=True, exist_ok=True)
+            if identity.stored_hash(out_dir) is None:
+                atomic_write_json(out_dir / "results.json", {"config": _container(cfg), "run_dir": str(out_dir),
+                                                             "status": "failed", "error": f"{type(e).__name__}: {e}"})
+        else:  # a single run that never started leaves no folder behind
+            identity.discard_unclaimed(out_dir)
         raise
-    resolved = OmegaConf.to_container(cfg, resolve=True)
-    config_hash = _hash({k: v for k, v in resolved.items() if k not in ("paths", "force", "optuna")})
+    config_hash = identity.config_hash(cfg)
     results_path = out_dir / "results.json"
-    if results_path.exists() and not cfg.get("force"):
-        old = json.loads(results_path.read_text())
-        if old.get("status") == "complete" and old.get("config_hash") == config_hash:
-            log.info("results.json is complete for this config: skipping (force=true re-runs)")
-            return float(old["val_loss"])
-    if cfg.get("print_config", True):
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.get("force"):
+        moved = identity.move_aside(out_dir)
+        if moved:
+            log.info("force=true: moved the previous run to %s; training from scratch", moved)
+    identity.claim(out_dir, config_hash)  # RunFolderError if the folder holds another config's run
+    old = read_json(results_path)
+    if old is not None and old.get("status") == "complete" and old.get("config_hash") == config_hash:
+        log.info("%s is complete for this config: skipping (force=true re-runs)", results_path)
+        return float(old["val_loss"])
+    if not _multirun():
+        identity.point_latest(out_dir)
+    if cfg.get("print_config", False):
         from harness.config_tree import print_config_tree
 
         print_config_tree(cfg)
     OmegaConf.save(cfg, out_dir / "config_resolved.yaml", resolve=True)
+    resolved = OmegaConf.to_container(cfg, resolve=True)
     base = {"config": resolved, "config_hash": config_hash, "run_dir": str(out_dir)}
+    cfg = _wandb_stage(cfg, JOB_TYPES[spec.method], out_dir, f"{cfg.name}/{out_dir.name}")
     try:
         res = {**base, **run(cfg, spec, out_dir)}
     except Exception as e:
@@ -432,6 +559,10 @@ def main(cfg: DictConfig) -> float:
                                          "traceback": traceback.format_exc()})
         raise
     atomic_write_json(results_path, res)
+    _wandb_summary(cfg, res)
     if res["status"] == "complete":
-        _print_summary(res)
+        _print_summary(res, out_dir)
+    else:
+        log.info("%s: stopped at step %s (status %s); run the same command again to resume", results_path,
+                 res.get("steps"), res["status"])
     return float(res["val_loss"])
