@@ -62,7 +62,8 @@ def run_dirname(overrides: str, *, _root_: DictConfig) -> str:
     from harness.resolvers import short_dirname
 
     tag = f"cfg={config_hash(_root_)}"
-    return f"{short_dirname(overrides)},{tag}" if overrides else tag
+    readable = short_dirname(overrides.replace("/", "_"))  # data.path=/a/b must not nest folders
+    return f"{readable},{tag}" if overrides else tag
 
 
 def stored_hash(folder: Path) -> str | None:

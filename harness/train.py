@@ -92,6 +92,7 @@ def build_spec(cfg: DictConfig) -> Spec:
     optim = make(cfg.optim)
     optim.validate()
     data = make(cfg.data)
+    data.check_source()  # a user corpus: exists, is text, is large enough
     if data.seq_len > model.max_seq_len:
         raise ConfigError(f"data.seq_len={data.seq_len} > model.max_seq_len={model.max_seq_len}")
     layers = resolve_moe_layers(recipe.moe_layers, model.n_layers)
