@@ -124,6 +124,8 @@ class LitLM(L.LightningModule):
     def validation_step(self, batch, batch_idx):
         x, y = batch
         self.log("val/loss", self.model(x, y).loss, prog_bar=True, sync_dist=True)
+        if batch_idx == 0 and self.tokens_per_step:  # the x-axis value in val/loss's own row (W&B plots by FLOPs)
+            self.log("flops/train_total", float(self.global_step * self.tokens_per_step * self.flops_per_token))
 
     def configure_optimizers(self):
         named = [(_clean(n), p) for n, p in self.model.named_parameters()]

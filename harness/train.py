@@ -165,8 +165,8 @@ def _wandb_setup(run, cfg: DictConfig) -> None:
         return
     run.config.update(_container(cfg), allow_val_change=True)
     run.define_metric("flops/train_total")
-    for pattern in FLOPS_AXIS_METRICS:
-        run.define_metric(pattern, step_metric="flops/train_total", step_sync=True)
+    for pattern in FLOPS_AXIS_METRICS:  # every logged row carries flops/train_total (LitLM logs it beside val/loss)
+        run.define_metric(pattern, step_metric="flops/train_total")
 
 
 def _wandb_stage(cfg: DictConfig, job_type: str, state_dir: Path, name: str) -> DictConfig:
