@@ -402,7 +402,7 @@ def dense_continuation(dense: Decoder, base_key: str, tokens: int, spec: Spec, c
         cached = read_json(res_path, required=CONTINUATION_KEYS)
         if cached is not None:
             log.info("iso-FLOP dense continuation: cached %s", out)
-            return cached
+            return {**cached, "cache_dir": str(out)}
         steps = _steps(tokens, spec)
         log.info("iso-FLOP dense continuation: training %d steps (%s tokens, the MoE's training FLOPs) -> %s",
                  steps, f"{steps * spec.data.batch_size * spec.data.seq_len:,}", out)
@@ -413,7 +413,7 @@ def dense_continuation(dense: Decoder, base_key: str, tokens: int, spec: Spec, c
         res = fit(model, spec, _wandb_stage(cfg, "dense_iso", out, f"dense_iso/{key}"), out, steps)
         if res["status"] == "complete":
             atomic_write_json(res_path, res)
-        return res
+        return {**res, "cache_dir": str(out)}
 
 
 def run(cfg: DictConfig, spec: Spec, out_dir: Path) -> dict:
@@ -464,7 +464,7 @@ def run(cfg: DictConfig, spec: Spec, out_dir: Path) -> dict:
     res["val_curve"] = [start] + res["val_curve"]  # the step-0 gap is part of the curve
     if spec.method == "upcycle" and cfg.iso_flop_baseline and res["status"] == "complete":
         iso = dense_continuation(dense, base_meta["key"], iso_tokens, spec, cfg)
-        res["dense_iso"] = {k: iso[k] for k in ("val_loss", "best_val_loss", "tokens", "train_flops")}
+        res["dense_iso"] = {k: iso[k] for k in ("val_loss", "best_val_loss", "tokens", "train_flops", "cache_dir")}
         res["dense_iso"]["val_curve"] = [{**start, "val_loss": parent_val}] + iso["val_curve"]
     res["wall_time_s"] = time.time() - t0
     return res
