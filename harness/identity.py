@@ -30,6 +30,14 @@ COSMETIC = ("hydra", "name", "print_config", "force", "paths", "logger", "optuna
 IDENTITY = "identity.json"
 
 
+def resolved(cfg: DictConfig) -> dict:
+    """The config as plain data, resolved when it can be (a bad value may break an interpolation)."""
+    try:
+        return OmegaConf.to_container(cfg, resolve=True)
+    except Exception:
+        return OmegaConf.to_container(cfg, resolve=False)
+
+
 def experiment_config(cfg: DictConfig) -> dict:
     """The resolved config without its cosmetic keys (resolved as far as it resolves: a bad value may
     break an interpolation, and the run must still get a folder to fail in)."""
@@ -37,11 +45,7 @@ def experiment_config(cfg: DictConfig) -> dict:
     raw.pop("hydra", None)
     if isinstance(raw.get("paths"), dict):
         raw["paths"]["output_dir"] = ""  # ${hydra:runtime.output_dir} is what this decides
-    node = OmegaConf.create(raw)
-    try:
-        data = OmegaConf.to_container(node, resolve=True)
-    except Exception:
-        data = OmegaConf.to_container(node, resolve=False)
+    data = resolved(OmegaConf.create(raw))
     for key in COSMETIC:
         *parents, leaf = key.split(".")
         d = data

@@ -27,11 +27,11 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.plugins.environments import LightningEnvironment
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf
 
-from harness import flops, identity, launch
+from harness import flops, identity, launch, tracking
 from harness.data import TokenDataModule
-from harness.errors import ConfigError, RunFolderError
+from harness.errors import ConfigError
 from harness.io import atomic_write_json, corrupt_files, file_digest, intact_zip, move_aside, read_json
 from harness.lit import LitLM, OptimConfig, evaluate
 from harness.model import Decoder, ModelConfig
@@ -145,73 +145,13 @@ def _loggers(cfg: DictConfig, out_dir: Path, csv_only: bool):
         try:
             is_wandb = key == "wandb"
             logger = instantiate(lcfg) if is_wandb else instantiate(lcfg, save_dir=str(out_dir))
-            if is_wandb:
-                logger._wandb_init.pop("anonymous", None)  # Lightning passes it; W&B warns that it is obsolete
             if is_wandb:  # start W&B now (Lightning starts it lazily, mid-training) so a failure is caught here
-                _wandb_setup(logger.experiment, cfg)
+                logger._wandb_init.pop("anonymous", None)  # Lightning passes it; W&B warns that it is obsolete
+                tracking.setup(logger.experiment, cfg)
             loggers.append(logger)
         except Exception as e:  # a logging service must never stop training
             warnings.warn(f"logger {key!r} could not start ({type(e).__name__}: {e}); continuing with the others")
     return loggers
-
-
-# metrics plotted against training FLOPs in W&B, so MoE and dense runs share one x-axis
-FLOPS_AXIS_METRICS = ("train/*", "val/*", "moe/*", "perf/*", "lr")
-
-
-def _wandb_setup(run, cfg: DictConfig) -> None:
-    """The run's full resolved config, and training FLOPs as the x-axis of its curves."""
-    if not hasattr(run, "define_metric"):  # a non-zero rank's dummy
-        return
-    run.config.update(_container(cfg), allow_val_change=True)
-    run.define_metric("flops/train_total")
-    for pattern in FLOPS_AXIS_METRICS:  # every logged row carries flops/train_total (LitLM logs it beside val/loss)
-        run.define_metric(pattern, step_metric="flops/train_total")
-
-
-def _wandb_stage(cfg: DictConfig, job_type: str, state_dir: Path, name: str) -> DictConfig:
-    """``cfg`` with its W&B logger set for one stage: job_type, name, and the id stored in the stage's
-    folder (created on first use), so a resumed stage continues its W&B run instead of starting one."""
-    if "wandb" not in (cfg.get("logger") or {}):
-        return cfg
-    id_file = state_dir / "wandb_id"
-    if not id_file.is_file() or not id_file.read_text().strip():
-        import secrets
-
-        state_dir.mkdir(parents=True, exist_ok=True)
-        id_file.write_text(secrets.token_hex(4))
-    cfg = copy.deepcopy(cfg)
-    with open_dict(cfg):
-        cfg.logger.wandb.job_type, cfg.logger.wandb.name = job_type, name
-        cfg.logger.wandb.id = id_file.read_text().strip()
-    return cfg
-
-
-def _wandb_summary(cfg: DictConfig, res: dict) -> None:
-    """Reopen the job's W&B run (training closed it) for what is known only at the end: the final
-    evaluations in its summary and the iso-FLOP dense curve on the same FLOPs axis."""
-    if "wandb" not in (cfg.get("logger") or {}) or not cfg.logger.wandb.get("id"):
-        return
-    try:
-        import wandb
-
-        w = OmegaConf.to_container(cfg.logger.wandb, resolve=True)
-        run = wandb.init(project=w["project"], id=w["id"], resume="allow", dir=w["save_dir"], mode=w.get("mode"),
-                         group=w.get("group"), job_type=w.get("job_type"), name=w.get("name"), tags=w.get("tags"),
-                         reinit="create_new")
-        iso = res.get("dense_iso") or {}
-        if iso.get("val_curve"):
-            run.define_metric("dense_iso/flops")
-            run.define_metric("dense_iso/val_loss", step_metric="dense_iso/flops")
-            for p in iso["val_curve"]:
-                run.log({"dense_iso/flops": p["flops"], "dense_iso/val_loss": p["val_loss"]})
-        run.summary.update({k: res[k] for k in ("status", "val_loss", "best_val_loss", "init_val_loss",
-                                                "dense_parent_val_loss", "train_flops", "tokens") if k in res})
-        if iso:
-            run.summary.update({"dense_iso/val_loss": iso.get("val_loss"), "dense_iso/train_flops": iso.get("train_flops")})
-        run.finish()
-    except Exception as e:  # never let logging sink a finished run
-        warnings.warn(f"W&B summary not written ({type(e).__name__}: {e})")
 
 
 def _close_loggers(trainer: L.Trainer) -> None:
@@ -372,7 +312,7 @@ def dense_base(spec: Spec, cfg: DictConfig) -> tuple[Decoder, dict]:
             log.info("dense base: pretraining %s for %d steps (%s tokens) -> %s", spec.model.name, steps,
                      f"{steps * pre_data.batch_size * pre_data.seq_len:,}", out)
             _heal_checkpoint(out)
-            res = fit(model, pre_spec, _wandb_stage(cfg, "pretrain", out, f"pretrain/{key}"), out, steps)
+            res = fit(model, pre_spec, tracking.stage(cfg, "pretrain", out, f"pretrain/{key}"), out, steps)
             if res["status"] != "complete":
                 raise RuntimeError(f"dense pretraining stopped at step {res['steps']} of {steps}; run the same "
                                    "command again to resume it")
@@ -410,7 +350,7 @@ def dense_continuation(dense: Decoder, base_key: str, tokens: int, spec: Spec, c
         model = Decoder(spec.model)
         model.load_state_dict(dense.state_dict())
         _heal_checkpoint(out)
-        res = fit(model, spec, _wandb_stage(cfg, "dense_iso", out, f"dense_iso/{key}"), out, steps)
+        res = fit(model, spec, tracking.stage(cfg, "dense_iso", out, f"dense_iso/{key}"), out, steps)
         if res["status"] == "complete":
             atomic_write_json(res_path, res)
         return {**res, "cache_dir": str(out)}
@@ -491,14 +431,6 @@ def _print_summary(res: dict, out_dir: Path) -> None:
         console.print(f"W&B (offline): wandb sync {out_dir / 'wandb'}/offline-run-*", soft_wrap=True)
 
 
-def _container(cfg: DictConfig) -> dict:
-    """The config as plain data, resolved when it can be (a bad value may break an interpolation)."""
-    try:
-        return OmegaConf.to_container(cfg, resolve=True)
-    except Exception:
-        return OmegaConf.to_container(cfg, resolve=False)
-
-
 def _multirun() -> bool:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
@@ -525,7 +457,7 @@ def main(cfg: DictConfig) -> float:
         if _multirun():  # recorded in the job's own folder, so the sweep's report counts it
             out_dir.mkdir(parents=True, exist_ok=True)
             if identity.stored_hash(out_dir) is None:
-                atomic_write_json(out_dir / "results.json", {"config": _container(cfg), "run_dir": str(out_dir),
+                atomic_write_json(out_dir / "results.json", {"config": identity.resolved(cfg), "run_dir": str(out_dir),
                                                              "status": "failed", "error": f"{type(e).__name__}: {e}"})
         else:  # a single run that never started leaves no folder behind
             identity.discard_unclaimed(out_dir)
@@ -551,7 +483,7 @@ def main(cfg: DictConfig) -> float:
     OmegaConf.save(cfg, out_dir / "config_resolved.yaml", resolve=True)
     resolved = OmegaConf.to_container(cfg, resolve=True)
     base = {"config": resolved, "config_hash": config_hash, "run_dir": str(out_dir)}
-    cfg = _wandb_stage(cfg, JOB_TYPES[spec.method], out_dir, f"{cfg.name}/{out_dir.name}")
+    cfg = tracking.stage(cfg, JOB_TYPES[spec.method], out_dir, f"{cfg.name}/{out_dir.name}")
     try:
         res = {**base, **run(cfg, spec, out_dir)}
     except Exception as e:
@@ -560,7 +492,7 @@ def main(cfg: DictConfig) -> float:
                                          "traceback": traceback.format_exc()})
         raise
     atomic_write_json(results_path, res)
-    _wandb_summary(cfg, res)
+    tracking.summary(cfg, res)
     if res["status"] == "complete":
         _print_summary(res, out_dir)
     else:
