@@ -136,7 +136,7 @@ def test_bad_config_fails_fast_with_one_line(env, tmp_path, override, needle):
     assert proc.returncode != 0
     last = proc.stderr.strip().splitlines()[-1]
     assert needle in last and last.startswith("config error:"), proc.stderr[-2000:]
-    assert not (tmp_path / "runs").exists()  # a run that never started leaves no folder (and touches no other)
+    assert not (tmp_path / "runs" / "default").exists()  # a run that never started leaves no folder behind
 
 
 @pytest.mark.slow
