@@ -81,9 +81,9 @@ def claim(folder: Path, config_hash_: str) -> None:
     """Make ``folder`` this config's run folder, or stop with one line if it holds another config's state."""
     stored = stored_hash(folder)
     ckpts = sorted((folder / "checkpoints").glob("*.ckpt")) if (folder / "checkpoints").is_dir() else []
-    if stored is None and ckpts:
-        raise RunFolderError(f"{folder} holds checkpoints but no {IDENTITY} naming their config; force=true moves "
-                             "them aside and starts afresh")
+    if stored is None and (ckpts or (folder / "results.json").exists()):
+        raise RunFolderError(f"{folder} holds a run but no {IDENTITY} naming its config (an older layout?); it is left "
+                             "as it is: pick another hydra.run.dir, or force=true to move it aside")
     if stored is not None and stored != config_hash_:
         raise RunFolderError(f"{folder} holds a run of another config (hash {stored}, this one is {config_hash_}); "
                              "it is left as it is: pick another hydra.run.dir, or force=true to move it aside")
