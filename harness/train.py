@@ -470,12 +470,12 @@ def main(cfg: DictConfig) -> float:
         if moved:
             log.info("force=true: moved the previous run to %s; training from scratch", moved)
     identity.claim(out_dir, config_hash)  # RunFolderError if the folder holds another config's run
+    if not _multirun():
+        identity.point_latest(out_dir)
     old = read_json(results_path)
     if old is not None and old.get("status") == "complete" and old.get("config_hash") == config_hash:
         log.info("%s is complete for this config: skipping (force=true re-runs)", results_path)
         return float(old["val_loss"])
-    if not _multirun():
-        identity.point_latest(out_dir)
     if cfg.get("print_config", False):
         from harness.config_tree import print_config_tree
 
