@@ -197,3 +197,22 @@ def test_wandb_offline_runs_hold_the_config_every_stage_and_continue_after_a_res
     assert {"model", "moe", "upcycle", "optim", "data", "train", "seed"} <= moe["config"]  # the resolved config
     assert {"val_loss", "init_val_loss", "dense_parent_val_loss", "dense_iso/val_loss"} <= moe["summary"]
     assert {"val/loss", "flops/train_total"} <= by_type["dense_iso"]["summary"]  # curves on the FLOPs axis
+
+
+def test_the_folder_hash_ignores_cosmetic_keys_and_sees_every_experiment_key():
+    from hydra import compose, initialize_config_dir
+
+    from harness.identity import config_hash
+    from harness.resolvers import register
+
+    register()
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        def h(*overrides):
+            return config_hash(compose("config", overrides=list(overrides)))
+
+        base = h()
+        assert base == h("print_config=true", "force=true", "logger=csv", "name=other", "train.stop_after_steps=3",
+                         "trainer.enable_progress_bar=false", "paths.log_dir=/elsewhere", "paths.cache_dir=/c")
+        for key in ("routing=topk_softmax", "moe.top_k=1", "seed=1", "data.path=/x", "optim.lr=1e-4",
+                    "method=dense", "pretrain.tokens=1000", "trainer=ddp_cpu"):
+            assert h(key) != base, key
