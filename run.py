@@ -10,18 +10,19 @@ register()
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> float:
-    from harness.errors import ConfigError
+    from harness.errors import ConfigError, RunFolderError
     from harness.train import main as train_main
 
     try:
         return train_main(cfg)
-    except ConfigError as e:
+    except (ConfigError, RunFolderError) as e:
         from hydra.core.hydra_config import HydraConfig
         from hydra.types import RunMode
 
         if HydraConfig.get().mode == RunMode.MULTIRUN:  # an ordinary job failure: the sweep's other jobs go on
             raise
-        raise SystemExit(f"config error: {e}") from None  # one line naming the bad key, no traceback
+        kind = "config error" if isinstance(e, ConfigError) else "error"
+        raise SystemExit(f"{kind}: {e}") from None  # one line naming the bad key or file, no traceback
 
 
 if __name__ == "__main__":

@@ -51,10 +51,15 @@ def load_run(path: Path) -> dict:
     return row
 
 
+def _set_aside(path: Path) -> bool:
+    """A run moved aside by force=true (``<dir>.old-<time>``) or a damaged file (``.corrupt-<time>``)."""
+    return any(".old-" in part or ".corrupt-" in part for part in path.parts)
+
+
 def collect(*roots: str | Path) -> pd.DataFrame:
     """One row per results.json under ``roots`` (failed runs included, with their status and error)."""
     rows = [load_run(p) for root in roots for p in sorted(Path(root).rglob("results.json"))
-            if "dense_continuation" not in p.parts]
+            if "dense_continuation" not in p.parts and not _set_aside(p)]
     return pd.DataFrame(rows)
 
 

@@ -122,16 +122,25 @@ def findings_markdown(f: pd.DataFrame) -> str:
     return head + "\n".join(rows) + "\n"
 
 
+def pretrain_results(part: Path) -> Path:
+    """A part's dense-base record: ``runs/study_pretrain/results.json`` (the committed runs) or, since run folders
+    are named by their config, ``runs/study_pretrain/<overrides>,cfg=<hash>/results.json`` (the newest)."""
+    old = part / "runs" / "study_pretrain" / "results.json"
+    new = sorted((part / "runs" / "study_pretrain").glob("*cfg=*/results.json"), key=lambda p: p.stat().st_mtime)
+    return new[-1] if new and not old.exists() else old
+
+
 def pretrain_markdown(df: pd.DataFrame, roots: list[Path]) -> str:
     """The dense base of each part: final val loss and how much the last 10% of pretraining still gained."""
     lines = ["| base | tokens | params | val loss | val loss 10% of tokens earlier | gain over last 10% |",
              "|---|---|---|---|---|---|"]
-    for res_path in sorted(p for root in roots for p in root.glob("*/runs/study_pretrain/results.json")):
+    for part, res_path in sorted((d.name, pretrain_results(d)) for root in roots for d in root.iterdir() if d.is_dir()
+                                 and pretrain_results(d).exists()):
         res = json.loads(res_path.read_text())
         curve = res["val_curve"]
         cut = [p for p in curve if p["tokens"] <= 0.9 * res["tokens"]][-1]
         gain = 100 * (cut["val_loss"] - res["val_loss"]) / cut["val_loss"]
-        lines.append(f"| {res_path.parts[-4]} | {res['tokens']:,} | {res['params_total']:,} | {res['val_loss']:.4f} | "
+        lines.append(f"| {part} | {res['tokens']:,} | {res['params_total']:,} | {res['val_loss']:.4f} | "
                      f"{cut['val_loss']:.4f} | {gain:.2f}% |")
     return "\n".join(lines) + "\n"
 
@@ -143,7 +152,7 @@ def partial_markdown(root: Path) -> str:
 
     lines = []
     for part in sorted(d for d in root.iterdir() if d.is_dir()):
-        base = json.loads((part / "runs/study_pretrain/results.json").read_text())
+        base = json.loads(pretrain_results(part).read_text())
         curves = {}
         for run in sorted((part / "multirun").glob("*/*/")):
             cfg = yaml.safe_load((run / "config_resolved.yaml").read_text())

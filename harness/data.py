@@ -22,7 +22,7 @@ from filelock import FileLock
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from harness.errors import ConfigError
-from harness.io import atomic_write_bytes, atomic_write_text, corrupt_files, file_digest
+from harness.io import atomic_write_bytes, atomic_write_text, corrupt_files, file_digest, read_json
 
 log = logging.getLogger(__name__)
 EOT = "<|endoftext|>"
@@ -62,13 +62,47 @@ def _python_files() -> list[Path]:
 
 
 def _user_files(path: str) -> list[Path]:
+    """One file (any name), or a folder's {TEXT_SUFFIXES} files (hidden ones skipped), in a fixed order."""
     p = Path(path).expanduser()
     if not p.exists():
         raise ConfigError(f"data.path={path!r} does not exist")
-    files = sorted(q for q in p.rglob("*") if q.suffix in TEXT_SUFFIXES) if p.is_dir() else [p]
+    if not p.is_dir():
+        return [p]
+    files = sorted(q for q in p.rglob("*") if q.suffix in TEXT_SUFFIXES and q.is_file()
+                   and not any(part.startswith(".") for part in q.relative_to(p).parts))
     if not files:
-        raise ConfigError(f"data.path={path!r} holds no {TEXT_SUFFIXES} files")
+        raise ConfigError(f"data.path={path!r} holds no {'/'.join(TEXT_SUFFIXES)} files")
     return files
+
+
+MIN_CORPUS_BYTES = 10_000  # below this a BPE and a validation split say nothing
+MAX_INVALID_UTF8 = 0.01  # a file with more undecodable bytes than this is not UTF-8 text (rejected, not cleaned)
+
+
+def _decode(f: Path) -> tuple[str, int]:
+    """A file's text and its count of bytes that are not UTF-8 (replaced by U+FFFD); binary files and
+    files in another encoding stop the run with one line naming them."""
+    raw = f.read_bytes()
+    if b"\x00" in raw[:1 << 16]:
+        raise ConfigError(f"data.path: {f} is not text (it holds NUL bytes: binary, or UTF-16)")
+    text = raw.decode("utf-8", errors="replace")
+    bad = text.count("\ufffd") - raw.decode("utf-8", errors="ignore").count("\ufffd")
+    if bad > MAX_INVALID_UTF8 * max(len(raw), 1):
+        raise ConfigError(f"data.path: {f} is not UTF-8 text ({bad:,} of {len(raw):,} bytes do not decode); "
+                          "convert it (e.g. iconv -t UTF-8) or leave it out")
+    return text, bad
+
+
+def _jsonl_texts(f: Path, raw: str) -> list[str]:
+    texts = []
+    for i, line in enumerate(raw.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            texts.append(str(json.loads(line)["text"]))
+        except (ValueError, KeyError, TypeError):
+            raise ConfigError(f"data.path: {f}:{i} is not a JSON object with a \"text\" field") from None
+    return texts
 
 
 def read_documents(source: str, path: str | None, max_bytes: int) -> list[str]:
@@ -81,17 +115,39 @@ def read_documents(source: str, path: str | None, max_bytes: int) -> list[str]:
         files = _python_files()
     else:
         raise ConfigError(f"data.source={source!r} is not 'stdlib' or 'python' (or give data.path=)")
-    docs, total = [], 0
+    docs, total, bad, bad_files = [], 0, 0, 0
     for f in files:
-        raw = f.read_bytes().decode("utf-8", errors="replace")
-        texts = [json.loads(line).get("text", "") for line in raw.splitlines() if line.strip()] if f.suffix == ".jsonl" else [raw]
-        for t in texts:
+        raw, n_bad = _decode(f) if path else (f.read_bytes().decode("utf-8", errors="replace"), 0)
+        bad, bad_files = bad + n_bad, bad_files + bool(n_bad)
+        for t in (_jsonl_texts(f, raw) if f.suffix == ".jsonl" else [raw]):
             if t.strip():
                 docs.append(t)
                 total += len(t.encode())
             if total >= max_bytes:
-                return docs
+                break
+        if total >= max_bytes:
+            break
+    if bad:
+        warnings.warn(f"data.path: {bad:,} bytes in {bad_files} file(s) were not UTF-8; replaced by U+FFFD")
+    if path and total < MIN_CORPUS_BYTES:
+        raise ConfigError(f"data.path={path!r} holds {total:,} bytes of text; the corpus needs at least "
+                          f"{MIN_CORPUS_BYTES:,}")
     return docs
+
+
+VAL_PIECE_TOKENS = 4096  # validation pieces at least this long where the corpus allows (fewer junctions)
+
+
+def split_stream(tokens: np.ndarray, val_fraction: float) -> tuple[np.ndarray, np.ndarray]:
+    """(train, val): the token stream cut into G <= 20 equal segments, the last ``val_fraction`` of each
+    going to validation. A fixed share of the tokens, spread over the corpus, however many documents."""
+    n_val = round(len(tokens) * val_fraction)
+    groups = max(1, min(20, n_val // VAL_PIECE_TOKENS))
+    bounds = np.linspace(0, len(tokens), groups + 1).astype(np.int64)
+    cuts = [b - round((b - a) * val_fraction) for a, b in zip(bounds[:-1], bounds[1:])]
+    train = np.concatenate([tokens[a:c] for a, c in zip(bounds[:-1], cuts)])
+    val = np.concatenate([tokens[c:b] for c, b in zip(cuts, bounds[1:])])
+    return train, val
 
 
 def train_tokenizer(docs: list[str], vocab_size: int):
@@ -134,37 +190,41 @@ def build_shards(source: str, path: str | None, max_bytes: int, vocab_size: int,
     if not 0 < val_fraction < 0.5:
         raise ConfigError(f"data.val_fraction={val_fraction} must be in (0, 0.5)")
     docs = read_documents(source, path, max_bytes)
+    # the key covers everything the shards depend on: the text, the tokenizer (trained: its settings and
+    # the library version; given: its file), the split rule
+    import tokenizers
+
     h = hashlib.sha256()
     for d in docs:
         h.update(d.encode())
-    h.update(f"|v{vocab_size}|val{val_fraction}|bpe1".encode())
+    h.update(f"|v{vocab_size}|val{val_fraction}|bpe1|stream-split1|tokenizers{tokenizers.__version__}".encode())
     if tokenizer_path is not None:
         h.update((Path(tokenizer_path).expanduser() / "tokenizer.json").read_bytes() if
                  (Path(tokenizer_path).expanduser() / "tokenizer.json").exists() else b"missing")
     out = Path(cache_dir).expanduser() / "data" / h.hexdigest()[:16]
     out.mkdir(parents=True, exist_ok=True)
     with FileLock(str(out / ".lock")):
-        if (out / "meta.json").exists():
-            bad = corrupt_files(out, json.loads((out / "meta.json").read_text()).get("checksums", {}))
+        meta = read_json(out / "meta.json", required=("checksums", "dtype", "train_tokens", "val_tokens"))
+        if meta is not None:
+            bad = corrupt_files(out, meta["checksums"])
             if not bad:
+                log.info("token shards: cached %s", out)
                 return out
             warnings.warn(f"token cache {out} is corrupt ({', '.join(bad)} differ from meta.json): rebuilding it")
             (out / "meta.json").unlink()
+        log.info("token shards: %s documents, %s bytes -> %s tokenizer -> %s", f"{len(docs):,}",
+                 f"{sum(len(d.encode()) for d in docs):,}", tokenizer_path or f"BPE (vocab {vocab_size})", out)
         tok = load_tokenizer(tokenizer_path) if tokenizer_path else train_tokenizer(docs, vocab_size)
         eot = _eot_id(tok)
         dtype = np.uint16 if tok.get_vocab_size() <= 65536 else np.uint32
-        every = max(2, round(1 / val_fraction))
-        split = {"train": [], "val": []}
-        for i, enc in enumerate(tok.encode_batch(docs)):
-            split["val" if i % every == every - 1 else "train"].append(enc.ids + [eot])
-        for name, parts in split.items():
-            arr = np.fromiter((t for p in parts for t in p), dtype=dtype)
+        stream = np.concatenate([np.asarray(enc.ids + [eot], dtype=dtype) for enc in tok.encode_batch(docs)])
+        split = dict(zip(("train", "val"), split_stream(stream, val_fraction)))
+        for name, arr in split.items():
             atomic_write_bytes(out / f"{name}.bin", arr.tobytes())
         atomic_write_text(out / "tokenizer.json", tok.to_str())
         meta = {"documents": len(docs), "bytes": sum(len(d.encode()) for d in docs),
                 "vocab_size": tok.get_vocab_size(), "dtype": np.dtype(dtype).name, "tokenizer": tokenizer_path or "bpe",
-                "train_tokens": int(sum(map(len, split["train"]))), "val_tokens": int(sum(map(len, split["val"]))),
-                "source": path or source,
+                "train_tokens": len(split["train"]), "val_tokens": len(split["val"]), "source": path or source,
                 "checksums": {n: file_digest(out / n) for n in ("train.bin", "val.bin", "tokenizer.json")}}
         atomic_write_text(out / "meta.json", json.dumps(meta, indent=1))
     return out
@@ -248,7 +308,17 @@ class TokenDataModule(L.LightningDataModule):
         """Build or find the cached shards (rank 0 first under DDP thanks to the file lock)."""
         self.shard_dir = build_shards(self.source, self.path, self.max_bytes, self.vocab_size, self.val_fraction, self.cache_dir,
                                       self.tokenizer_path)
+        need = self.seq_len + 2
+        if min(self.meta["train_tokens"], self.meta["val_tokens"]) < need:
+            raise ConfigError(f"data.path={self.path!r}: the corpus gives {self.meta['train_tokens']:,} training and "
+                              f"{self.meta['val_tokens']:,} validation tokens; each split needs data.seq_len + 2 = "
+                              f"{need} (more text, or a larger data.val_fraction)")
         return self.shard_dir
+
+    def check_source(self) -> None:
+        """Before any compute: a user corpus exists, is text, and is large enough (one line if not)."""
+        if self.path:
+            read_documents(self.source, self.path, self.max_bytes)
 
     def shard(self, split: str) -> np.ndarray:
         if self.shard_dir is None:

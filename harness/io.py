@@ -53,3 +53,46 @@ def corrupt_files(folder: str | Path, digests: dict[str, str]) -> list[str]:
     folder = Path(folder)
     return [name for name, want in digests.items()
             if not (folder / name).is_file() or file_digest(folder / name) != want]
+
+
+def move_aside(path: str | Path, why: str) -> Path:
+    """Rename a damaged file or folder to ``<name>.corrupt-<timestamp>`` (kept for a look, never read
+    again) and say so in one warning naming both paths."""
+    import time
+    import warnings
+
+    path = Path(path)
+    dest = path.with_name(f"{path.name}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
+    os.replace(path, dest)
+    warnings.warn(f"{path} is {why}: moved it to {dest.name} and recomputing it", stacklevel=2)
+    return dest
+
+
+def read_json(path: str | Path, required: tuple[str, ...] = ()) -> dict | None:
+    """A cached JSON record, or None when it is missing or damaged (truncated, not JSON, lacking a
+    ``required`` key); a damaged one is moved aside with one warning."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        obj = json.loads(path.read_text())
+        missing = [k for k in required if k not in obj]
+        if not missing:
+            return obj
+        why = f"incomplete (no {', '.join(missing)})"
+    except (ValueError, UnicodeDecodeError, TypeError) as e:
+        why = f"corrupt ({type(e).__name__})"
+    move_aside(path, why)
+    return None
+
+
+def intact_zip(path: str | Path) -> bool:
+    """True when a zip file (a torch checkpoint) is whole: central directory readable and, below
+    FULL_CHECKSUM_LIMIT, every member's CRC right (a truncated last.ckpt fails here, not mid-restore)."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as zf:
+            return Path(path).stat().st_size > FULL_CHECKSUM_LIMIT or zf.testzip() is None
+    except (OSError, zipfile.BadZipFile, EOFError, ValueError):
+        return False

@@ -86,7 +86,7 @@ class LitLM(L.LightningModule):
         if not torch.isfinite(loss).item():  # one tiny sync a step; a NaN must not reach the weights
             raise FloatingPointError(
                 f"non-finite training loss ({loss.item()}) at step {self.global_step}: stopping before the update; "
-                "checkpoints/last.ckpt is the last good state (lower optim.lr or raise optim.warmup_steps)")
+                f"{self._last_good()}(lower optim.lr or raise optim.warmup_steps)")
         tokens = (self.global_step + 1) * (self.tokens_per_step or x.numel() * self.trainer.world_size)
         self.log_dict({"train/loss": out.loss, "train/tokens": float(tokens),
                        "flops/train_total": float(tokens) * self.flops_per_token}, prog_bar=False)
@@ -129,6 +129,8 @@ class LitLM(L.LightningModule):
     def validation_step(self, batch, batch_idx):
         x, y = batch
         self.log("val/loss", self.model(x, y).loss, prog_bar=True, sync_dist=True)
+        if batch_idx == 0 and self.tokens_per_step:  # the x-axis value in val/loss's own row (W&B plots by FLOPs)
+            self.log("flops/train_total", float(self.global_step * self.tokens_per_step * self.flops_per_token))
 
     def configure_optimizers(self):
         named = [(_clean(n), p) for n, p in self.model.named_parameters()]
@@ -155,8 +157,15 @@ class LitLM(L.LightningModule):
         if not math.isfinite(value) or (self.max_grad_norm is not None and value > self.max_grad_norm):
             raise FloatingPointError(
                 f"gradient norm {value:.4g} at step {self.global_step} is not finite or exceeds "
-                f"train.max_grad_norm={self.max_grad_norm}: stopping before the update; checkpoints/last.ckpt is "
-                "the last good state (lower optim.lr or raise optim.warmup_steps)")
+                f"train.max_grad_norm={self.max_grad_norm}: stopping before the update; {self._last_good()}"
+                "(lower optim.lr or raise optim.warmup_steps)")
+
+    def _last_good(self) -> str:
+        """Names the checkpoint to go back to only when there is one."""
+        from pathlib import Path
+
+        last = Path(self.trainer.default_root_dir) / "checkpoints" / "last.ckpt"
+        return f"{last} is the last good state " if last.exists() else "no checkpoint was saved before it "
 
 
 def _clean(name: str) -> str:

@@ -26,6 +26,8 @@ def hf_from_gguf(source: str, cache_dir: str) -> str:
 
 
 def register() -> None:
-    for name, fn in (("short_dirname", short_dirname), ("hf_from_gguf", hf_from_gguf)):
+    from harness.identity import run_dirname
+
+    for name, fn in (("short_dirname", short_dirname), ("hf_from_gguf", hf_from_gguf), ("run_dirname", run_dirname)):
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, fn)

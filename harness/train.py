@@ -29,10 +29,10 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.plugins.environments import LightningEnvironment
 from omegaconf import DictConfig, OmegaConf
 
-from harness import flops, launch, trunk
+from harness import flops, identity, launch, tracking, trunk
 from harness.data import RandomWindows, TokenDataModule
 from harness.errors import ConfigError
-from harness.io import atomic_write_json, corrupt_files, file_digest
+from harness.io import atomic_write_json, corrupt_files, file_digest, intact_zip, move_aside, read_json
 from harness.lit import LitLM, OptimConfig, evaluate
 from harness.model import Decoder, ModelConfig
 from harness.moe import MoEConfig
@@ -100,6 +100,7 @@ def build_spec(cfg: DictConfig) -> Spec:
         raise ConfigError(f"train.share_trunk={share!r} needs a bool, and true needs optim=wsd "
                           f"(optim.schedule is {optim.schedule!r}): only WSD runs share a stable phase")
     data = make(cfg.data)
+    data.check_source()  # a user corpus: exists, is text, is large enough
     if data.seq_len > model.max_seq_len:
         raise ConfigError(f"data.seq_len={data.seq_len} > model.max_seq_len={model.max_seq_len}")
     layers = resolve_moe_layers(recipe.moe_layers, model.n_layers)
@@ -150,9 +151,11 @@ def _loggers(cfg: DictConfig, out_dir: Path, csv_only: bool):
         if csv_only and key != "csv":
             continue
         try:
-            logger = instantiate(lcfg, save_dir=str(out_dir))
-            if type(logger).__name__ == "WandbLogger":
-                logger.experiment  # start W&B now (Lightning starts it lazily, mid-training) so a failure is caught here
+            is_wandb = key == "wandb"
+            logger = instantiate(lcfg) if is_wandb else instantiate(lcfg, save_dir=str(out_dir))
+            if is_wandb:  # start W&B now (Lightning starts it lazily, mid-training) so a failure is caught here
+                logger._wandb_init.pop("anonymous", None)  # Lightning passes it; W&B warns that it is obsolete
+                tracking.setup(logger.experiment, cfg)
             loggers.append(logger)
         except Exception as e:  # a logging service must never stop training
             warnings.warn(f"logger {key!r} could not start ({type(e).__name__}: {e}); continuing with the others")
@@ -284,11 +287,22 @@ def _steps(tokens: float, spec: Spec) -> int:
     return max(1, math.ceil(tokens / (spec.data.batch_size * spec.data.seq_len)))
 
 
+def _heal_checkpoint(out: Path) -> None:
+    """A truncated or damaged ``last.ckpt`` is moved aside (one warning) so the stage starts afresh
+    instead of failing mid-restore on every rerun."""
+    last = out / "checkpoints" / "last.ckpt"
+    if last.exists() and not intact_zip(last):
+        move_aside(last, "a damaged checkpoint (truncated or not a torch zip file)")
+    elif last.exists():
+        log.info("resuming from %s", last)
+
+
 def dense_base(spec: Spec, cfg: DictConfig) -> tuple[Decoder, dict]:
     """The pretrained dense checkpoint: trained once per (model, data, pretrain) config, then reused."""
     if spec.model.hf_path:  # a real pretrained checkpoint: no stage-0 pretraining
         from harness.hf import load_hf, read_config
 
+        log.info("dense base: the checkpoint %s (no pretraining)", spec.model.hf_path)
         model = load_hf(spec.model.hf_path, max_seq_len=spec.model.max_seq_len)
         tok_vocab = spec.data.meta["vocab_size"]
         if tok_vocab > model.cfg.vocab_size:
@@ -303,33 +317,43 @@ def dense_base(spec: Spec, cfg: DictConfig) -> tuple[Decoder, dict]:
     out.mkdir(parents=True, exist_ok=True)
     with FileLock(str(out / ".lock")):
         meta_path = out / "meta.json"
-        if meta_path.exists():
-            digests = {"model.pt": json.loads(meta_path.read_text()).get("checksum", "missing")}
-            if corrupt_files(out, digests):
-                warnings.warn(f"cached dense base {out / 'model.pt'} is corrupt or missing (checksum differs from "
-                              "meta.json): pretraining it again")
-                meta_path.unlink()
-                shutil.rmtree(out / "checkpoints", ignore_errors=True)
-        if not meta_path.exists():
-            log.info("pretraining dense base %s -> %s", spec.model.name, out)
+        meta = read_json(meta_path, required=("checksum", "key"))
+        if meta is not None and corrupt_files(out, {"model.pt": meta["checksum"]}):
+            if (out / "model.pt").exists():
+                move_aside(out / "model.pt", "a damaged cached dense base (checksum differs from meta.json)")
+            else:
+                warnings.warn(f"cached dense base {out / 'model.pt'} is missing: pretraining it again")
+            meta_path.unlink()
+            meta = None
+            shutil.rmtree(out / "checkpoints", ignore_errors=True)
+        if meta is None:
             torch.manual_seed(int(cfg.pretrain.seed))
             model = Decoder(spec.model)
             pre_data = copy.copy(spec.data)
             pre_data.batch_size = int(cfg.pretrain.batch_size)
             pre_spec = Spec(spec.method, spec.model, spec.moe, spec.recipe, instantiate(cfg.pretrain.optim),
                             pre_data, spec.moe_layers)
-            res = fit(model, pre_spec, cfg, out, _steps(cfg.pretrain.tokens, pre_spec), csv_only=True)
+            steps = _steps(cfg.pretrain.tokens, pre_spec)
+            log.info("dense base: pretraining %s for %d steps (%s tokens) -> %s", spec.model.name, steps,
+                     f"{steps * pre_data.batch_size * pre_data.seq_len:,}", out)
+            _heal_checkpoint(out)
+            res = fit(model, pre_spec, tracking.stage(cfg, "pretrain", out, f"pretrain/{key}"), out, steps)
             if res["status"] != "complete":
-                raise RuntimeError("dense pretraining stopped before its budget; run again to resume it")
+                raise RuntimeError(f"dense pretraining stopped at step {res['steps']} of {steps}; run the same "
+                                   "command again to resume it")
             torch.save(model.state_dict(), out / "model.pt.tmp")
             (out / "model.pt.tmp").replace(out / "model.pt")
             checksum = file_digest(out / "model.pt")
             atomic_write_json(meta_path, {"key": key, "model": asdict(spec.model), "checksum": checksum, **res})
+            meta = json.loads(meta_path.read_text())
         else:
-            log.info("reusing cached dense base %s", out)
+            log.info("dense base: cached %s", out)
     model = Decoder(spec.model)
     model.load_state_dict(torch.load(out / "model.pt", map_location="cpu", weights_only=True))
-    return model, json.loads(meta_path.read_text())
+    return model, meta
+
+
+CONTINUATION_KEYS = ("val_loss", "best_val_loss", "tokens", "train_flops", "val_curve")
 
 
 def _trunk_dir(cfg: DictConfig, recipe: dict) -> Path | None:
@@ -340,36 +364,44 @@ def _trunk_dir(cfg: DictConfig, recipe: dict) -> Path | None:
 
 
 def experiment_recipe(cfg: DictConfig) -> dict:
-    """The resolved config of what a run trains, without its length or anything cosmetic: runs that agree
-    on it differ only in budget, so under WSD they share one stable trunk."""
-    resolved = OmegaConf.to_container(cfg, resolve=True)
-    for key in ("paths", "force", "print_config", "optuna", "logger", "name", "iso_flop_baseline",
-                "token_matched_baseline", "hydra"):
-        resolved.pop(key, None)
-    for key in ("tokens", "pretrain_fraction", "stop_after_steps", "val_every", "ckpt_every", "save_checkpoints", "peak_tflops"):
-        resolved["train"].pop(key, None)
-    resolved.get("trainer", {}).pop("enable_progress_bar", None)
-    return resolved
+    """The run's experiment config (``identity.experiment_config``) without its length and what only shows
+    progress: runs that agree on it differ only in budget, so under WSD they share one stable trunk."""
+    recipe = identity.experiment_config(cfg)
+    for key in ("iso_flop_baseline", "token_matched_baseline"):
+        recipe.pop(key, None)
+    for key in ("tokens", "pretrain_fraction", "val_every", "ckpt_every", "save_checkpoints", "peak_tflops"):
+        recipe["train"].pop(key, None)
+    return recipe
 
 
-def dense_continuation(dense: Decoder, base_key: str, tokens: int, spec: Spec, cfg: DictConfig) -> dict:
-    """Continue the dense model for ``tokens`` tokens (cached: MoE variants of equal FLOPs share it)."""
+def dense_continuation(dense: Decoder, base_key: str, tokens: int, spec: Spec, cfg: DictConfig,
+                       job_type: str = "dense_iso") -> dict:
+    """Continue the dense model for ``tokens`` tokens (cached: MoE variants of equal FLOPs share it).
+    ``job_type``: ``dense_iso`` (the MoE's training FLOPs) or ``dense_tokens`` (the MoE's tokens)."""
     recipe = {"base": base_key, "optim": asdict(spec.optim), "seed": cfg.seed, "batch": spec.data.batch_size}
     key = _hash({**recipe, "tokens": tokens})
     out = Path(cfg.paths.cache_dir) / "dense_continuation" / key
     out.mkdir(parents=True, exist_ok=True)
     with FileLock(str(out / ".lock")):
         res_path = out / "results.json"
-        if res_path.exists():
-            return json.loads(res_path.read_text())
+        cached = read_json(res_path, required=CONTINUATION_KEYS)
+        what = {"dense_iso": "iso-FLOP dense continuation (the MoE's training FLOPs)",
+                "dense_tokens": "token-matched dense continuation (the MoE's tokens)"}[job_type]
+        if cached is not None:
+            log.info("%s: cached %s", what, out)
+            return {**cached, "cache_dir": str(out)}
+        steps = _steps(tokens, spec)
+        log.info("%s: training %d steps (%s tokens) -> %s", what, steps,
+                 f"{steps * spec.data.batch_size * spec.data.seq_len:,}", out)
         torch.manual_seed(int(cfg.seed))
         model = Decoder(spec.model)
         model.load_state_dict(dense.state_dict())
-        res = fit(model, spec, cfg, out, _steps(tokens, spec), csv_only=True,
+        _heal_checkpoint(out)
+        res = fit(model, spec, tracking.stage(cfg, job_type, out, f"{job_type}/{key}"), out, steps,
                   trunk_dir=_trunk_dir(cfg, {"dense_continuation": recipe}))
         if res["status"] == "complete":
             atomic_write_json(res_path, res)
-        return res
+        return {**res, "cache_dir": str(out)}
 
 
 def run(cfg: DictConfig, spec: Spec, out_dir: Path) -> dict:
@@ -395,6 +427,10 @@ def run(cfg: DictConfig, spec: Spec, out_dir: Path) -> dict:
         return res
     torch.manual_seed(int(cfg.seed))
     if spec.method == "upcycle":
+        r = spec.recipe
+        log.info("upcycling to %s: routing %s, router init %s, drop ratio %s, weight scaling %s, router start %s, "
+                 "MoE layers %s", spec.moe.name, spec.moe.routing, r.router_init, r.drop_ratio, r.weight_scaling,
+                 r.router_start, spec.moe_layers)
         windows = RandomWindows(spec.data.shard("train"), spec.data.seq_len, 0, 4, spec.data.seed)
         calib = torch.stack([windows[i][0] for i in range(len(windows))])  # the first 4 training sequences: router start
         model = upcycle(dense, spec.moe, spec.recipe, calib=calib)
@@ -402,13 +438,19 @@ def run(cfg: DictConfig, spec: Spec, out_dir: Path) -> dict:
         res["init_val_loss"] = evaluate(model, val_loader, eval_device(cfg))
         counts = moe_flops
         steps = _steps(moe_tokens, spec)
+        stage = "upcycle"
     else:  # dense continuation at the iso-FLOP budget of cfg.moe
         model = dense
         res["init_val_loss"] = parent_val
         counts = dense_flops
         steps = _steps(iso_tokens, spec)
         res["iso_flop_of"] = spec.moe.name
+        stage = "dense_iso"
     res.update(params_total=counts.params_total, params_active=counts.params_active)
+    log.info("training %s for %d steps (%s tokens) -> %s", "the MoE" if stage == "upcycle" else
+             f"the iso-FLOP dense continuation of {spec.moe.name}", steps,
+             f"{steps * spec.data.batch_size * spec.data.seq_len:,}", out_dir)
+    _heal_checkpoint(out_dir)
     res.update(fit(model, spec, cfg, out_dir, steps, trunk_dir=_trunk_dir(cfg, experiment_recipe(cfg))))
     start = {"step": 0, "tokens": 0, "flops": 0, "val_loss": res["init_val_loss"]}
     res["val_curve"] = [start] + res["val_curve"]  # the step-0 gap is part of the curve
@@ -418,8 +460,8 @@ def run(cfg: DictConfig, spec: Spec, out_dir: Path) -> dict:
                      ("dense_tokens", moe_tokens, cfg.get("token_matched_baseline", False))]
         for field, tokens, wanted in sorted(baselines, key=lambda b: b[1]):  # shorter first: a WSD trunk grows
             if wanted:
-                cont = dense_continuation(dense, base_meta["key"], tokens, spec, cfg)
-                res[field] = {k: cont[k] for k in ("val_loss", "best_val_loss", "tokens", "train_flops")}
+                cont = dense_continuation(dense, base_meta["key"], tokens, spec, cfg, job_type=field)
+                res[field] = {k: cont[k] for k in ("val_loss", "best_val_loss", "tokens", "train_flops", "cache_dir")}
                 res[field]["val_curve"] = [{**start, "val_loss": parent_val}] + cont["val_curve"]
     if base_meta.get("train_flops"):  # the run's budget as a share of its base's pretraining compute
         res["pretrain_compute_share"] = res["train_flops"] / base_meta["train_flops"]
@@ -436,7 +478,7 @@ def _moe_tokens(cfg: DictConfig, base_meta: dict, dense_flops, moe_flops) -> flo
     return float(share) * base_meta["train_flops"] / moe_flops.train_per_token
 
 
-def _print_summary(res: dict) -> None:
+def _print_summary(res: dict, out_dir: Path) -> None:
     from rich.console import Console
     from rich.table import Table
 
@@ -452,46 +494,67 @@ def _print_summary(res: dict) -> None:
     if "dense_tokens" in res:
         d = res["dense_tokens"]
         t.add_row("dense, same tokens", f"{d['tokens']:,}", f"{d['train_flops']:.3e}", f"{d['val_loss']:.4f}")
-    Console().print(t)
+    console = Console()
+    console.print(t)
+    console.print(f"results: {out_dir / 'results.json'}", soft_wrap=True)
+    runs = sorted(out_dir.glob("wandb/offline-run-*"))
+    if runs:
+        console.print(f"W&B (offline): wandb sync {out_dir / 'wandb'}/offline-run-*", soft_wrap=True)
 
 
-def _container(cfg: DictConfig) -> dict:
-    """The config as plain data, resolved when it can be (a bad value may break an interpolation)."""
-    try:
-        return OmegaConf.to_container(cfg, resolve=True)
-    except Exception:
-        return OmegaConf.to_container(cfg, resolve=False)
+def _multirun() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+JOB_TYPES = {"upcycle": "upcycle", "dense": "dense_iso", "pretrain": "pretrain"}
 
 
 def main(cfg: DictConfig) -> float:
-    """Run one experiment; write ``results.json`` atomically; return the final val loss."""
+    """Run one experiment in its own folder; write ``results.json`` atomically; return the final val loss."""
     if launch.idle_task():
         log.info("SLURM task %s: the job's first task drives it (and starts this node's workers)",
                  os.environ["SLURM_PROCID"])
         return float("nan")
+    from harness.console import quiet_libraries
+
+    quiet_libraries()
     out_dir = Path(cfg.paths.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     try:
         spec = build_spec(cfg)  # raises ConfigError before any compute
-    except ConfigError as e:  # recorded, so a sweep's report shows the job as failed rather than missing
-        atomic_write_json(out_dir / "results.json", {"config": _container(cfg),
-                                                     "run_dir": str(out_dir), "status": "failed",
-                                                     "error": f"ConfigError: {e}"})
+    except Exception as e:
+        if _multirun():  # recorded in the job's own folder, so the sweep's report counts it
+            out_dir.mkdir(parents=True, exist_ok=True)
+            if identity.stored_hash(out_dir) is None:
+                atomic_write_json(out_dir / "results.json", {"config": identity.resolved(cfg), "run_dir": str(out_dir),
+                                                             "status": "failed", "error": f"{type(e).__name__}: {e}"})
+        else:  # a single run that never started leaves no folder behind
+            identity.discard_unclaimed(out_dir)
         raise
-    resolved = OmegaConf.to_container(cfg, resolve=True)
-    config_hash = _hash({k: v for k, v in resolved.items() if k not in ("paths", "force", "optuna")})
+    config_hash = identity.config_hash(cfg)
     results_path = out_dir / "results.json"
-    if results_path.exists() and not cfg.get("force"):
-        old = json.loads(results_path.read_text())
-        if old.get("status") == "complete" and old.get("config_hash") == config_hash:
-            log.info("results.json is complete for this config: skipping (force=true re-runs)")
-            return float(old["val_loss"])
-    if cfg.get("print_config", True):
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.get("force"):
+        moved = identity.move_aside(out_dir)
+        if moved:
+            log.info("force=true: moved the previous run to %s; training from scratch", moved)
+    identity.claim(out_dir, config_hash)  # RunFolderError if the folder holds another config's run
+    if not _multirun():
+        identity.point_latest(out_dir)
+    old = read_json(results_path)
+    if old is not None and old.get("status") == "complete" and old.get("config_hash") == config_hash:
+        log.info("%s is complete for this config: skipping (force=true re-runs)", results_path)
+        return float(old["val_loss"])
+    if cfg.get("print_config", False):
         from harness.config_tree import print_config_tree
 
         print_config_tree(cfg)
     OmegaConf.save(cfg, out_dir / "config_resolved.yaml", resolve=True)
+    resolved = OmegaConf.to_container(cfg, resolve=True)
     base = {"config": resolved, "config_hash": config_hash, "run_dir": str(out_dir)}
+    cfg = tracking.stage(cfg, JOB_TYPES[spec.method], out_dir, f"{cfg.name}/{out_dir.name}")
     try:
         res = {**base, **run(cfg, spec, out_dir)}
     except Exception as e:
@@ -500,6 +563,10 @@ def main(cfg: DictConfig) -> float:
                                          "traceback": traceback.format_exc()})
         raise
     atomic_write_json(results_path, res)
+    tracking.summary(cfg, res)
     if res["status"] == "complete":
-        _print_summary(res)
+        _print_summary(res, out_dir)
+    else:
+        log.info("%s: stopped at step %s (status %s); run the same command again to resume", results_path,
+                 res.get("steps"), res["status"])
     return float(res["val_loss"])

@@ -16,7 +16,7 @@ DENSE = ["method=dense", "train.tokens=12800", "train.val_every=5"]
 def test_ddp_matches_one_process_and_resumes_after_sigkill(env, tmp_path):  # noqa: F811
     run(env, tmp_path, *DENSE, "name=one")
     run(env, tmp_path, *DENSE, "name=two", "trainer=ddp_cpu")
-    one, two = results(tmp_path / "runs" / "one"), results(tmp_path / "runs" / "two")
+    one, two = results(tmp_path / "runs" / "one" / "latest"), results(tmp_path / "runs" / "two" / "latest")
     assert (one["world_size"], two["world_size"]) == (1, 2)
     assert one["tokens"] == two["tokens"] and one["steps"] == two["steps"]  # data.batch_size is the global batch
     # same samples per step, gradients averaged over ranks: equal up to float summation order
@@ -26,7 +26,7 @@ def test_ddp_matches_one_process_and_resumes_after_sigkill(env, tmp_path):  # no
 
     # SIGKILL the job (and its workers) after a checkpoint, run the same command again: same result
     kill_after_first_checkpoint(env, tmp_path, *DENSE, "name=killed", "trainer=ddp_cpu")
-    killed_dir = tmp_path / "runs" / "killed"
+    killed_dir = tmp_path / "runs" / "killed" / "latest"
     assert not (killed_dir / "results.json").exists() or results(killed_dir)["status"] != "complete"
     run(env, tmp_path, *DENSE, "name=killed", "trainer=ddp_cpu")
     killed = results(killed_dir)
@@ -140,7 +140,7 @@ def test_workers_die_with_their_job_process(env, tmp_path):  # noqa: F811
 
     from test_e2e import FAST
 
-    folder = tmp_path / "runs" / "orphans" / "launch"
+    folder = tmp_path / "runs" / "orphans" / "latest" / "launch"
     cmd = [sys.executable, "run.py", *FAST, "method=dense", "train.tokens=400000", "name=orphans", "trainer=ddp_cpu"]
     proc = subprocess.Popen(cmd, cwd=ROOT, env={**env, "UPCYCLE_LOGS": str(tmp_path)}, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)

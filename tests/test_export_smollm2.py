@@ -64,7 +64,7 @@ def test_relu2_has_no_hf_class(tmp_path):
 @pytest.mark.slow
 def test_export_cli_on_a_finished_run(env, tmp_path):  # noqa: F811
     run(env, tmp_path, "routing=topk_softmax", "iso_flop_baseline=false", "train.tokens=3200")
-    run_dir, out = tmp_path / "runs" / "default", tmp_path / "hf"
+    run_dir, out = tmp_path / "runs" / "default" / "latest", tmp_path / "hf"
     proc = subprocess.run([sys.executable, "-m", "harness.export", str(run_dir), str(out)], cwd=ROOT, env=env,
                           capture_output=True, text=True, check=True)
     assert json.loads(proc.stdout.strip().splitlines()[-1])["class"] == "MixtralForCausalLM"

@@ -1,0 +1,63 @@
+"""A quiet console: each library line once or not at all, and a progress bar counting optimizer steps."""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+
+from lightning.pytorch.callbacks import Callback, TQDMProgressBar
+
+# Lightning lines that say nothing about this run (device inventory, tips, "max_steps reached")
+QUIET_LOGGERS = ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero",
+                 "lightning.pytorch.accelerators.cuda", "lightning.pytorch.callbacks.model_summary")
+QUIET_WARNINGS = (".*LeafSpec.*", ".*smaller than the logging interval.*", ".*does not have many workers.*",
+                  ".*anonymous setting has no effect.*", ".*Checkpoint directory .* exists and is not empty.*")
+
+
+def quiet_libraries() -> None:
+    """Lightning adds its own stderr handlers beside Hydra's (every INFO line twice): drop them and let
+    its records reach Hydra's handler, minus the irrelevant ones. W&B prints its own banner unless silent."""
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
+        lg = logging.getLogger(name)
+        lg.handlers.clear()
+        lg.propagate = True
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
+    for pattern in QUIET_WARNINGS:
+        warnings.filterwarnings("ignore", message=pattern)
+    os.environ.setdefault("WANDB_SILENT", "true")
+
+
+class StepProgressBar(TQDMProgressBar):
+    """``train 40/94 [loss, val/loss]``: optimizer steps done of the fit's max_steps. Lightning's own bar
+    counts batches of an epoch and prints ``Epoch 0/-2`` for a step-bounded run."""
+
+    def on_train_epoch_start(self, trainer, *_):
+        bar = self.train_progress_bar
+        bar.reset(total=trainer.max_steps)
+        bar.n = bar.last_print_n = trainer.global_step  # a resumed fit starts where it stopped
+        bar.set_description("train")
+        bar.refresh()
+
+    def on_train_batch_end(self, trainer, pl_module, *_):
+        bar = self.train_progress_bar
+        if trainer.global_step != bar.n and not bar.disable:
+            bar.n = trainer.global_step
+            bar.set_postfix(self.get_metrics(trainer, pl_module))
+            bar.refresh()
+
+    def init_validation_tqdm(self):
+        bar = super().init_validation_tqdm()
+        bar.disable = True  # validation is a pause in the train bar, which then shows val/loss
+        return bar
+
+    def get_metrics(self, trainer, pl_module):
+        metrics = super().get_metrics(trainer, pl_module)
+        metrics.pop("v_num", None)
+        return metrics
+
+
+def progress_bar(enabled: bool = True) -> Callback:
+    """The step bar when the trainer shows one (Lightning refuses a bar callback when it is disabled)."""
+    return StepProgressBar() if enabled else Callback()

@@ -1,0 +1,127 @@
+"""Run identity: which folder a config's run lives in, and whether what a folder holds belongs to it.
+
+A run's folder is ``<overrides>,cfg=<hash>`` (or ``cfg=<hash>``) where the hash covers the resolved
+*experiment* config: everything that changes what is computed, not the cosmetic keys below. The
+folder keeps that hash in ``identity.json`` (beside ``checkpoints/``); a run resumes or skips only
+a folder whose stored hash equals its own, so it never loads a checkpoint written under another config.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import time
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from harness.errors import RunFolderError
+from harness.io import atomic_write_json
+
+log = logging.getLogger("upcycle")
+
+# keys that change how a run is shown, named or stored, not what it computes
+COSMETIC = ("hydra", "name", "print_config", "force", "paths", "logger", "optuna", "callbacks.progress_bar",
+            "train.stop_after_steps",
+            "trainer.enable_progress_bar", "trainer.enable_model_summary", "trainer.log_every_n_steps",
+            "data.cache_dir", "data.num_workers")
+IDENTITY = "identity.json"
+
+
+def resolved(cfg: DictConfig) -> dict:
+    """The config as plain data, resolved when it can be (a bad value may break an interpolation)."""
+    try:
+        return OmegaConf.to_container(cfg, resolve=True)
+    except Exception:
+        return OmegaConf.to_container(cfg, resolve=False)
+
+
+def experiment_config(cfg: DictConfig) -> dict:
+    """The resolved config without its cosmetic keys (resolved as far as it resolves: a bad value may
+    break an interpolation, and the run must still get a folder to fail in)."""
+    raw = OmegaConf.to_container(cfg, resolve=False)
+    raw.pop("hydra", None)
+    if isinstance(raw.get("paths"), dict):
+        raw["paths"]["output_dir"] = ""  # ${hydra:runtime.output_dir} is what this decides
+    data = resolved(OmegaConf.create(raw))
+    for key in COSMETIC:
+        *parents, leaf = key.split(".")
+        d = data
+        for p in parents:
+            d = d.get(p) if isinstance(d, dict) else None
+        if isinstance(d, dict):
+            d.pop(leaf, None)
+    return data
+
+
+def config_hash(cfg: DictConfig) -> str:
+    text = json.dumps(experiment_config(cfg), sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:8]
+
+
+def run_dirname(overrides: str, *, _root_: DictConfig) -> str:
+    """``${run_dirname:${hydra.job.override_dirname}}``: readable overrides + the experiment hash."""
+    from harness.resolvers import short_dirname
+
+    tag = f"cfg={config_hash(_root_)}"
+    readable = short_dirname(overrides.replace("/", "_"))  # data.path=/a/b must not nest folders
+    return f"{readable},{tag}" if overrides else tag
+
+
+def stored_hash(folder: Path) -> str | None:
+    try:
+        return json.loads((folder / IDENTITY).read_text())["config_hash"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def claim(folder: Path, config_hash_: str) -> None:
+    """Make ``folder`` this config's run folder, or stop with one line if it holds another config's state."""
+    stored = stored_hash(folder)
+    ckpts = sorted((folder / "checkpoints").glob("*.ckpt")) if (folder / "checkpoints").is_dir() else []
+    if stored is None and (ckpts or (folder / "results.json").exists()):
+        raise RunFolderError(f"{folder} holds a run but no {IDENTITY} naming its config (an older layout?); it is left "
+                             "as it is: pick another hydra.run.dir, or force=true to move it aside")
+    if stored is not None and stored != config_hash_:
+        raise RunFolderError(f"{folder} holds a run of another config (hash {stored}, this one is {config_hash_}); "
+                             "it is left as it is: pick another hydra.run.dir, or force=true to move it aside")
+    if stored is None:
+        atomic_write_json(folder / IDENTITY, {"config_hash": config_hash_, "created": time.strftime("%FT%T%z")})
+
+
+KEEP = (".hydra", "run.log")  # written by Hydra for this very invocation
+
+
+def move_aside(folder: Path) -> Path | None:
+    """Move a previous run's files out of ``folder`` into ``<folder>.old-<timestamp>`` (force=true)."""
+    old = [p for p in folder.iterdir() if p.name not in KEEP] if folder.is_dir() else []
+    if not old:
+        return None
+    dest = folder.with_name(f"{folder.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
+    dest.mkdir(parents=True, exist_ok=True)
+    for p in old:
+        shutil.move(str(p), str(dest / p.name))
+    return dest
+
+
+def discard_unclaimed(folder: Path) -> None:
+    """Remove a folder Hydra created for a run that never started (a config error): nothing is left behind."""
+    if folder.is_dir() and not (folder / IDENTITY).exists() and all(p.name in KEEP for p in folder.iterdir()):
+        shutil.rmtree(folder, ignore_errors=True)
+        try:
+            folder.parent.rmdir()  # runs/<name>/ when it held nothing else
+        except OSError:
+            pass
+
+
+def point_latest(folder: Path) -> None:
+    """``runs/<name>/latest`` -> the folder of the last single run started under that name."""
+    link = folder.parent / "latest"
+    tmp = folder.parent / f".latest.{time.time_ns()}"
+    try:
+        tmp.symlink_to(folder.name)
+        tmp.replace(link)
+    except OSError:
+        tmp.unlink(missing_ok=True)
