@@ -34,7 +34,7 @@ def test_a_budget_branched_off_the_trunk_equals_its_own_full_run(env, tmp_path):
     assert branched["dense_tokens"]["tokens"] == branched["tokens"]
     assert short["val_curve"][-1]["step"] == 7 and branched["val_curve"][-1]["step"] == 13
     run(env, tmp_path, "name=alone", "optim=wsd", "train.tokens=12800", "iso_flop_baseline=false")
-    alone = results(tmp_path / "runs" / "alone")
+    alone = results(tmp_path / "runs" / "alone" / "latest")
     assert alone["val_loss"] == branched["val_loss"]  # bitwise on CPU: the same steps on the same data
     assert [p["step"] for p in alone["val_curve"]] == [p["step"] for p in branched["val_curve"]]
 
