@@ -385,14 +385,14 @@ def dense_continuation(dense: Decoder, base_key: str, tokens: int, spec: Spec, c
     with FileLock(str(out / ".lock")):
         res_path = out / "results.json"
         cached = read_json(res_path, required=CONTINUATION_KEYS)
-        what = {"dense_iso": "iso-FLOP dense continuation (the MoE's training FLOPs)",
-                "dense_tokens": "token-matched dense continuation (the MoE's tokens)"}[job_type]
+        what, budget = {"dense_iso": ("iso-FLOP dense continuation", "the MoE's training FLOPs"),
+                        "dense_tokens": ("token-matched dense continuation", "the MoE's tokens")}[job_type]
         if cached is not None:
             log.info("%s: cached %s", what, out)
             return {**cached, "cache_dir": str(out)}
         steps = _steps(tokens, spec)
-        log.info("%s: training %d steps (%s tokens) -> %s", what, steps,
-                 f"{steps * spec.data.batch_size * spec.data.seq_len:,}", out)
+        log.info("%s: training %d steps (%s tokens, %s) -> %s", what, steps,
+                 f"{steps * spec.data.batch_size * spec.data.seq_len:,}", budget, out)
         torch.manual_seed(int(cfg.seed))
         model = Decoder(spec.model)
         model.load_state_dict(dense.state_dict())
