@@ -41,12 +41,25 @@ def metrics(run_dir: Path, warmup: int) -> tuple[float, float]:
 
 def run_one(args, spec_str: str, out: Path) -> dict:
     trainer, *extra = spec_str.split(",")  # "ddp,trainer.strategy.comm_hook=bf16": a trainer plus overrides
-    overrides = [*extra, f"model={args.model}", f"moe={args.moe}", f"trainer={trainer}", f"data.seq_len={args.seq}",
-                 f"data.batch_size={args.batch}", "logger=csv", f"paths.output_dir={out}",
-                 "train.save_checkpoints=false", f"train.val_every={10 * args.steps}", "trainer.log_every_n_steps=1",
-                 "trainer.enable_progress_bar=false", f"train.peak_tflops={args.peak}", "data.val_batches=1",
-                 f"train.activation_checkpointing={args.ckpt}", f"upcycle.moe_layers={args.moe_layers}",
-                 f"train.compile={args.compile}"]
+    overrides = [
+        *extra,
+        f"model={args.model}",
+        f"moe={args.moe}",
+        f"trainer={trainer}",
+        f"data.seq_len={args.seq}",
+        f"data.batch_size={args.batch}",
+        "logger=csv",
+        f"paths.output_dir={out}",
+        "train.save_checkpoints=false",
+        f"train.val_every={10 * args.steps}",
+        "trainer.log_every_n_steps=1",
+        "trainer.enable_progress_bar=false",
+        f"train.peak_tflops={args.peak}",
+        "data.val_batches=1",
+        f"train.activation_checkpointing={args.ckpt}",
+        f"upcycle.moe_layers={args.moe_layers}",
+        f"train.compile={args.compile}",
+    ]
     if args.micro:
         overrides.append(f"data.micro_batch_size={args.micro}")
     if args.num_experts:
@@ -64,10 +77,21 @@ def run_one(args, spec_str: str, out: Path) -> dict:
     res = fit(model, spec, cfg, out, args.steps, evaluate_after=args.evaluate)
     tps, mem = metrics(out, args.warmup)
     mfu = tps * res["flops_per_token"] / (args.peak * 1e12 * res["world_size"])
-    return {"trainer": spec_str, "world": res["world_size"], "model": args.model, "moe": spec.moe.name,
-            "params_b": params / 1e9, "batch": args.batch, "seq": args.seq, "ckpt": args.ckpt,
-            "tokens_per_s": tps, "mfu": mfu, "peak_mem_gib": mem, "val_loss": res["val_loss"],
-            "wall_s": time.perf_counter() - t0}
+    return {
+        "trainer": spec_str,
+        "world": res["world_size"],
+        "model": args.model,
+        "moe": spec.moe.name,
+        "params_b": params / 1e9,
+        "batch": args.batch,
+        "seq": args.seq,
+        "ckpt": args.ckpt,
+        "tokens_per_s": tps,
+        "mfu": mfu,
+        "peak_mem_gib": mem,
+        "val_loss": res["val_loss"],
+        "wall_s": time.perf_counter() - t0,
+    }
 
 
 def main() -> None:
@@ -76,8 +100,12 @@ def main() -> None:
     ap.add_argument("--moe", default="E8G1T2")
     ap.add_argument("--num-experts", type=int, default=None, help="override the preset's expert count")
     ap.add_argument("--moe-layers", default="all")
-    ap.add_argument("--trainers", nargs="+", default=["gpu", "ddp"],
-                    help="trainer configs, each optionally with overrides: ddp,trainer.strategy.comm_hook=bf16")
+    ap.add_argument(
+        "--trainers",
+        nargs="+",
+        default=["gpu", "ddp"],
+        help="trainer configs, each optionally with overrides: ddp,trainer.strategy.comm_hook=bf16",
+    )
     ap.add_argument("--devices", type=int, default=2)
     ap.add_argument("--seq", type=int, default=2048)
     ap.add_argument("--batch", type=int, default=16, help="global batch (sequences per optimizer step)")
@@ -98,7 +126,9 @@ def main() -> None:
         try:
             rows.append(run_one(args, trainer, out))
         except Exception as e:  # an OOM is a result here (DDP that cannot fit), not a crash of the benchmark
-            rows.append({"trainer": trainer, "model": args.model, "moe": args.moe, "error": f"{type(e).__name__}: {e}"[:300]})
+            rows.append(
+                {"trainer": trainer, "model": args.model, "moe": args.moe, "error": f"{type(e).__name__}: {e}"[:300]}
+            )
         if args.json:
             with open(args.json, "a") as f:
                 f.write(json.dumps(rows[-1]) + "\n")
@@ -109,8 +139,10 @@ def main() -> None:
         if "error" in r:
             print(f"{r['trainer']:40} failed: {r['error'][:120]}")
             continue
-        print(f"{r['trainer']:40} {r['world']:4d} {r['params_b']:6.2f}B {r['tokens_per_s']:9.0f} "
-              f"{r['tokens_per_s'] / base:7.2f} {r['mfu']:6.1%} {r['peak_mem_gib']:6.1f} {r['val_loss']:7.3f}")  # nan without --evaluate
+        print(
+            f"{r['trainer']:40} {r['world']:4d} {r['params_b']:6.2f}B {r['tokens_per_s']:9.0f} "
+            f"{r['tokens_per_s'] / base:7.2f} {r['mfu']:6.1%} {r['peak_mem_gib']:6.1f} {r['val_loss']:7.3f}"
+        )  # nan without --evaluate
 
 
 if __name__ == "__main__":

@@ -67,7 +67,9 @@ def count_model(model: Decoder, seq_len: int) -> FlopCount:
     return count(model.cfg, seq_len, moe, layers)
 
 
-def train_flops_per_token(cfg: ModelConfig, seq_len: int, moe: MoEConfig | None = None, moe_layers: Sequence[int] = ()) -> int:
+def train_flops_per_token(
+    cfg: ModelConfig, seq_len: int, moe: MoEConfig | None = None, moe_layers: Sequence[int] = ()
+) -> int:
     return count(cfg, seq_len, moe, moe_layers).train_per_token
 
 

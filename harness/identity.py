@@ -23,10 +23,22 @@ from harness.io import atomic_write_json
 log = logging.getLogger("upcycle")
 
 # keys that change how a run is shown, named or stored, not what it computes
-COSMETIC = ("hydra", "name", "print_config", "force", "paths", "logger", "optuna", "callbacks.progress_bar",
-            "train.stop_after_steps",
-            "trainer.enable_progress_bar", "trainer.enable_model_summary", "trainer.log_every_n_steps",
-            "data.cache_dir", "data.num_workers")
+COSMETIC = (
+    "hydra",
+    "name",
+    "print_config",
+    "force",
+    "paths",
+    "logger",
+    "optuna",
+    "callbacks.progress_bar",
+    "train.stop_after_steps",
+    "trainer.enable_progress_bar",
+    "trainer.enable_model_summary",
+    "trainer.log_every_n_steps",
+    "data.cache_dir",
+    "data.num_workers",
+)
 IDENTITY = "identity.json"
 
 
@@ -82,11 +94,15 @@ def claim(folder: Path, config_hash_: str) -> None:
     stored = stored_hash(folder)
     ckpts = sorted((folder / "checkpoints").glob("*.ckpt")) if (folder / "checkpoints").is_dir() else []
     if stored is None and (ckpts or (folder / "results.json").exists()):
-        raise RunFolderError(f"{folder} holds a run but no {IDENTITY} naming its config (an older layout?); it is left "
-                             "as it is: pick another hydra.run.dir, or force=true to move it aside")
+        raise RunFolderError(
+            f"{folder} holds a run but no {IDENTITY} naming its config (an older layout?); it is left "
+            "as it is: pick another hydra.run.dir, or force=true to move it aside"
+        )
     if stored is not None and stored != config_hash_:
-        raise RunFolderError(f"{folder} holds a run of another config (hash {stored}, this one is {config_hash_}); "
-                             "it is left as it is: pick another hydra.run.dir, or force=true to move it aside")
+        raise RunFolderError(
+            f"{folder} holds a run of another config (hash {stored}, this one is {config_hash_}); "
+            "it is left as it is: pick another hydra.run.dir, or force=true to move it aside"
+        )
     if stored is None:
         atomic_write_json(folder / IDENTITY, {"config_hash": config_hash_, "created": time.strftime("%FT%T%z")})
 

@@ -66,8 +66,10 @@ def needs_launch(trainer_cfg: DictConfig) -> bool:
     if in_worker() or world_size(trainer_cfg) == 1:
         return False
     if "LOCAL_RANK" in os.environ or "TORCHELASTIC_RUN_ID" in os.environ:
-        raise ConfigError("run.py starts its own per-device workers: launch it as one process per job "
-                          "(not under torchrun or `srun --ntasks-per-node>1`)")
+        raise ConfigError(
+            "run.py starts its own per-device workers: launch it as one process per job "
+            "(not under torchrun or `srun --ntasks-per-node>1`)"
+        )
     return True
 
 
@@ -95,18 +97,42 @@ def worker_command(folder: Path, trainer_cfg: DictConfig) -> tuple[list[list[str
             raise ConfigError(f"trainer.num_nodes={nodes} needs a SLURM allocation (hydra/launcher=slurm)")
         if _slurm_nodes() < nodes:
             raise ConfigError(f"trainer.num_nodes={nodes} but the SLURM job has {_slurm_nodes()} node(s)")
-        srun = ["srun", "--overlap", f"--nodes={nodes}", f"--ntasks-per-node={world // nodes}",
-                "--kill-on-bad-exit=1", "--export=ALL"]
+        srun = [
+            "srun",
+            "--overlap",
+            f"--nodes={nodes}",
+            f"--ntasks-per-node={world // nodes}",
+            "--kill-on-bad-exit=1",
+            "--export=ALL",
+        ]
         return [srun + worker], [{WORKER_ENV: "srun"}]
     port = str(_free_port())
     threads = os.environ.get("OMP_NUM_THREADS") or str(max(1, (os.cpu_count() or 1) // world))
-    envs = [{WORKER_ENV: "local", "LOCAL_RANK": str(r), "NODE_RANK": "0", "WORLD_SIZE": str(world),
-             "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "OMP_NUM_THREADS": threads} for r in range(world)]
+    envs = [
+        {
+            WORKER_ENV: "local",
+            "LOCAL_RANK": str(r),
+            "NODE_RANK": "0",
+            "WORLD_SIZE": str(world),
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": port,
+            "OMP_NUM_THREADS": threads,
+        }
+        for r in range(world)
+    ]
     return [worker] * world, envs
 
 
-def fit_in_workers(model: torch.nn.Module, optim, cfg: DictConfig, out_dir: Path, steps: int, csv_only: bool,
-                   pruner: dict | None, hand_back: bool = True) -> dict:
+def fit_in_workers(
+    model: torch.nn.Module,
+    optim,
+    cfg: DictConfig,
+    out_dir: Path,
+    steps: int,
+    csv_only: bool,
+    pruner: dict | None,
+    hand_back: bool = True,
+) -> dict:
     """Train ``model`` in place on ``world_size(cfg.trainer)`` processes; returns the fit summary.
 
     ``hand_back=False`` leaves ``model`` untrained here (the checkpoints hold the result): for
@@ -117,16 +143,20 @@ def fit_in_workers(model: torch.nn.Module, optim, cfg: DictConfig, out_dir: Path
         stale.unlink(missing_ok=True)
     torch.save({"model": model, "optim": optim}, folder / "job.pt")
     OmegaConf.save(cfg, folder / "config.yaml", resolve=True)
-    (folder / "args.json").write_text(json.dumps({"out_dir": str(out_dir), "steps": steps, "csv_only": csv_only,
-                                                  "pruner": pruner, "hand_back": hand_back}))
+    (folder / "args.json").write_text(
+        json.dumps(
+            {"out_dir": str(out_dir), "steps": steps, "csv_only": csv_only, "pruner": pruner, "hand_back": hand_back}
+        )
+    )
     commands, envs = worker_command(folder, cfg.trainer)
     procs = []
     try:
         for rank, (cmd, extra) in enumerate(zip(commands, envs)):
             # rank 0 keeps the console (progress bar); the others write to launch/rank<r>.log
             out = None if rank == 0 else open(folder / f"rank{rank}.log", "w")
-            procs.append(subprocess.Popen(cmd, env={**os.environ, **extra}, stdout=out, stderr=out,
-                                          preexec_fn=_die_with_parent))
+            procs.append(
+                subprocess.Popen(cmd, env={**os.environ, **extra}, stdout=out, stderr=out, preexec_fn=_die_with_parent)
+            )
         codes = _wait_all(procs)
     finally:
         for p in procs:
@@ -174,8 +204,9 @@ def _raise_worker_error(folder: Path, codes: list[int], commands) -> None:
         if kind == "FloatingPointError":
             raise FloatingPointError(message)
         raise RuntimeError(f"training worker failed ({kind}: {message}); see {errors[0]}")
-    raise RuntimeError(f"training workers exited with codes {codes} ({shlex.join(commands[0])}); "
-                       f"logs: {folder}/rank*.log")
+    raise RuntimeError(
+        f"training workers exited with codes {codes} ({shlex.join(commands[0])}); logs: {folder}/rank*.log"
+    )
 
 
 def worker_main(folder: Path) -> None:
@@ -191,8 +222,15 @@ def worker_main(folder: Path) -> None:
         spec = build_spec(cfg)
         spec.optim = job["optim"]
         model = job["model"]
-        res, trainer = train_here(model, spec, cfg, Path(args["out_dir"]), args["steps"], args["csv_only"],
-                                  extra_callbacks=pruning_callbacks(cfg, args["pruner"]))
+        res, trainer = train_here(
+            model,
+            spec,
+            cfg,
+            Path(args["out_dir"]),
+            args["steps"],
+            args["csv_only"],
+            extra_callbacks=pruning_callbacks(cfg, args["pruner"]),
+        )
         hand_back = args.get("hand_back", True)
         # a collective under FSDP: every rank calls it
         state = trainer.strategy.lightning_module_state_dict() if hand_back else {}
@@ -203,8 +241,9 @@ def worker_main(folder: Path) -> None:
                 (folder / "final.pt.tmp").replace(folder / "final.pt")
             (folder / "result.json").write_text(json.dumps(res))
     except BaseException as e:
-        (folder / f"error_rank{rank}.txt").write_text(json.dumps(
-            {"error": [type(e).__name__, str(e)], "traceback": traceback.format_exc()}))
+        (folder / f"error_rank{rank}.txt").write_text(
+            json.dumps({"error": [type(e).__name__, str(e)], "traceback": traceback.format_exc()})
+        )
         raise
 
 

@@ -212,8 +212,9 @@ class _Combine(torch.autograd.Function):
     gradient is each copy's output dotted with its token's ``grad_y``: one pass each."""
 
     @staticmethod
-    def forward(ctx, out_sorted: torch.Tensor, weights: torch.Tensor, order: torch.Tensor,
-                inverse: torch.Tensor) -> torch.Tensor:
+    def forward(
+        ctx, out_sorted: torch.Tensor, weights: torch.Tensor, order: torch.Tensor, inverse: torch.Tensor
+    ) -> torch.Tensor:
         n, t = weights.shape
         ctx.save_for_backward(out_sorted, weights, order, inverse)
         return _sum_copies(out_sorted.index_select(0, inverse).view(n, t, -1), weights)
@@ -235,8 +236,9 @@ class _Combine(torch.autograd.Function):
         return grad_out, grad_weights, None, None
 
 
-def unpermute(out_sorted: torch.Tensor, order: torch.Tensor, inverse: torch.Tensor,
-              weights: torch.Tensor) -> torch.Tensor:
+def unpermute(
+    out_sorted: torch.Tensor, order: torch.Tensor, inverse: torch.Tensor, weights: torch.Tensor
+) -> torch.Tensor:
     """Put expert outputs back in token order and sum each token's T outputs with their fp32 weights."""
     return _Combine.apply(out_sorted, weights.float(), order, inverse)
 
@@ -290,9 +292,7 @@ class MoE(nn.Module):
         self.activation = activation
         self.router = nn.Linear(d_model, cfg.num_experts, bias=False)
         nn.init.normal_(self.router.weight, std=cfg.router_init_std)
-        self.experts = GroupedExperts(
-            cfg.num_experts, d_model, d_ff // cfg.granularity, activation, cfg.expert_backend
-        )
+        self.experts = GroupedExperts(cfg.num_experts, d_model, d_ff // cfg.granularity, activation, cfg.expert_backend)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, RouterAux]:
         shape = x.shape

@@ -15,7 +15,7 @@ def short_dirname(name: str) -> str:
     if len(name) <= MAX_DIRNAME:
         return name
     digest = hashlib.sha1(name.encode()).hexdigest()[:10]
-    return f"{name[:MAX_DIRNAME - 13]}.._{digest}"
+    return f"{name[: MAX_DIRNAME - 13]}.._{digest}"
 
 
 def hf_from_gguf(source: str, cache_dir: str) -> str:

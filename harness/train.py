@@ -93,12 +93,16 @@ def build_spec(cfg: DictConfig) -> Spec:
     optim.validate()
     fraction = cfg.train.get("pretrain_fraction")
     if fraction is not None and (not isinstance(fraction, (int, float)) or fraction <= 0 or cfg.model.get("hf_path")):
-        raise ConfigError(f"train.pretrain_fraction={fraction!r} must be a number > 0 (or null), and needs a base this "
-                          "harness pretrained (an HF checkpoint's pretraining compute is unknown)")
+        raise ConfigError(
+            f"train.pretrain_fraction={fraction!r} must be a number > 0 (or null), and needs a base this "
+            "harness pretrained (an HF checkpoint's pretraining compute is unknown)"
+        )
     share = cfg.train.get("share_trunk", False)
     if not isinstance(share, bool) or (share and optim.schedule != "wsd"):
-        raise ConfigError(f"train.share_trunk={share!r} needs a bool, and true needs optim=wsd "
-                          f"(optim.schedule is {optim.schedule!r}): only WSD runs share a stable phase")
+        raise ConfigError(
+            f"train.share_trunk={share!r} needs a bool, and true needs optim=wsd "
+            f"(optim.schedule is {optim.schedule!r}): only WSD runs share a stable phase"
+        )
     data = make(cfg.data)
     data.check_source()  # a user corpus: exists, is text, is large enough
     if data.seq_len > model.max_seq_len:
@@ -124,8 +128,14 @@ class ValCurve(Callback):
             return
         step = trainer.global_step
         tokens = step * self.tokens_per_step
-        self.points.append({"step": step, "tokens": tokens, "flops": tokens * self.flops_per_token,
-                            "val_loss": float(trainer.callback_metrics["val/loss"])})
+        self.points.append(
+            {
+                "step": step,
+                "tokens": tokens,
+                "flops": tokens * self.flops_per_token,
+                "val_loss": float(trainer.callback_metrics["val/loss"]),
+            }
+        )
 
     def state_dict(self):
         return {"points": self.points}
@@ -172,8 +182,16 @@ def _close_loggers(trainer: L.Trainer) -> None:
                 warnings.warn(f"wandb finish failed: {e}")
 
 
-def fit(model: Decoder, spec: Spec, cfg: DictConfig, out_dir: Path, steps: int, csv_only=False,
-        evaluate_after: bool = True, trunk_dir: Path | None = None) -> dict:
+def fit(
+    model: Decoder,
+    spec: Spec,
+    cfg: DictConfig,
+    out_dir: Path,
+    steps: int,
+    csv_only=False,
+    evaluate_after: bool = True,
+    trunk_dir: Path | None = None,
+) -> dict:
     """Train ``model`` in place for ``steps`` steps (resuming from ``out_dir/checkpoints/last.ckpt``, else
     from the WSD trunk in ``trunk_dir``), in this process or, when the trainer asks for several devices, in
     one worker per device; then evaluate it here on the full validation set. ``evaluate_after=False``
@@ -181,23 +199,38 @@ def fit(model: Decoder, spec: Spec, cfg: DictConfig, out_dir: Path, steps: int, 
     if trunk_dir is not None and launch.needs_launch(cfg.trainer):
         raise ConfigError("train.share_trunk=true runs on one device for now (trainer.devices=1)")
     if launch.needs_launch(cfg.trainer):
-        res = launch.fit_in_workers(model, spec.optim, cfg, out_dir, steps, csv_only, _sweeper_pruner_node(),
-                                    hand_back=evaluate_after)
+        res = launch.fit_in_workers(
+            model, spec.optim, cfg, out_dir, steps, csv_only, _sweeper_pruner_node(), hand_back=evaluate_after
+        )
     else:
-        res, _ = train_here(model, spec, cfg, out_dir, steps, csv_only, extra_callbacks=pruning_callbacks(cfg),
-                            trunk_dir=trunk_dir)
+        res, _ = train_here(
+            model, spec, cfg, out_dir, steps, csv_only, extra_callbacks=pruning_callbacks(cfg), trunk_dir=trunk_dir
+        )
     done = res["status"] == "complete" and evaluate_after
     val = evaluate(model, spec.data.val_dataloader(), eval_device(cfg)) if done else float("nan")
     model.to("cpu")
     tokens = steps * spec.data.batch_size * spec.data.seq_len
-    points = res.pop("val_points") + ([{"step": steps, "tokens": tokens, "flops": tokens * res["flops_per_token"],
-                                        "val_loss": val}] if done else [])
-    return {**res, "val_loss": val, "val_curve": points,
-            "best_val_loss": min((p["val_loss"] for p in points), default=float("nan"))}
+    points = res.pop("val_points") + (
+        [{"step": steps, "tokens": tokens, "flops": tokens * res["flops_per_token"], "val_loss": val}] if done else []
+    )
+    return {
+        **res,
+        "val_loss": val,
+        "val_curve": points,
+        "best_val_loss": min((p["val_loss"] for p in points), default=float("nan")),
+    }
 
 
-def train_here(model: Decoder, spec: Spec, cfg: DictConfig, out_dir: Path, steps: int, csv_only=False,
-               extra_callbacks=(), trunk_dir: Path | None = None) -> tuple[dict, L.Trainer]:
+def train_here(
+    model: Decoder,
+    spec: Spec,
+    cfg: DictConfig,
+    out_dir: Path,
+    steps: int,
+    csv_only=False,
+    extra_callbacks=(),
+    trunk_dir: Path | None = None,
+) -> tuple[dict, L.Trainer]:
     """The Lightning fit itself (one process, or one rank of a multi-process job)."""
     seq = spec.data.seq_len
     fpt = flops.count_model(model, seq).train_per_token
@@ -206,17 +239,28 @@ def train_here(model: Decoder, spec: Spec, cfg: DictConfig, out_dir: Path, steps
         model.compile_blocks()
     peak = float(cfg.train.peak_tflops) * 1e12 if cfg.train.get("peak_tflops") else None
     tokens_per_step = spec.data.batch_size * seq
-    lit = LitLM(model, spec.optim, steps, fpt, peak, tokens_per_step, max_grad_norm=cfg.train.get("max_grad_norm"),
-                collapse_share=float(cfg.train.get("collapse_share", 1.0)),
-                collapse_steps=int(cfg.train.get("collapse_steps", 100)))
+    lit = LitLM(
+        model,
+        spec.optim,
+        steps,
+        fpt,
+        peak,
+        tokens_per_step,
+        max_grad_norm=cfg.train.get("max_grad_norm"),
+        collapse_share=float(cfg.train.get("collapse_share", 1.0)),
+        collapse_steps=int(cfg.train.get("collapse_steps", 100)),
+    )
     world = launch.world_size(cfg.trainer)
     spec.data.total_steps, spec.data.world_size = steps, world
     _, accumulate = spec.data.split_batch(world)
     ckpt_dir = out_dir / "checkpoints"
     curve = ValCurve(tokens_per_step, fpt)
     save = bool(cfg.train.get("save_checkpoints", True))
-    callbacks = [curve] + ([ModelCheckpoint(dirpath=ckpt_dir, save_last=True, save_top_k=0,
-                                            every_n_train_steps=int(cfg.train.ckpt_every))] if save else [])
+    callbacks = [curve] + (
+        [ModelCheckpoint(dirpath=ckpt_dir, save_last=True, save_top_k=0, every_n_train_steps=int(cfg.train.ckpt_every))]
+        if save
+        else []
+    )
     callbacks += [instantiate(c) for c in (cfg.get("callbacks") or {}).values()] + list(extra_callbacks)
     stop = cfg.train.get("stop_after_steps")
     if stop:
@@ -229,16 +273,28 @@ def train_here(model: Decoder, spec: Spec, cfg: DictConfig, out_dir: Path, steps
         link = ckpt_dir / "trunk.ckpt"
         branch = trunk.branch_point(trunk_dir, decay_start, link) if start is None else None
         if branch is not None:
-            log.info("branching off the WSD trunk %s at step %d of %d (decay starts at %d)", trunk_dir, branch, steps,
-                     decay_start)
+            log.info(
+                "branching off the WSD trunk %s at step %d of %d (decay starts at %d)",
+                trunk_dir,
+                branch,
+                steps,
+                decay_start,
+            )
             start = link
             # the trunk's ModelCheckpoint state names the run that saved it; this run keeps its own folder
             warnings.filterwarnings("ignore", message="The dirpath has changed from")
     plugins = [LightningEnvironment()] if os.environ.get(launch.WORKER_ENV) == "local" else None
     trainer: L.Trainer = instantiate(
-        cfg.trainer, max_steps=steps, logger=_loggers(cfg, out_dir, csv_only) or False,
-        callbacks=callbacks, default_root_dir=str(out_dir), val_check_interval=int(cfg.train.val_every) * accumulate,
-        check_val_every_n_epoch=None, num_sanity_val_steps=0, accumulate_grad_batches=accumulate, plugins=plugins,
+        cfg.trainer,
+        max_steps=steps,
+        logger=_loggers(cfg, out_dir, csv_only) or False,
+        callbacks=callbacks,
+        default_root_dir=str(out_dir),
+        val_check_interval=int(cfg.train.val_every) * accumulate,
+        check_val_every_n_epoch=None,
+        num_sanity_val_steps=0,
+        accumulate_grad_batches=accumulate,
+        plugins=plugins,
         enable_checkpointing=save,
         use_distributed_sampler=False,  # the datamodule shards by rank itself, in order
     )
@@ -251,9 +307,17 @@ def train_here(model: Decoder, spec: Spec, cfg: DictConfig, out_dir: Path, steps
             (ckpt_dir / "trunk.ckpt").unlink(missing_ok=True)
     wall = time.perf_counter() - t0
     tokens = steps * tokens_per_step
-    return {"status": "complete" if trainer.global_step >= steps else "interrupted", "steps": trainer.global_step,
-            "tokens": tokens, "flops_per_token": fpt, "train_flops": tokens * fpt, "fit_wall_s": wall,
-            "val_points": curve.points, "world_size": trainer.world_size, "accumulate_grad_batches": accumulate}, trainer
+    return {
+        "status": "complete" if trainer.global_step >= steps else "interrupted",
+        "steps": trainer.global_step,
+        "tokens": tokens,
+        "flops_per_token": fpt,
+        "train_flops": tokens * fpt,
+        "fit_wall_s": wall,
+        "val_points": curve.points,
+        "world_size": trainer.world_size,
+        "accumulate_grad_batches": accumulate,
+    }, trainer
 
 
 def _sweeper_pruner_node() -> dict | None:
@@ -311,8 +375,14 @@ def dense_base(spec: Spec, cfg: DictConfig) -> tuple[Decoder, dict]:
         return model, {"key": key, "hf_path": spec.model.hf_path}
     # the base depends on the pretraining recipe only (its own batch size included), so every variant of a
     # sweep (batch size, LR, ...) upcycles the very same checkpoint
-    key = _hash({"model": asdict(spec.model), "data": spec.data.shard_dir.name, "seq": spec.data.seq_len,
-                 "pretrain": OmegaConf.to_container(cfg.pretrain, resolve=True)})
+    key = _hash(
+        {
+            "model": asdict(spec.model),
+            "data": spec.data.shard_dir.name,
+            "seq": spec.data.seq_len,
+            "pretrain": OmegaConf.to_container(cfg.pretrain, resolve=True),
+        }
+    )
     out = Path(cfg.paths.cache_dir) / "dense" / key
     out.mkdir(parents=True, exist_ok=True)
     with FileLock(str(out / ".lock")):
@@ -331,16 +401,30 @@ def dense_base(spec: Spec, cfg: DictConfig) -> tuple[Decoder, dict]:
             model = Decoder(spec.model)
             pre_data = copy.copy(spec.data)
             pre_data.batch_size = int(cfg.pretrain.batch_size)
-            pre_spec = Spec(spec.method, spec.model, spec.moe, spec.recipe, instantiate(cfg.pretrain.optim),
-                            pre_data, spec.moe_layers)
+            pre_spec = Spec(
+                spec.method,
+                spec.model,
+                spec.moe,
+                spec.recipe,
+                instantiate(cfg.pretrain.optim),
+                pre_data,
+                spec.moe_layers,
+            )
             steps = _steps(cfg.pretrain.tokens, pre_spec)
-            log.info("dense base: pretraining %s for %d steps (%s tokens) -> %s", spec.model.name, steps,
-                     f"{steps * pre_data.batch_size * pre_data.seq_len:,}", out)
+            log.info(
+                "dense base: pretraining %s for %d steps (%s tokens) -> %s",
+                spec.model.name,
+                steps,
+                f"{steps * pre_data.batch_size * pre_data.seq_len:,}",
+                out,
+            )
             _heal_checkpoint(out)
             res = fit(model, pre_spec, tracking.stage(cfg, "pretrain", out, f"pretrain/{key}"), out, steps)
             if res["status"] != "complete":
-                raise RuntimeError(f"dense pretraining stopped at step {res['steps']} of {steps}; run the same "
-                                   "command again to resume it")
+                raise RuntimeError(
+                    f"dense pretraining stopped at step {res['steps']} of {steps}; run the same "
+                    "command again to resume it"
+                )
             torch.save(model.state_dict(), out / "model.pt.tmp")
             (out / "model.pt.tmp").replace(out / "model.pt")
             checksum = file_digest(out / "model.pt")
@@ -374,8 +458,9 @@ def experiment_recipe(cfg: DictConfig) -> dict:
     return recipe
 
 
-def dense_continuation(dense: Decoder, base_key: str, tokens: int, spec: Spec, cfg: DictConfig,
-                       job_type: str = "dense_iso") -> dict:
+def dense_continuation(
+    dense: Decoder, base_key: str, tokens: int, spec: Spec, cfg: DictConfig, job_type: str = "dense_iso"
+) -> dict:
     """Continue the dense model for ``tokens`` tokens (cached: MoE variants of equal FLOPs share it).
     ``job_type``: ``dense_iso`` (the MoE's training FLOPs) or ``dense_tokens`` (the MoE's tokens)."""
     recipe = {"base": base_key, "optim": asdict(spec.optim), "seed": cfg.seed, "batch": spec.data.batch_size}
@@ -385,20 +470,33 @@ def dense_continuation(dense: Decoder, base_key: str, tokens: int, spec: Spec, c
     with FileLock(str(out / ".lock")):
         res_path = out / "results.json"
         cached = read_json(res_path, required=CONTINUATION_KEYS)
-        what = {"dense_iso": "iso-FLOP dense continuation (the MoE's training FLOPs)",
-                "dense_tokens": "token-matched dense continuation (the MoE's tokens)"}[job_type]
+        what = {
+            "dense_iso": "iso-FLOP dense continuation (the MoE's training FLOPs)",
+            "dense_tokens": "token-matched dense continuation (the MoE's tokens)",
+        }[job_type]
         if cached is not None:
             log.info("%s: cached %s", what, out)
             return {**cached, "cache_dir": str(out)}
         steps = _steps(tokens, spec)
-        log.info("%s: training %d steps (%s tokens) -> %s", what, steps,
-                 f"{steps * spec.data.batch_size * spec.data.seq_len:,}", out)
+        log.info(
+            "%s: training %d steps (%s tokens) -> %s",
+            what,
+            steps,
+            f"{steps * spec.data.batch_size * spec.data.seq_len:,}",
+            out,
+        )
         torch.manual_seed(int(cfg.seed))
         model = Decoder(spec.model)
         model.load_state_dict(dense.state_dict())
         _heal_checkpoint(out)
-        res = fit(model, spec, tracking.stage(cfg, job_type, out, f"{job_type}/{key}"), out, steps,
-                  trunk_dir=_trunk_dir(cfg, {"dense_continuation": recipe}))
+        res = fit(
+            model,
+            spec,
+            tracking.stage(cfg, job_type, out, f"{job_type}/{key}"),
+            out,
+            steps,
+            trunk_dir=_trunk_dir(cfg, {"dense_continuation": recipe}),
+        )
         if res["status"] == "complete":
             atomic_write_json(res_path, res)
         return {**res, "cache_dir": str(out)}
@@ -410,29 +508,55 @@ def run(cfg: DictConfig, spec: Spec, out_dir: Path) -> dict:
     dense, base_meta = dense_base(spec, cfg)
     dense_flops = flops.count(spec.model, spec.data.seq_len)
     moe_flops = flops.count(spec.model, spec.data.seq_len, spec.moe, spec.moe_layers)
-    moe_tokens = _steps(_moe_tokens(cfg, base_meta, dense_flops, moe_flops), spec) * spec.data.batch_size * spec.data.seq_len
+    moe_tokens = (
+        _steps(_moe_tokens(cfg, base_meta, dense_flops, moe_flops), spec) * spec.data.batch_size * spec.data.seq_len
+    )
     iso_tokens = flops.iso_flop_tokens(moe_tokens, moe_flops.train_per_token, dense_flops.train_per_token)
     val_loader = spec.data.val_dataloader()
     parent_val = evaluate(dense, val_loader, eval_device(cfg))
-    res = {"method": spec.method, "moe": spec.moe.name, "routing": spec.moe.routing,
-           "dense_parent_val_loss": parent_val, "data": spec.data.meta, "dense_base": base_meta["key"]}
+    res = {
+        "method": spec.method,
+        "moe": spec.moe.name,
+        "routing": spec.moe.routing,
+        "dense_parent_val_loss": parent_val,
+        "data": spec.data.meta,
+        "dense_base": base_meta["key"],
+    }
     if spec.method == "pretrain":  # the base's own record: its learning curve shows whether it plateaued
         counts = dense_flops
         res.update(status="complete", tokens=0, train_flops=0)  # an HF base: trained elsewhere
-        res.update({k: base_meta[k] for k in ("status", "steps", "tokens", "train_flops", "flops_per_token",
-                                              "fit_wall_s", "val_curve") if k in base_meta},
-                   init_val_loss=parent_val, val_loss=parent_val, params_total=counts.params_total,
-                   params_active=counts.params_active, wall_time_s=time.time() - t0)
+        res.update(
+            {
+                k: base_meta[k]
+                for k in ("status", "steps", "tokens", "train_flops", "flops_per_token", "fit_wall_s", "val_curve")
+                if k in base_meta
+            },
+            init_val_loss=parent_val,
+            val_loss=parent_val,
+            params_total=counts.params_total,
+            params_active=counts.params_active,
+            wall_time_s=time.time() - t0,
+        )
         res["best_val_loss"] = min([p["val_loss"] for p in res.get("val_curve", [])] + [parent_val])
         return res
     torch.manual_seed(int(cfg.seed))
     if spec.method == "upcycle":
         r = spec.recipe
-        log.info("upcycling to %s: routing %s, router init %s, drop ratio %s, weight scaling %s, router start %s, "
-                 "MoE layers %s", spec.moe.name, spec.moe.routing, r.router_init, r.drop_ratio, r.weight_scaling,
-                 r.router_start, spec.moe_layers)
+        log.info(
+            "upcycling to %s: routing %s, router init %s, drop ratio %s, weight scaling %s, router start %s, "
+            "MoE layers %s",
+            spec.moe.name,
+            spec.moe.routing,
+            r.router_init,
+            r.drop_ratio,
+            r.weight_scaling,
+            r.router_start,
+            spec.moe_layers,
+        )
         windows = RandomWindows(spec.data.shard("train"), spec.data.seq_len, 0, 4, spec.data.seed)
-        calib = torch.stack([windows[i][0] for i in range(len(windows))])  # the first 4 training sequences: router start
+        calib = torch.stack(
+            [windows[i][0] for i in range(len(windows))]
+        )  # the first 4 training sequences: router start
         model = upcycle(dense, spec.moe, spec.recipe, calib=calib)
         res["init_top_mass"], res["init_top_mass_uniform"] = top_mass(model, calib)
         res["init_val_loss"] = evaluate(model, val_loader, eval_device(cfg))
@@ -447,17 +571,23 @@ def run(cfg: DictConfig, spec: Spec, out_dir: Path) -> dict:
         res["iso_flop_of"] = spec.moe.name
         stage = "dense_iso"
     res.update(params_total=counts.params_total, params_active=counts.params_active)
-    log.info("training %s for %d steps (%s tokens) -> %s", "the MoE" if stage == "upcycle" else
-             f"the iso-FLOP dense continuation of {spec.moe.name}", steps,
-             f"{steps * spec.data.batch_size * spec.data.seq_len:,}", out_dir)
+    log.info(
+        "training %s for %d steps (%s tokens) -> %s",
+        "the MoE" if stage == "upcycle" else f"the iso-FLOP dense continuation of {spec.moe.name}",
+        steps,
+        f"{steps * spec.data.batch_size * spec.data.seq_len:,}",
+        out_dir,
+    )
     _heal_checkpoint(out_dir)
     res.update(fit(model, spec, cfg, out_dir, steps, trunk_dir=_trunk_dir(cfg, experiment_recipe(cfg))))
     start = {"step": 0, "tokens": 0, "flops": 0, "val_loss": res["init_val_loss"]}
     res["val_curve"] = [start] + res["val_curve"]  # the step-0 gap is part of the curve
     if spec.method == "upcycle" and res["status"] == "complete":
         # iso-FLOP: the dense model gets the MoE's training FLOPs; token-matched: the MoE's tokens
-        baselines = [("dense_iso", iso_tokens, cfg.iso_flop_baseline),
-                     ("dense_tokens", moe_tokens, cfg.get("token_matched_baseline", False))]
+        baselines = [
+            ("dense_iso", iso_tokens, cfg.iso_flop_baseline),
+            ("dense_tokens", moe_tokens, cfg.get("token_matched_baseline", False)),
+        ]
         for field, tokens, wanted in sorted(baselines, key=lambda b: b[1]):  # shorter first: a WSD trunk grows
             if wanted:
                 cont = dense_continuation(dense, base_meta["key"], tokens, spec, cfg, job_type=field)
@@ -515,8 +645,9 @@ JOB_TYPES = {"upcycle": "upcycle", "dense": "dense_iso", "pretrain": "pretrain"}
 def main(cfg: DictConfig) -> float:
     """Run one experiment in its own folder; write ``results.json`` atomically; return the final val loss."""
     if launch.idle_task():
-        log.info("SLURM task %s: the job's first task drives it (and starts this node's workers)",
-                 os.environ["SLURM_PROCID"])
+        log.info(
+            "SLURM task %s: the job's first task drives it (and starts this node's workers)", os.environ["SLURM_PROCID"]
+        )
         return float("nan")
     from harness.console import quiet_libraries
 
@@ -528,8 +659,15 @@ def main(cfg: DictConfig) -> float:
         if _multirun():  # recorded in the job's own folder, so the sweep's report counts it
             out_dir.mkdir(parents=True, exist_ok=True)
             if identity.stored_hash(out_dir) is None:
-                atomic_write_json(out_dir / "results.json", {"config": identity.resolved(cfg), "run_dir": str(out_dir),
-                                                             "status": "failed", "error": f"{type(e).__name__}: {e}"})
+                atomic_write_json(
+                    out_dir / "results.json",
+                    {
+                        "config": identity.resolved(cfg),
+                        "run_dir": str(out_dir),
+                        "status": "failed",
+                        "error": f"{type(e).__name__}: {e}",
+                    },
+                )
         else:  # a single run that never started leaves no folder behind
             identity.discard_unclaimed(out_dir)
         raise
@@ -559,14 +697,20 @@ def main(cfg: DictConfig) -> float:
         res = {**base, **run(cfg, spec, out_dir)}
     except Exception as e:
         status = "pruned" if type(e).__name__ == "TrialPruned" else "failed"
-        atomic_write_json(results_path, {**base, "status": status, "error": f"{type(e).__name__}: {e}",
-                                         "traceback": traceback.format_exc()})
+        atomic_write_json(
+            results_path,
+            {**base, "status": status, "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()},
+        )
         raise
     atomic_write_json(results_path, res)
     tracking.summary(cfg, res)
     if res["status"] == "complete":
         _print_summary(res, out_dir)
     else:
-        log.info("%s: stopped at step %s (status %s); run the same command again to resume", results_path,
-                 res.get("steps"), res["status"])
+        log.info(
+            "%s: stopped at step %s (status %s); run the same command again to resume",
+            results_path,
+            res.get("steps"),
+            res["status"],
+        )
     return float(res["val_loss"])

@@ -35,8 +35,11 @@ KNOBS = {  # override key -> values, valid and not
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(st.dictionaries(st.sampled_from(sorted(KNOBS)), st.none(), min_size=1, max_size=5).flatmap(
-    lambda keys: st.fixed_dictionaries({k: KNOBS[k] for k in keys})))
+@given(
+    st.dictionaries(st.sampled_from(sorted(KNOBS)), st.none(), min_size=1, max_size=5).flatmap(
+        lambda keys: st.fixed_dictionaries({k: KNOBS[k] for k in keys})
+    )
+)
 def test_config_builds_and_steps_or_names_the_bad_key(overrides):
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose("config", overrides=[f"{k}={v}" for k, v in overrides.items()] + ["logger=csv"])

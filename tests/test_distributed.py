@@ -35,8 +35,15 @@ def test_ddp_matches_one_process_and_resumes_after_sigkill(env, tmp_path):  # no
 
 @pytest.mark.slow
 def test_ddp_multirun_gives_each_job_its_overrides(env, tmp_path):  # noqa: F811
-    run(env, tmp_path, "-m", "routing=softmax_topk,topk_softmax", "trainer=ddp_cpu", "iso_flop_baseline=false",
-        "train.tokens=6400")
+    run(
+        env,
+        tmp_path,
+        "-m",
+        "routing=softmax_topk,topk_softmax",
+        "trainer=ddp_cpu",
+        "iso_flop_baseline=false",
+        "train.tokens=6400",
+    )
     jobs = sorted(p.parent for p in (tmp_path / "multirun" / "default").glob("*/results.json"))
     assert len(jobs) == 2
     for routing in ("softmax_topk", "topk_softmax"):
@@ -94,9 +101,18 @@ def test_slurm_launcher_config_and_job_script(tmp_path, monkeypatch):
     from hydra.utils import instantiate
 
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("config", overrides=["hydra/launcher=slurm", "trainer=ddp", "trainer.num_nodes=2",
-                                           "hydra.launcher.timeout_min=240", "hydra.launcher.partition=gpu",
-                                           f"hydra.sweep.dir={tmp_path}"], return_hydra_config=True)
+        cfg = compose(
+            "config",
+            overrides=[
+                "hydra/launcher=slurm",
+                "trainer=ddp",
+                "trainer.num_nodes=2",
+                "hydra.launcher.timeout_min=240",
+                "hydra.launcher.partition=gpu",
+                f"hydra.sweep.dir={tmp_path}",
+            ],
+            return_hydra_config=True,
+        )
     assert cfg.hydra.launcher._target_.endswith("SlurmLauncher")
     launcher = instantiate(cfg.hydra.launcher)
     launcher.config, launcher.task_function = cfg, None
@@ -110,9 +126,16 @@ def test_slurm_launcher_config_and_job_script(tmp_path, monkeypatch):
     monkeypatch.setattr(submitit.SlurmExecutor, "affinity", classmethod(lambda cls: 1))  # no srun on this machine
     launcher.launch([["routing=softmax_topk"], ["routing=topk_softmax"]], initial_job_idx=0)
     script = captured["executor"]._executor._make_submission_file_text("python -u -m submitit.core._submit", "1")
-    for line in ("#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=1", "#SBATCH --gpus-per-node=8",
-                 "#SBATCH --time=240", "#SBATCH --partition=gpu", "#SBATCH --signal=USR2@120",
-                 "export NCCL_NVLS_ENABLE=0", "submitit.core._submit"):
+    for line in (
+        "#SBATCH --nodes=2",
+        "#SBATCH --ntasks-per-node=1",
+        "#SBATCH --gpus-per-node=8",
+        "#SBATCH --time=240",
+        "#SBATCH --partition=gpu",
+        "#SBATCH --signal=USR2@120",
+        "export NCCL_NVLS_ENABLE=0",
+        "submitit.core._submit",
+    ):
         assert line in script, line
     assert f"{tmp_path}/.submitit/" in script
 
@@ -142,8 +165,14 @@ def test_workers_die_with_their_job_process(env, tmp_path):  # noqa: F811
 
     folder = tmp_path / "runs" / "orphans" / "latest" / "launch"
     cmd = [sys.executable, "run.py", *FAST, "method=dense", "train.tokens=400000", "name=orphans", "trainer=ddp_cpu"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env={**env, "UPCYCLE_LOGS": str(tmp_path)}, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        env={**env, "UPCYCLE_LOGS": str(tmp_path)},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
 
     def workers() -> list[int]:
         found = []

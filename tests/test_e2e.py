@@ -13,23 +13,42 @@ from harness.model import ModelConfig
 from harness.moe import MoEConfig
 
 ROOT = Path(__file__).resolve().parents[1]
-FAST = ["pretrain.tokens=60000", "train.tokens=12800", "train.val_every=10", "train.ckpt_every=5",
-        "data.max_bytes=1000000", "data.vocab_size=512", "trainer.enable_progress_bar=false", "print_config=false",
-        "logger=csv"]
+FAST = [
+    "pretrain.tokens=60000",
+    "train.tokens=12800",
+    "train.val_every=10",
+    "train.ckpt_every=5",
+    "data.max_bytes=1000000",
+    "data.vocab_size=512",
+    "trainer.enable_progress_bar=false",
+    "print_config=false",
+    "logger=csv",
+]
 
 
 @pytest.fixture(scope="session")
 def env(tmp_path_factory):
     cache = tmp_path_factory.mktemp("cache")
-    return {**os.environ, "UPCYCLE_CACHE": str(cache), "WANDB_MODE": "offline", "WANDB_SILENT": "true",
-            "PYTHONUNBUFFERED": "1"}
+    return {
+        **os.environ,
+        "UPCYCLE_CACHE": str(cache),
+        "WANDB_MODE": "offline",
+        "WANDB_SILENT": "true",
+        "PYTHONUNBUFFERED": "1",
+    }
 
 
 def run(env, logs, *args, check=True):
     flags = [a for a in args if a.startswith("-")]
     overrides = [a for a in args if not a.startswith("-")]
-    proc = subprocess.run([sys.executable, "run.py", *flags, *FAST, *overrides], cwd=ROOT, capture_output=True, text=True,
-                          env={**env, "UPCYCLE_LOGS": str(logs)}, timeout=900)
+    proc = subprocess.run(
+        [sys.executable, "run.py", *flags, *FAST, *overrides],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={**env, "UPCYCLE_LOGS": str(logs)},
+        timeout=900,
+    )
     if check and proc.returncode != 0:
         raise AssertionError(proc.stderr[-4000:])
     return proc
@@ -45,8 +64,14 @@ def kill_after_first_checkpoint(env, logs, *overrides) -> None:
     import time
 
     name = next(o.split("=", 1)[1] for o in overrides if o.startswith("name="))
-    proc = subprocess.Popen([sys.executable, "run.py", *FAST, *overrides], cwd=ROOT, env={**env, "UPCYCLE_LOGS": str(logs)},
-                            start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "run.py", *FAST, *overrides],
+        cwd=ROOT,
+        env={**env, "UPCYCLE_LOGS": str(logs)},
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     ckpt = logs / "runs" / name / "latest" / "checkpoints" / "last.ckpt"
     deadline = time.time() + 300
     while not ckpt.exists() and time.time() < deadline and proc.poll() is None:
@@ -62,8 +87,18 @@ def test_default_run_moe_vs_iso_flop_dense(env, tmp_path):
     run(env, tmp_path)
     res = results(tmp_path / "runs" / "default" / "latest")
     assert res["status"] == "complete" and res["method"] == "upcycle"
-    for key in ("val_loss", "best_val_loss", "dense_parent_val_loss", "init_val_loss", "tokens", "train_flops",
-                "params_total", "params_active", "wall_time_s", "config"):
+    for key in (
+        "val_loss",
+        "best_val_loss",
+        "dense_parent_val_loss",
+        "init_val_loss",
+        "tokens",
+        "train_flops",
+        "params_total",
+        "params_active",
+        "wall_time_s",
+        "config",
+    ):
         assert key in res, key
     assert res["params_total"] > res["params_active"]
     assert abs(res["init_val_loss"] / res["dense_parent_val_loss"] - 1) < 0.01  # scaled softmax_topk at step 0
@@ -152,9 +187,16 @@ def test_upcycle_from_hf_checkpoint_folder(env, tmp_path):
 
     folder = tmp_path / "llama"
     tok = train_tokenizer(read_documents("stdlib", None, 300_000), 384)
-    cfg = transformers.LlamaConfig(vocab_size=tok.get_vocab_size(), hidden_size=64, intermediate_size=128,
-                                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                   max_position_embeddings=128, tie_word_embeddings=True)
+    cfg = transformers.LlamaConfig(
+        vocab_size=tok.get_vocab_size(),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        tie_word_embeddings=True,
+    )
     torch.manual_seed(0)
     transformers.LlamaForCausalLM(cfg).save_pretrained(folder)
     tok.save(str(folder / "tokenizer.json"))
@@ -173,8 +215,16 @@ def test_upcycle_from_hf_checkpoint_folder(env, tmp_path):
 
 @pytest.mark.slow
 def test_diverging_run_stops_cleanly_with_a_clear_error(env, tmp_path):
-    proc = run(env, tmp_path, "optim.lr=1e12", "optim.warmup_steps=0", "iso_flop_baseline=false", "name=nan",
-               "train.max_grad_norm=null", check=False)  # only the NaN/Inf guard
+    proc = run(
+        env,
+        tmp_path,
+        "optim.lr=1e12",
+        "optim.warmup_steps=0",
+        "iso_flop_baseline=false",
+        "name=nan",
+        "train.max_grad_norm=null",
+        check=False,
+    )  # only the NaN/Inf guard
     assert proc.returncode != 0
     res = results(tmp_path / "runs" / "nan" / "latest")
     assert res["status"] == "failed" and "non-finite training loss" in res["error"]
@@ -194,10 +244,19 @@ def test_exploding_gradient_norm_stops_cleanly(env, tmp_path):
 def test_router_collapse_is_flagged_as_a_metric_and_a_warning(env, tmp_path):
     import csv
 
-    proc = run(env, tmp_path, "train.collapse_share=0.01", "train.collapse_steps=3", "trainer.log_every_n_steps=1",
-               "train.tokens=8000", "iso_flop_baseline=false")
+    proc = run(
+        env,
+        tmp_path,
+        "train.collapse_share=0.01",
+        "train.collapse_steps=3",
+        "trainer.log_every_n_steps=1",
+        "train.tokens=8000",
+        "iso_flop_baseline=false",
+    )
     assert "router collapse: one expert has taken > 1% of the tokens for 3 steps" in proc.stderr
-    rows = list(csv.DictReader(next((tmp_path / "runs" / "default" / "latest").glob("csv/version_*/metrics.csv")).open()))
+    rows = list(
+        csv.DictReader(next((tmp_path / "runs" / "default" / "latest").glob("csv/version_*/metrics.csv")).open())
+    )
     flags = [float(r["moe/router_collapse"]) for r in rows if r.get("moe/router_collapse")]
     assert flags[:2] == [0.0, 0.0] and flags[2:] and set(flags[2:]) == {1.0}
 
@@ -244,8 +303,14 @@ def test_a_bad_config_in_a_sweep_fails_that_job_only(env, tmp_path):
 
 @pytest.mark.slow
 def test_unreachable_wandb_does_not_stop_training(env, tmp_path):
-    bad = {**env, "WANDB_MODE": "online", "WANDB_OFFLINE": "false", "WANDB_BASE_URL": "http://127.0.0.1:9",
-           "WANDB_API_KEY": "x" * 40, "WANDB_INIT_TIMEOUT": "10"}
+    bad = {
+        **env,
+        "WANDB_MODE": "online",
+        "WANDB_OFFLINE": "false",
+        "WANDB_BASE_URL": "http://127.0.0.1:9",
+        "WANDB_API_KEY": "x" * 40,
+        "WANDB_INIT_TIMEOUT": "10",
+    }
     proc = run(bad, tmp_path, "logger=wandb", "iso_flop_baseline=false", "train.tokens=2000")
     assert "logger 'wandb' could not start" in proc.stderr
     assert results(tmp_path / "runs" / "default" / "latest")["status"] == "complete"
@@ -256,8 +321,13 @@ def test_sigkill_mid_training_then_rerun_gives_the_uninterrupted_result(env, tmp
     args = ["iso_flop_baseline=false", "train.tokens=24000"]
     run(env, tmp_path, *args, "name=straight")
     kill_after_first_checkpoint(env, tmp_path, *args, "name=killed")
-    assert not (tmp_path / "runs" / "killed" / "latest" / "results.json").exists() or \
-        results(tmp_path / "runs" / "killed" / "latest")["status"] != "complete"
+    assert (
+        not (tmp_path / "runs" / "killed" / "latest" / "results.json").exists()
+        or results(tmp_path / "runs" / "killed" / "latest")["status"] != "complete"
+    )
     run(env, tmp_path, *args, "name=killed")
-    killed, straight = results(tmp_path / "runs" / "killed" / "latest"), results(tmp_path / "runs" / "straight" / "latest")
+    killed, straight = (
+        results(tmp_path / "runs" / "killed" / "latest"),
+        results(tmp_path / "runs" / "straight" / "latest"),
+    )
     assert killed["status"] == "complete" and killed["val_loss"] == straight["val_loss"]  # bitwise on CPU

@@ -16,18 +16,26 @@ from test_e2e import FAST, ROOT, env, results, run  # noqa: F401 (session fixtur
 
 from hydra_plugins.upcycle_optuna_sweeper.optuna_sweeper import to_distribution
 
-SEARCH = ["-m", "hparams_search=lr", "hydra.sweeper.n_trials=3", "hydra.sweeper.heartbeat_interval=1",
-          "hydra.sweeper.grace_period=2"]
+SEARCH = [
+    "-m",
+    "hparams_search=lr",
+    "hydra.sweeper.n_trials=3",
+    "hydra.sweeper.heartbeat_interval=1",
+    "hydra.sweeper.grace_period=2",
+]
 
 
-@pytest.mark.parametrize("line, expected", [
-    ("optim.lr=tag(log, interval(3e-4, 3e-2))", FloatDistribution(3e-4, 3e-2, log=True)),
-    ("optim.lr=interval(0.1, 0.5)", FloatDistribution(0.1, 0.5)),
-    ("optim.warmup_steps=range(0, 60, 20)", IntDistribution(0, 40, step=20)),
-    ("moe.top_k=tag(int, interval(1, 4))", IntDistribution(1, 4)),
-    ("routing=choice(softmax_topk, topk_softmax)", CategoricalDistribution(["softmax_topk", "topk_softmax"])),
-    ("seed=0,1,2", CategoricalDistribution([0, 1, 2])),
-])
+@pytest.mark.parametrize(
+    "line, expected",
+    [
+        ("optim.lr=tag(log, interval(3e-4, 3e-2))", FloatDistribution(3e-4, 3e-2, log=True)),
+        ("optim.lr=interval(0.1, 0.5)", FloatDistribution(0.1, 0.5)),
+        ("optim.warmup_steps=range(0, 60, 20)", IntDistribution(0, 40, step=20)),
+        ("moe.top_k=tag(int, interval(1, 4))", IntDistribution(1, 4)),
+        ("routing=choice(softmax_topk, topk_softmax)", CategoricalDistribution(["softmax_topk", "topk_softmax"])),
+        ("seed=0,1,2", CategoricalDistribution([0, 1, 2])),
+    ],
+)
 def test_hydra_sweep_syntax_maps_to_optuna_distributions(line, expected):
     assert to_distribution(OverridesParser.create().parse_overrides([line])[0]) == expected
 
@@ -49,16 +57,23 @@ def test_killed_study_restarts_and_continues_the_same_study(env, tmp_path):  # n
     run(env, tmp_path, "train.tokens=1000")  # warm the shared dense-base cache outside the timed part
     cmd = [sys.executable, "run.py", *SEARCH, *FAST, "train.tokens=96000"]
     log = (tmp_path / "search.log").open("w")
-    proc = subprocess.Popen(cmd, cwd=ROOT, env={**env, "UPCYCLE_LOGS": str(tmp_path)}, start_new_session=True,
-                            stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        env={**env, "UPCYCLE_LOGS": str(tmp_path)},
+        start_new_session=True,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     deadline = time.time() + 600
     while time.time() < deadline:  # kill mid-trial: one trial finished, the next one running
         states = _states(tmp_path)
         if TrialState.COMPLETE in states and states[-1] == TrialState.RUNNING:
             time.sleep(1.5)
             break
-        assert proc.poll() is None, ("the search ended before it could be killed:\n"
-                                     + (tmp_path / "search.log").read_text()[-3000:])
+        assert proc.poll() is None, (
+            "the search ended before it could be killed:\n" + (tmp_path / "search.log").read_text()[-3000:]
+        )
         time.sleep(0.2)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
@@ -79,9 +94,16 @@ def test_killed_study_restarts_and_continues_the_same_study(env, tmp_path):  # n
 
 @pytest.mark.slow
 def test_trials_are_pruned_from_the_validation_loop(env, tmp_path):  # noqa: F811
-    run(env, tmp_path, *SEARCH, "train.tokens=48000",  # prune as soon as val/loss > 0: every trial
-        "hydra.sweeper.pruner._target_=optuna.pruners.ThresholdPruner", "~hydra.sweeper.pruner.n_startup_trials",
-        "~hydra.sweeper.pruner.n_warmup_steps", "+hydra.sweeper.pruner.upper=0.0")
+    run(
+        env,
+        tmp_path,
+        *SEARCH,
+        "train.tokens=48000",  # prune as soon as val/loss > 0: every trial
+        "hydra.sweeper.pruner._target_=optuna.pruners.ThresholdPruner",
+        "~hydra.sweeper.pruner.n_startup_trials",
+        "~hydra.sweeper.pruner.n_warmup_steps",
+        "+hydra.sweeper.pruner.upper=0.0",
+    )
     study = _study(tmp_path)
     assert [t.state for t in study.trials] == [TrialState.PRUNED] * 3
     assert all(list(t.intermediate_values) == [10] for t in study.trials)  # reported at step 10 (val_every)

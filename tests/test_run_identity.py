@@ -25,8 +25,11 @@ def only_dir(logs: Path, *words: str, without: str = "\0") -> Path:
 
 
 def snapshot(root: Path, skip=()) -> dict:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
-            if p.is_file() and not p.is_symlink() and not set(p.relative_to(root).parts) & set(skip)}
+    return {
+        str(p.relative_to(root)): p.read_bytes()
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and not p.is_symlink() and not set(p.relative_to(root).parts) & set(skip)
+    }
 
 
 def last_line(proc) -> str:
@@ -52,8 +55,12 @@ def test_two_configs_in_a_row_each_equal_a_clean_run_and_bad_input_touches_neith
     assert results(a)["config_hash"] != results(b)["config_hash"]
     # the console: stages announced, no config tree, no library chatter, the results folder named
     out = first.stdout + first.stderr
-    for line in ("dense base:", "upcycling to E8G1T2: routing softmax_topk", "training the MoE for 2 steps",
-                 "iso-FLOP dense continuation:"):
+    for line in (
+        "dense base:",
+        "upcycling to E8G1T2: routing softmax_topk",
+        "training the MoE for 2 steps",
+        "iso-FLOP dense continuation:",
+    ):
         assert line in out, line
     assert "CONFIG" not in out and "GPU available" not in out and "litlogger" not in out
     assert f"results: {a / 'results.json'}" in out
@@ -67,8 +74,9 @@ def test_two_configs_in_a_row_each_equal_a_clean_run_and_bad_input_touches_neith
     proc = run(env, logs, "train.tokens=2000", "routing=topk_softmax", f"hydra.run.dir='{a}'", check=False)
     assert proc.returncode != 0 and "holds a run of another config" in last_line(proc)
     hydra_own = (".hydra", "run.log")
-    assert snapshot(logs, skip=hydra_own) == {k: v for k, v in before.items()
-                                             if not set(Path(k).parts) & set(hydra_own)}
+    assert snapshot(logs, skip=hydra_own) == {
+        k: v for k, v in before.items() if not set(Path(k).parts) & set(hydra_own)
+    }
 
 
 @pytest.mark.slow
@@ -129,7 +137,7 @@ def test_a_folder_of_a_few_documents_gets_a_validation_split_and_a_damaged_cache
     folder.mkdir()
     text = _stdlib_text(120_000)
     for i in range(12):
-        (folder / f"doc{i}.md").write_text(text[i * 10_000:(i + 1) * 10_000])
+        (folder / f"doc{i}.md").write_text(text[i * 10_000 : (i + 1) * 10_000])
     (folder / ".hidden.txt").write_bytes(b"\x00" * 100)  # hidden files are not part of the corpus
     out = build_shards("stdlib", str(folder), 10**9, 300, 0.05, str(tmp_path / "cache"))
     meta = json.loads((out / "meta.json").read_text())
@@ -153,8 +161,8 @@ def _wandb_records(path: Path) -> list:
         if 32768 - pos % 32768 < 7:  # block tail padding
             pos += 32768 - pos % 32768
             continue
-        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
-        buf, pos = buf + data[pos + 7:pos + 7 + length], pos + 7 + length
+        _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        buf, pos = buf + data[pos + 7 : pos + 7 + length], pos + 7 + length
         if kind in (1, 4):
             record = pb.Record()
             record.ParseFromString(buf)
@@ -182,8 +190,13 @@ def _wandb_runs(folder: Path) -> dict[str, dict]:
 
 @pytest.mark.slow
 def test_wandb_offline_runs_hold_the_config_every_stage_and_continue_after_a_resume(env, tmp_path):  # noqa: F811
-    args = [*TINY, "iso_flop_baseline=true", "logger=wandb", "pretrain.tokens=4000",  # a fresh dense base
-            "train.val_every=2"]
+    args = [
+        *TINY,
+        "iso_flop_baseline=true",
+        "logger=wandb",
+        "pretrain.tokens=4000",  # a fresh dense base
+        "train.val_every=2",
+    ]
     proc = run(env, tmp_path, *args, "train.stop_after_steps=3", check=False)  # stops the pretraining at step 3
     assert proc.returncode != 0 and "dense pretraining stopped at step 3 of 4" in proc.stderr
     run(env, tmp_path, *args)
@@ -207,12 +220,29 @@ def test_the_folder_hash_ignores_cosmetic_keys_and_sees_every_experiment_key():
 
     register()
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+
         def h(*overrides):
             return config_hash(compose("config", overrides=list(overrides)))
 
         base = h()
-        assert base == h("print_config=true", "force=true", "logger=csv", "name=other", "train.stop_after_steps=3",
-                         "trainer.enable_progress_bar=false", "paths.log_dir=/elsewhere", "paths.cache_dir=/c")
-        for key in ("routing=topk_softmax", "moe.top_k=1", "seed=1", "data.path=/x", "optim.lr=1e-4",
-                    "method=dense", "pretrain.tokens=1000", "trainer=ddp_cpu"):
+        assert base == h(
+            "print_config=true",
+            "force=true",
+            "logger=csv",
+            "name=other",
+            "train.stop_after_steps=3",
+            "trainer.enable_progress_bar=false",
+            "paths.log_dir=/elsewhere",
+            "paths.cache_dir=/c",
+        )
+        for key in (
+            "routing=topk_softmax",
+            "moe.top_k=1",
+            "seed=1",
+            "data.path=/x",
+            "optim.lr=1e-4",
+            "method=dense",
+            "pretrain.tokens=1000",
+            "trainer=ddp_cpu",
+        ):
             assert h(key) != base, key

@@ -14,14 +14,16 @@ def test_study_tables_regenerate_byte_for_byte(tmp_path, monkeypatch):
     compared = 0
     for key, path in files.items():
         committed = ROOT / "results" / path.relative_to(tmp_path)
-        assert committed.exists(), f"{committed} is not committed (run: python -m analysis.study results/runs --partial results/partial --ladder results/ladder --out results)"
+        assert committed.exists(), (
+            f"{committed} is not committed (run: python -m analysis.study results/runs --partial results/partial --ladder results/ladder --out results)"
+        )
         if path.suffix in (".md", ".csv", ".tex"):
             assert path.read_text() == committed.read_text(), f"{committed} differs from what the runs give"
             compared += 1
         else:  # PNG bytes depend on the matplotlib build; the plot must exist and hold curves
             assert path.stat().st_size > 10_000
     assert compared >= 8
-    rows = (tmp_path / "findings.md").read_text().count("\n| ") 
+    rows = (tmp_path / "findings.md").read_text().count("\n| ")
     assert rows == len(FINDINGS)  # every finding has a row, run or not
 
 

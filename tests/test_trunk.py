@@ -22,11 +22,14 @@ def test_every_step_before_the_decay_has_the_same_lr_for_any_budget():
 
 @pytest.mark.slow
 def test_a_budget_branched_off_the_trunk_equals_its_own_full_run(env, tmp_path):  # noqa: F811
-    proc = run(env, tmp_path, "-m", *WSD, "train.tokens=6400,12800", "iso_flop_baseline=false",
-               "token_matched_baseline=true")
+    proc = run(
+        env, tmp_path, "-m", *WSD, "train.tokens=6400,12800", "iso_flop_baseline=false", "token_matched_baseline=true"
+    )
     log = proc.stdout + proc.stderr
     assert log.count("branching off the WSD trunk") == 2 and "at step 5 of 13" in log  # MoE and dense, second budget
-    jobs = sorted(Path(tmp_path / "multirun" / "default").glob("*/results.json"), key=lambda p: results(p.parent)["tokens"])
+    jobs = sorted(
+        Path(tmp_path / "multirun" / "default").glob("*/results.json"), key=lambda p: results(p.parent)["tokens"]
+    )
     short, branched = (results(p.parent) for p in jobs)
     trunks = list((Path(env["UPCYCLE_CACHE"]) / "trunks").glob("*/step_*.ckpt"))
     # the latest checkpoint of the MoE trunk and of the token-matched dense trunk (decay starts 5, then 10 steps)

@@ -5,8 +5,15 @@ import torch
 
 from harness.errors import ConfigError
 from harness.moe import MoEConfig, router_logits
-from harness.upcycle import (Recipe, activation_scale, mlp_input_rms, resolve_moe_layers, top_mass, upcycle,
-                             weight_factors)
+from harness.upcycle import (
+    Recipe,
+    activation_scale,
+    mlp_input_rms,
+    resolve_moe_layers,
+    top_mass,
+    upcycle,
+    weight_factors,
+)
 
 SHAPES = [(8, 1, 2), (8, 1, 1), (8, 2, 4), (16, 8, 8), (4, 4, 4)]  # E8G1T2 .. scaled-down E64G8T8
 
@@ -99,8 +106,9 @@ def test_data_router_start_gives_the_stated_logit_spread(dense, tokens, e, g, t)
     recipe = Recipe(weight_scaling="exact", router_logit_std=0.01)
     moe = upcycle(dense, moe_cfg(e, g, t, "softmax_topk"), recipe, calib=tokens)
     inputs = {}
-    hooks = [b.mlp.register_forward_pre_hook(lambda m, a, i=i: inputs.__setitem__(i, a[0])) for i, b in
-             enumerate(moe.blocks)]
+    hooks = [
+        b.mlp.register_forward_pre_hook(lambda m, a, i=i: inputs.__setitem__(i, a[0])) for i, b in enumerate(moe.blocks)
+    ]
     with torch.no_grad():
         moe(tokens)
     for h in hooks:
