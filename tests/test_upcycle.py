@@ -82,8 +82,8 @@ def test_exact_scaling_puts_the_scale_where_the_activation_is_homogeneous():
 @pytest.mark.parametrize("scaling", ["paper", "exact"])
 def test_expert_weights_are_the_dense_shards_times_the_factors(scaling):
     """paper keeps Megatron's weights (s^(1/3) on gate, up and fc2); exact scales up and fc2 only."""
-    from tests.conftest import tiny_config
     from harness.model import Decoder
+    from tests.conftest import tiny_config
 
     torch.manual_seed(0)
     dense = Decoder(tiny_config("swiglu"))
@@ -157,8 +157,8 @@ def test_drop_ratio_zero_equals_copy(dense):
 
 @pytest.mark.parametrize("ratio", [0.1, 0.5, 1.0])
 def test_drop_upcycling_reinitialises_exactly_r_units(ratio):
-    from tests.conftest import tiny_config
     from harness.model import Decoder
+    from tests.conftest import tiny_config
 
     torch.manual_seed(0)
     dense = Decoder(tiny_config("swiglu", d_model=64, d_ff=512))
@@ -181,7 +181,10 @@ def test_drop_upcycling_is_seeded(dense):
     a = upcycle(dense, cfg, Recipe(drop_ratio=0.5, seed=1))
     b = upcycle(dense, cfg, Recipe(drop_ratio=0.5, seed=1))
     c = upcycle(dense, cfg, Recipe(drop_ratio=0.5, seed=2))
-    w = lambda m: m.blocks[0].mlp.experts.w1
+
+    def w(m):
+        return m.blocks[0].mlp.experts.w1
+
     assert torch.equal(w(a), w(b)) and not torch.equal(w(a), w(c))
 
 

@@ -26,7 +26,6 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-import pandas as pd  # noqa: E402
 
 from analysis.collect import collect, curves  # noqa: E402
 from analysis.tables import varying_axes  # noqa: E402
@@ -57,7 +56,7 @@ summary = ok.groupby(by).agg(
     seeds=("val_loss", "size"),
 )
 assert ((summary.flops_ratio - 1).abs() < 0.05).all(), "iso-FLOP budgets do not match"
-summary
+summary  # noqa: B018 (the cell shows the table)
 
 # %% [markdown]
 # ## Validation loss against training FLOPs
