@@ -1,4 +1,4 @@
-"""Multi-GPU throughput and memory through the harness's own training path (``harness.train.fit``,
+"""Multi-GPU throughput and memory through the harness's own training path (``harness.fit.fit``,
 so the same launcher, Lightning strategy, data sharding and optimizer as ``python run.py``): one
 upcycled model trained on 1 GPU, with DDP and with FSDP, at the same global batch.
 
@@ -22,9 +22,10 @@ from pathlib import Path
 import torch
 from hydra import compose, initialize_config_dir
 
+from harness.experiment import build_spec
+from harness.fit import fit
 from harness.model import Decoder
 from harness.resolvers import register
-from harness.train import build_spec, fit
 from harness.upcycle import upcycle
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -11,7 +11,7 @@ import json
 
 import torch
 
-from harness.model import MLP
+from harness.mlp import MLP
 from harness.moe import MoE, MoEConfig
 
 

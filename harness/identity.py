@@ -73,10 +73,20 @@ def config_hash(cfg: DictConfig) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:8]
 
 
+MAX_DIRNAME = 200  # file systems allow 255 bytes a name; longer override lists are cut + hashed
+
+
+def short_dirname(name: str) -> str:
+    """A job folder name from its overrides: readable when short, else truncated + a stable hash
+    (the same overrides always give the same folder, so re-runs find their results and checkpoints)."""
+    if len(name) <= MAX_DIRNAME:
+        return name
+    digest = hashlib.sha1(name.encode()).hexdigest()[:10]
+    return f"{name[: MAX_DIRNAME - 13]}.._{digest}"
+
+
 def run_dirname(overrides: str, *, _root_: DictConfig) -> str:
     """``${run_dirname:${hydra.job.override_dirname}}``: readable overrides + the experiment hash."""
-    from harness.resolvers import short_dirname
-
     tag = f"cfg={config_hash(_root_)}"
     readable = short_dirname(overrides.replace("/", "_"))  # data.path=/a/b must not nest folders
     return f"{readable},{tag}" if overrides else tag

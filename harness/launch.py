@@ -5,7 +5,7 @@ that re-runs the whole sweep in every child, and since a job trains up to three 
 base, MoE, iso-FLOP dense), only its first Trainer would launch children at all. Here the job's
 process keeps the stage logic (caches, file locks, evaluation) and, for each ``fit``, saves the
 model and the job's resolved config under ``<run>/launch/``, then starts
-``python -m harness.launch <dir>`` once per device with ``LOCAL_RANK``/``WORLD_SIZE``/
+``python -m harness.worker <dir>`` once per device with ``LOCAL_RANK``/``WORLD_SIZE``/
 ``MASTER_*`` set, as ``torchrun`` would. Lightning sees processes created externally and only
 joins them; rank 0 writes the fit summary and the trained weights back for the job to load.
 
@@ -23,7 +23,6 @@ import socket
 import subprocess
 import sys
 import time
-import traceback
 from pathlib import Path
 
 import torch
@@ -32,6 +31,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from harness.errors import ConfigError
 
 WORKER_ENV = "UPCYCLE_WORKER"  # set in workers: how they were started ("local" or "srun")
+WORKER_MODULE = "harness.worker"  # started by name, never imported here: the worker imports the fit logic
 
 
 def world_size(trainer_cfg: DictConfig) -> int:
@@ -91,7 +91,7 @@ def worker_command(folder: Path, trainer_cfg: DictConfig) -> tuple[list[list[str
     environment reads the ranks from SLURM's variables.
     """
     world, nodes = world_size(trainer_cfg), int(trainer_cfg.get("num_nodes", 1))
-    worker = [sys.executable, "-m", "harness.launch", str(folder)]
+    worker = [sys.executable, "-m", WORKER_MODULE, str(folder)]
     if nodes > 1:
         if "SLURM_JOB_ID" not in os.environ:
             raise ConfigError(f"trainer.num_nodes={nodes} needs a SLURM allocation (hydra/launcher=slurm)")
@@ -207,45 +207,3 @@ def _raise_worker_error(folder: Path, codes: list[int], commands) -> None:
     raise RuntimeError(
         f"training workers exited with codes {codes} ({shlex.join(commands[0])}); logs: {folder}/rank*.log"
     )
-
-
-def worker_main(folder: Path) -> None:
-    """One rank: rebuild the job from ``folder`` and run the same ``fit`` as a single-device job."""
-    from harness.pruning import pruning_callbacks
-    from harness.train import build_spec, train_here
-
-    rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", os.environ.get("LOCAL_RANK", "0"))))
-    try:
-        cfg = OmegaConf.load(folder / "config.yaml")
-        args = json.loads((folder / "args.json").read_text())
-        job = torch.load(folder / "job.pt", weights_only=False)
-        spec = build_spec(cfg)
-        spec.optim = job["optim"]
-        model = job["model"]
-        res, trainer = train_here(
-            model,
-            spec,
-            cfg,
-            Path(args["out_dir"]),
-            args["steps"],
-            args["csv_only"],
-            extra_callbacks=pruning_callbacks(cfg, args["pruner"]),
-        )
-        hand_back = args.get("hand_back", True)
-        # a collective under FSDP: every rank calls it
-        state = trainer.strategy.lightning_module_state_dict() if hand_back else {}
-        if trainer.is_global_zero:
-            state = {k.removeprefix("model."): v.detach().cpu() for k, v in state.items()}
-            if hand_back:
-                torch.save(state, folder / "final.pt.tmp")
-                (folder / "final.pt.tmp").replace(folder / "final.pt")
-            (folder / "result.json").write_text(json.dumps(res))
-    except BaseException as e:
-        (folder / f"error_rank{rank}.txt").write_text(
-            json.dumps({"error": [type(e).__name__, str(e)], "traceback": traceback.format_exc()})
-        )
-        raise
-
-
-if __name__ == "__main__":
-    worker_main(Path(sys.argv[1]))

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from harness.errors import ConfigError
-from harness.model import mlp_activation
+from harness.mlp import mlp_activation
 
 ROUTINGS = ("softmax_topk", "topk_softmax")
 EXPERT_BACKENDS = ("auto", "loop", "grouped_mm")

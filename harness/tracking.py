@@ -1,6 +1,6 @@
 """W&B around the stages: each stage (pretrain, upcycle, dense_iso) is one W&B run in the job's group,
 with the full resolved config, training FLOPs as x-axis, and an id stored in the stage's folder so a
-resumed stage continues its run. (Which loggers a Trainer gets is ``harness.train._loggers``.)"""
+resumed stage continues its run. (Which loggers a Trainer gets is ``harness.fit._loggers``.)"""
 
 from __future__ import annotations
 

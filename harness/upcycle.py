@@ -21,7 +21,8 @@ from typing import Sequence
 import torch
 
 from harness.errors import ConfigError
-from harness.model import MLP, Decoder
+from harness.mlp import MLP
+from harness.model import Decoder
 from harness.moe import MoE, MoEConfig
 
 ROUTER_INITS = ("random", "virtual_group")

@@ -9,8 +9,8 @@ from hypothesis import strategies as st
 from test_e2e import ROOT
 
 from harness.errors import ConfigError
+from harness.experiment import build_spec
 from harness.model import Decoder
-from harness.train import build_spec
 from harness.upcycle import upcycle
 
 KNOBS = {  # override key -> values, valid and not

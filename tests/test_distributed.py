@@ -68,7 +68,7 @@ def test_world_size_from_trainer_config():
 
 def test_local_workers_get_ranks_and_one_rendezvous(tmp_path):
     commands, envs = launch.worker_command(tmp_path, OmegaConf.create({"accelerator": "cpu", "devices": 3}))
-    assert len(commands) == 3 and commands[0][-3:] == ["-m", "harness.launch", str(tmp_path)]
+    assert len(commands) == 3 and commands[0][-3:] == ["-m", "harness.worker", str(tmp_path)]
     assert [e["LOCAL_RANK"] for e in envs] == ["0", "1", "2"]
     assert {e["WORLD_SIZE"] for e in envs} == {"3"} and len({e["MASTER_PORT"] for e in envs}) == 1
 
@@ -81,7 +81,7 @@ def test_multi_node_workers_start_through_srun(tmp_path, monkeypatch):
     monkeypatch.setenv("SLURM_JOB_NUM_NODES", "2")
     (cmd,), (extra,) = launch.worker_command(tmp_path, trainer)
     assert cmd[:5] == ["srun", "--overlap", "--nodes=2", "--ntasks-per-node=4", "--kill-on-bad-exit=1"]
-    assert cmd[-2:] == ["harness.launch", str(tmp_path)] and extra == {launch.WORKER_ENV: "srun"}
+    assert cmd[-2:] == ["harness.worker", str(tmp_path)] and extra == {launch.WORKER_ENV: "srun"}
 
 
 def test_global_batch_must_split_over_devices(env, tmp_path):  # noqa: F811

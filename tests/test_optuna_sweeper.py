@@ -112,7 +112,7 @@ def test_trials_are_pruned_from_the_validation_loop(env, tmp_path):  # noqa: F81
 
 
 def test_long_override_lists_give_short_stable_job_folders():
-    from harness.resolvers import MAX_DIRNAME, short_dirname
+    from harness.identity import MAX_DIRNAME, short_dirname
 
     short = "routing=topk_softmax,seed=1"
     assert short_dirname(short) == short
