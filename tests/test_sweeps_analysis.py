@@ -9,7 +9,8 @@ import pytest
 
 from analysis.collect import collect
 from analysis.report import report
-from tests.test_e2e import ROOT, env  # noqa: F401  (session fixture: shared dense cache)
+
+from helpers.e2e import ROOT
 
 SWEEPS = sorted(p.stem for p in (ROOT / "sweeps" / "sweep").glob("*.yaml"))
 
@@ -33,7 +34,7 @@ JOBS = {"batch_size": 3, "granularity": 4, "init": 3, "iso_flop": 3, "lr": 3, "s
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(JOBS))
-def test_named_sweep_runs_on_cpu_and_its_table_regenerates(env, tmp_path, name):  # noqa: F811
+def test_named_sweep_runs_on_cpu_and_its_table_regenerates(env, tmp_path, name):
     """Every ablation end to end with its tiny CPU preset (one seed; `seeds` with two)."""
     seeds = "seed=0,1" if name == "seeds" else "seed=0"
     proc = subprocess.run(
@@ -68,7 +69,7 @@ def test_named_sweep_runs_on_cpu_and_its_table_regenerates(env, tmp_path, name):
 
 
 @pytest.mark.slow
-def test_routing_sweep_runs_and_report_regenerates(env, tmp_path, monkeypatch):  # noqa: F811
+def test_routing_sweep_runs_and_report_regenerates(env, tmp_path, monkeypatch):
     proc = subprocess.run(
         [
             sys.executable,

@@ -83,7 +83,8 @@ def test_exact_scaling_puts_the_scale_where_the_activation_is_homogeneous():
 def test_expert_weights_are_the_dense_shards_times_the_factors(scaling):
     """paper keeps Megatron's weights (s^(1/3) on gate, up and fc2); exact scales up and fc2 only."""
     from harness.model import Decoder
-    from tests.conftest import tiny_config
+
+    from helpers.models import tiny_config
 
     torch.manual_seed(0)
     dense = Decoder(tiny_config("swiglu"))
@@ -158,7 +159,8 @@ def test_drop_ratio_zero_equals_copy(dense):
 @pytest.mark.parametrize("ratio", [0.1, 0.5, 1.0])
 def test_drop_upcycling_reinitialises_exactly_r_units(ratio):
     from harness.model import Decoder
-    from tests.conftest import tiny_config
+
+    from helpers.models import tiny_config
 
     torch.manual_seed(0)
     dense = Decoder(tiny_config("swiglu", d_model=64, d_ff=512))
