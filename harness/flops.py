@@ -15,7 +15,7 @@ from harness.model import Decoder, ModelConfig
 from harness.moe import MoE, MoEConfig
 
 H100_BF16_PEAK_DATASHEET = 989e12
-H100_BF16_PEAK_MEASURED = 808e12  # bf16 dense matmul on the lent H100 (issue 5)
+H100_BF16_PEAK_MEASURED = 808e12  # bf16 dense matmul measured on an H100 (benchmarks/RESULTS.md)
 
 
 @dataclass(frozen=True)
