@@ -1,4 +1,4 @@
-"""Multi-GPU throughput and memory through the harness's own training path (``harness.fit.fit``,
+"""Multi-GPU throughput and memory through the harness's own training path (``harness.fit.fit_and_evaluate``,
 so the same launcher, Lightning strategy, data sharding and optimizer as ``python run.py``): one
 upcycled model trained on 1 GPU, with DDP and with FSDP, at the same global batch.
 
@@ -22,8 +22,8 @@ from pathlib import Path
 import torch
 from hydra import compose, initialize_config_dir
 
-from harness.experiment import build_spec
-from harness.fit import fit
+from harness.experiment import build_experiment
+from harness.fit import fit_and_evaluate
 from harness.model import Decoder
 from harness.resolvers import register
 from harness.upcycle import upcycle
@@ -69,20 +69,20 @@ def run_one(args, spec_str: str, out: Path) -> dict:
         overrides.append(f"trainer.devices={args.devices}")
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
         cfg = compose("config", overrides=overrides)
-    spec = build_spec(cfg)
-    spec.data.prepare()
+    exp = build_experiment(cfg)
+    exp.data.prepare()
     torch.manual_seed(0)
-    model = upcycle(Decoder(spec.model), spec.moe, spec.recipe)
+    model = upcycle(Decoder(exp.model), exp.moe, exp.recipe)
     params = sum(p.numel() for p in model.parameters())
     t0 = time.perf_counter()
-    res = fit(model, spec, cfg, out, args.steps, evaluate_after=args.evaluate)
+    res = fit_and_evaluate(model, exp, cfg, out, args.steps, evaluate_after=args.evaluate)
     tps, mem = metrics(out, args.warmup)
     mfu = tps * res["flops_per_token"] / (args.peak * 1e12 * res["world_size"])
     return {
         "trainer": spec_str,
         "world": res["world_size"],
         "model": args.model,
-        "moe": spec.moe.name,
+        "moe": exp.moe.name,
         "params_b": params / 1e9,
         "batch": args.batch,
         "seq": args.seq,

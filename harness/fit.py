@@ -1,5 +1,5 @@
-"""One model's training: the Lightning fit in this process (``train_here``) or in one worker per device
-(``harness.launch``), then its evaluation on the full validation set (``fit``)."""
+"""One model's training: the Lightning fit in this process (``fit_in_process``) or in one worker per device
+(``harness.launch.fit_in_workers``), then its evaluation on the full validation set (``fit_and_evaluate``)."""
 
 from __future__ import annotations
 
@@ -18,7 +18,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from harness import flops, launch, tracking, trunk
 from harness.errors import ConfigError
-from harness.experiment import Spec, _compile_enabled
+from harness.experiment import Experiment, compile_enabled
+from harness.io import intact_zip, move_aside
 from harness.lit import LitLM, evaluate
 from harness.model import Decoder
 from harness.pruning import pruning_callbacks
@@ -91,9 +92,9 @@ def _close_loggers(trainer: L.Trainer) -> None:
                 warnings.warn(f"wandb finish failed: {e}")
 
 
-def fit(
+def fit_and_evaluate(
     model: Decoder,
-    spec: Spec,
+    exp: Experiment,
     cfg: DictConfig,
     out_dir: Path,
     steps: int,
@@ -109,16 +110,16 @@ def fit(
         raise ConfigError("train.share_trunk=true runs on one device for now (trainer.devices=1)")
     if launch.needs_launch(cfg.trainer):
         res = launch.fit_in_workers(
-            model, spec.optim, cfg, out_dir, steps, csv_only, _sweeper_pruner_node(), hand_back=evaluate_after
+            model, exp.optim, cfg, out_dir, steps, csv_only, _sweeper_pruner_node(), hand_back=evaluate_after
         )
     else:
-        res, _ = train_here(
-            model, spec, cfg, out_dir, steps, csv_only, extra_callbacks=pruning_callbacks(cfg), trunk_dir=trunk_dir
+        res, _ = fit_in_process(
+            model, exp, cfg, out_dir, steps, csv_only, extra_callbacks=pruning_callbacks(cfg), trunk_dir=trunk_dir
         )
     done = res["status"] == "complete" and evaluate_after
-    val = evaluate(model, spec.data.val_dataloader(), eval_device(cfg)) if done else float("nan")
+    val = evaluate(model, exp.data.val_dataloader(), eval_device(cfg)) if done else float("nan")
     model.to("cpu")
-    tokens = steps * spec.data.batch_size * spec.data.seq_len
+    tokens = steps * exp.data.batch_size * exp.data.seq_len
     points = res.pop("val_points") + (
         [{"step": steps, "tokens": tokens, "flops": tokens * res["flops_per_token"], "val_loss": val}] if done else []
     )
@@ -130,9 +131,9 @@ def fit(
     }
 
 
-def train_here(
+def fit_in_process(
     model: Decoder,
-    spec: Spec,
+    exp: Experiment,
     cfg: DictConfig,
     out_dir: Path,
     steps: int,
@@ -141,43 +142,44 @@ def train_here(
     trunk_dir: Path | None = None,
 ) -> tuple[dict, L.Trainer]:
     """The Lightning fit itself (one process, or one rank of a multi-process job)."""
-    seq = spec.data.seq_len
+    seq = exp.data.seq_len
     fpt = flops.count_model(model, seq).train_per_token
-    model.activation_checkpointing = bool(cfg.train.get("activation_checkpointing", False))
-    if _compile_enabled(cfg):
+    train = exp.train
+    model.activation_checkpointing = bool(train.activation_checkpointing)
+    if compile_enabled(train, cfg.trainer):
         model.compile_blocks()
-    peak = float(cfg.train.peak_tflops) * 1e12 if cfg.train.get("peak_tflops") else None
-    tokens_per_step = spec.data.batch_size * seq
+    peak = float(train.peak_tflops) * 1e12 if train.peak_tflops else None
+    tokens_per_step = exp.data.batch_size * seq
     lit = LitLM(
         model,
-        spec.optim,
+        exp.optim,
         steps,
         fpt,
         peak,
         tokens_per_step,
-        max_grad_norm=cfg.train.get("max_grad_norm"),
-        collapse_share=float(cfg.train.get("collapse_share", 1.0)),
-        collapse_steps=int(cfg.train.get("collapse_steps", 100)),
+        max_grad_norm=train.max_grad_norm,
+        collapse_share=float(train.collapse_share),
+        collapse_steps=int(train.collapse_steps),
     )
     world = launch.world_size(cfg.trainer)
-    spec.data.total_steps, spec.data.world_size = steps, world
-    _, accumulate = spec.data.split_batch(world)
+    exp.data.total_steps, exp.data.world_size = steps, world
+    _, accumulate = exp.data.split_batch(world)
     ckpt_dir = out_dir / "checkpoints"
     curve = ValCurve(tokens_per_step, fpt)
-    save = bool(cfg.train.get("save_checkpoints", True))
+    save = bool(train.save_checkpoints)
     callbacks = [curve] + (
-        [ModelCheckpoint(dirpath=ckpt_dir, save_last=True, save_top_k=0, every_n_train_steps=int(cfg.train.ckpt_every))]
+        [ModelCheckpoint(dirpath=ckpt_dir, save_last=True, save_top_k=0, every_n_train_steps=int(train.ckpt_every))]
         if save
         else []
     )
     callbacks += [instantiate(c) for c in (cfg.get("callbacks") or {}).values()] + list(extra_callbacks)
-    stop = cfg.train.get("stop_after_steps")
+    stop = train.stop_after_steps
     if stop:
         callbacks.append(StopAfter(int(stop)))
     last = ckpt_dir / "last.ckpt"
     start = last if last.exists() else None
     if trunk_dir is not None:  # WSD ladder: branch off the shared stable phase, and extend it for the next budget
-        decay_start = spec.optim.decay_start(steps)
+        decay_start = exp.optim.decay_start(steps)
         callbacks.append(trunk.SaveTrunk(trunk_dir, decay_start))
         link = ckpt_dir / "trunk.ckpt"
         branch = trunk.branch_point(trunk_dir, decay_start, link) if start is None else None
@@ -199,7 +201,7 @@ def train_here(
         logger=_loggers(cfg, out_dir, csv_only) or False,
         callbacks=callbacks,
         default_root_dir=str(out_dir),
-        val_check_interval=int(cfg.train.val_every) * accumulate,
+        val_check_interval=int(train.val_every) * accumulate,
         check_val_every_n_epoch=None,
         num_sanity_val_steps=0,
         accumulate_grad_batches=accumulate,
@@ -209,7 +211,7 @@ def train_here(
     )
     t0 = time.perf_counter()
     try:
-        trainer.fit(lit, datamodule=spec.data, ckpt_path=str(start) if start else None)
+        trainer.fit(lit, datamodule=exp.data, ckpt_path=str(start) if start else None)
     finally:
         _close_loggers(trainer)
         if trunk_dir is not None:
@@ -244,3 +246,13 @@ def eval_device(cfg: DictConfig) -> torch.device:
     model back on the CPU after fit, where a 50M model's full validation took minutes)."""
     on_gpu = cfg.trainer.get("accelerator") in ("gpu", "cuda") and torch.cuda.is_available()
     return torch.device("cuda" if on_gpu else "cpu")
+
+
+def heal_checkpoint(out: Path) -> None:
+    """A truncated or damaged ``last.ckpt`` is moved aside (one warning) so the stage starts afresh
+    instead of failing mid-restore on every rerun."""
+    last = out / "checkpoints" / "last.ckpt"
+    if last.exists() and not intact_zip(last):
+        move_aside(last, "a damaged checkpoint (truncated or not a torch zip file)")
+    elif last.exists():
+        log.info("resuming from %s", last)

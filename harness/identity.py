@@ -33,6 +33,8 @@ COSMETIC = (
     "optuna",
     "callbacks.progress_bar",
     "train.stop_after_steps",
+    "train._target_",  # the class that checks the block, not part of the experiment
+    "pretrain._target_",
     "trainer.enable_progress_bar",
     "trainer.enable_model_summary",
     "trainer.log_every_n_steps",

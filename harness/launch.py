@@ -3,7 +3,7 @@
 Why not Lightning's own launcher: it re-runs ``sys.argv`` in each child. Under a Hydra multirun
 that re-runs the whole sweep in every child, and since a job trains up to three models (dense
 base, MoE, iso-FLOP dense), only its first Trainer would launch children at all. Here the job's
-process keeps the stage logic (caches, file locks, evaluation) and, for each ``fit``, saves the
+process keeps the stage logic (caches, file locks, evaluation) and, for each model it trains, saves the
 model and the job's resolved config under ``<run>/launch/``, then starts
 ``python -m harness.worker <dir>`` once per device with ``LOCAL_RANK``/``WORLD_SIZE``/
 ``MASTER_*`` set, as ``torchrun`` would. Lightning sees processes created externally and only

@@ -11,24 +11,24 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from harness.experiment import build_spec
-from harness.fit import train_here
+from harness.experiment import build_experiment
+from harness.fit import fit_in_process
 from harness.pruning import pruning_callbacks
 
 
 def worker_main(folder: Path) -> None:
-    """One rank: rebuild the job from ``folder`` and run the same ``fit`` as a single-device job."""
+    """One rank: rebuild the job from ``folder`` and run the same ``fit_in_process`` as a single-device job."""
     rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", os.environ.get("LOCAL_RANK", "0"))))
     try:
         cfg = OmegaConf.load(folder / "config.yaml")
         args = json.loads((folder / "args.json").read_text())
         job = torch.load(folder / "job.pt", weights_only=False)
-        spec = build_spec(cfg)
-        spec.optim = job["optim"]
+        exp = build_experiment(cfg)
+        exp.optim = job["optim"]
         model = job["model"]
-        res, trainer = train_here(
+        res, trainer = fit_in_process(
             model,
-            spec,
+            exp,
             cfg,
             Path(args["out_dir"]),
             args["steps"],

@@ -8,7 +8,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from harness.errors import ConfigError
-from harness.experiment import build_spec
+from harness.experiment import build_experiment
 from harness.model import Decoder
 from harness.upcycle import upcycle
 
@@ -45,17 +45,17 @@ def test_config_builds_and_steps_or_names_the_bad_key(overrides):
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose("config", overrides=[f"{k}={v}" for k, v in overrides.items()] + ["logger=csv"])
     try:
-        spec = build_spec(cfg)
+        exp = build_experiment(cfg)
     except ConfigError as e:
         named = {"routing": "moe.routing"}
         assert any(named.get(k, k) in str(e) for k in overrides), (overrides, str(e))
         assert "\n" not in str(e)  # one line
         return
     torch.manual_seed(0)
-    model = Decoder(spec.model)
-    if spec.method == "upcycle":
-        model = upcycle(model, spec.moe, spec.recipe)
-    x = torch.randint(0, spec.model.vocab_size, (2, spec.data.seq_len + 1))
+    model = Decoder(exp.model)
+    if exp.method == "upcycle":
+        model = upcycle(model, exp.moe, exp.recipe)
+    x = torch.randint(0, exp.model.vocab_size, (2, exp.data.seq_len + 1))
     out = model(x[:, :-1], x[:, 1:])
     loss = out.loss + (out.aux_loss if out.aux_loss is not None else 0.0)
     loss.backward()
