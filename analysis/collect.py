@@ -42,11 +42,20 @@ def load_run(path: Path) -> dict:
         row["moe"] = f"E{row['moe']}G{row['granularity']}T{row['top_k']}"
     iso = res.get("dense_iso") or {}
     row.update(
-        status=res.get("status"), error=res.get("error"), run_dir=str(path.parent),
-        val_loss=res.get("val_loss"), best_val_loss=res.get("best_val_loss"), init_val_loss=res.get("init_val_loss"),
-        dense_parent_val_loss=res.get("dense_parent_val_loss"), dense_iso_val_loss=iso.get("val_loss"),
-        dense_iso_train_flops=iso.get("train_flops"), tokens=res.get("tokens"), train_flops=res.get("train_flops"),
-        params_total=res.get("params_total"), params_active=res.get("params_active"), wall_time_s=res.get("wall_time_s"),
+        status=res.get("status"),
+        error=res.get("error"),
+        run_dir=str(path.parent),
+        val_loss=res.get("val_loss"),
+        best_val_loss=res.get("best_val_loss"),
+        init_val_loss=res.get("init_val_loss"),
+        dense_parent_val_loss=res.get("dense_parent_val_loss"),
+        dense_iso_val_loss=iso.get("val_loss"),
+        dense_iso_train_flops=iso.get("train_flops"),
+        tokens=res.get("tokens"),
+        train_flops=res.get("train_flops"),
+        params_total=res.get("params_total"),
+        params_active=res.get("params_active"),
+        wall_time_s=res.get("wall_time_s"),
     )
     return row
 
@@ -58,8 +67,12 @@ def _set_aside(path: Path) -> bool:
 
 def collect(*roots: str | Path) -> pd.DataFrame:
     """One row per results.json under ``roots`` (failed runs included, with their status and error)."""
-    rows = [load_run(p) for root in roots for p in sorted(Path(root).rglob("results.json"))
-            if "dense_continuation" not in p.parts and not _set_aside(p)]
+    rows = [
+        load_run(p)
+        for root in roots
+        for p in sorted(Path(root).rglob("results.json"))
+        if "dense_continuation" not in p.parts and not _set_aside(p)
+    ]
     return pd.DataFrame(rows)
 
 
@@ -68,7 +81,10 @@ def curves(df: pd.DataFrame) -> pd.DataFrame:
     out = []
     for _, row in df.iterrows():
         res = json.loads((Path(row.run_dir) / "results.json").read_text())
-        for kind, points in (("run", res.get("val_curve", [])), ("dense_iso", (res.get("dense_iso") or {}).get("val_curve", []))):
+        for kind, points in (
+            ("run", res.get("val_curve", [])),
+            ("dense_iso", (res.get("dense_iso") or {}).get("val_curve", [])),
+        ):
             out += [{"run_dir": row.run_dir, "curve": kind, **p} for p in points]
     return pd.DataFrame(out)
 

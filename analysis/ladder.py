@@ -38,18 +38,25 @@ def ladder_runs(root: str | Path) -> pd.DataFrame:
         if res.get("status") != "complete" or res.get("method") != "upcycle" or share is None:
             continue
         moe = cfg["moe"]
-        rows.append({
-            "moe": f"E{moe['num_experts']}G{moe['granularity']}T{moe['top_k']}", "routing": moe["routing"],
-            "weight_scaling": _get(cfg, "upcycle", "weight_scaling"),
-            "router_start": _get(cfg, "upcycle", "router_start", default="fixed"),
-            "drop_ratio": float(_get(cfg, "upcycle", "drop_ratio", default=0.0)),
-            "budget": float(share), "compute_share": res.get("pretrain_compute_share"), "seed": cfg["seed"],
-            "tokens": res["tokens"], "init_val_loss": res["init_val_loss"], "val_loss": res["val_loss"],
-            "dense_parent_val_loss": res["dense_parent_val_loss"],
-            "dense_iso_val_loss": (res.get("dense_iso") or {}).get("val_loss"),
-            "dense_tokens_val_loss": (res.get("dense_tokens") or {}).get("val_loss"),
-            "run_dir": str(path.parent),
-        })
+        rows.append(
+            {
+                "moe": f"E{moe['num_experts']}G{moe['granularity']}T{moe['top_k']}",
+                "routing": moe["routing"],
+                "weight_scaling": _get(cfg, "upcycle", "weight_scaling"),
+                "router_start": _get(cfg, "upcycle", "router_start", default="fixed"),
+                "drop_ratio": float(_get(cfg, "upcycle", "drop_ratio", default=0.0)),
+                "budget": float(share),
+                "compute_share": res.get("pretrain_compute_share"),
+                "seed": cfg["seed"],
+                "tokens": res["tokens"],
+                "init_val_loss": res["init_val_loss"],
+                "val_loss": res["val_loss"],
+                "dense_parent_val_loss": res["dense_parent_val_loss"],
+                "dense_iso_val_loss": (res.get("dense_iso") or {}).get("val_loss"),
+                "dense_tokens_val_loss": (res.get("dense_tokens") or {}).get("val_loss"),
+                "run_dir": str(path.parent),
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -68,14 +75,25 @@ def rungs(df: pd.DataFrame) -> pd.DataFrame:
     for key, g in df.groupby(VARIANT + ["budget"], sort=True, dropna=False):
         iso = (g.val_loss - g.dense_iso_val_loss).dropna()
         tok = (g.val_loss - g.dense_tokens_val_loss).dropna()
-        out.append({**dict(zip(VARIANT + ["budget"], key)), "variant": label(g.iloc[0]), "seeds": len(g),
-                    "tokens": int(g.tokens.iloc[0]), "init_val_loss": g.init_val_loss.mean(),
-                    "val_loss": g.val_loss.mean(), "val_loss_std": g.val_loss.std(ddof=1) if len(g) > 1 else math.nan,
-                    "dense_iso_val_loss": g.dense_iso_val_loss.mean(), "dense_tokens_val_loss": g.dense_tokens_val_loss.mean(),
-                    "vs_iso": iso.mean(), "vs_iso_pct": 100 * (iso / g.dense_iso_val_loss).mean(),
-                    "vs_tokens": tok.mean(),
-                    # verdict's convention: positive = the favoured side (the MoE) is lower
-                    "vs_iso_verdict": verdict(-iso), "vs_tokens_verdict": verdict(-tok)})
+        out.append(
+            {
+                **dict(zip(VARIANT + ["budget"], key)),
+                "variant": label(g.iloc[0]),
+                "seeds": len(g),
+                "tokens": int(g.tokens.iloc[0]),
+                "init_val_loss": g.init_val_loss.mean(),
+                "val_loss": g.val_loss.mean(),
+                "val_loss_std": g.val_loss.std(ddof=1) if len(g) > 1 else math.nan,
+                "dense_iso_val_loss": g.dense_iso_val_loss.mean(),
+                "dense_tokens_val_loss": g.dense_tokens_val_loss.mean(),
+                "vs_iso": iso.mean(),
+                "vs_iso_pct": 100 * (iso / g.dense_iso_val_loss).mean(),
+                "vs_tokens": tok.mean(),
+                # verdict's convention: positive = the favoured side (the MoE) is lower
+                "vs_iso_verdict": verdict(-iso),
+                "vs_tokens_verdict": verdict(-tok),
+            }
+        )
     return pd.DataFrame(out)
 
 
@@ -87,16 +105,21 @@ def crossover(r: pd.DataFrame) -> dict[str, str]:
         below = list(g.vs_iso < 0)
         first = next((i for i in range(len(g)) if all(wins[i:])), None)
         if first is not None:
-            said[variant] = (f"below its iso-FLOP dense twin beyond the seed spread from {g.budget.iloc[first]:.0%} of "
-                             "pretraining compute on")
+            said[variant] = (
+                f"below its iso-FLOP dense twin beyond the seed spread from {g.budget.iloc[first]:.0%} of "
+                "pretraining compute on"
+            )
         elif below[-1]:
-            said[variant] = (f"below its iso-FLOP dense twin at {g.budget.iloc[-1]:.0%} on the mean, not beyond the "
-                             "seed spread")
+            said[variant] = (
+                f"below its iso-FLOP dense twin at {g.budget.iloc[-1]:.0%} on the mean, not beyond the seed spread"
+            )
         else:
             gap = g.vs_iso_pct.tolist()
             trend = "narrowing" if abs(gap[-1]) < abs(gap[0]) else "not narrowing"
-            said[variant] = (f"above its iso-FLOP dense twin at every budget up to {g.budget.iloc[-1]:.0%} "
-                             f"({gap[0]:+.2f}% → {gap[-1]:+.2f}%, {trend})")
+            said[variant] = (
+                f"above its iso-FLOP dense twin at every budget up to {g.budget.iloc[-1]:.0%} "
+                f"({gap[0]:+.2f}% → {gap[-1]:+.2f}%, {trend})"
+            )
     return said
 
 
@@ -104,13 +127,18 @@ def ladder_markdown(r: pd.DataFrame) -> str:
     def num(x, std=math.nan):
         return "-" if x != x else f"{x:.4f}" + ("" if std != std else f" ± {std:.4f}")
 
-    lines = ["| variant | budget (of pretraining FLOPs) | MoE tokens | seeds | step 0 | MoE | dense iso-FLOP | "
-             "dense same tokens | MoE − iso | vs iso | vs same tokens |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| variant | budget (of pretraining FLOPs) | MoE tokens | seeds | step 0 | MoE | dense iso-FLOP | "
+        "dense same tokens | MoE − iso | vs iso | vs same tokens |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for row in r.itertuples():
-        lines.append(f"| {row.variant} | {row.budget:.0%} | {row.tokens:,} | {row.seeds} | "
-                     f"{num(row.init_val_loss)} | {num(row.val_loss, row.val_loss_std)} | {num(row.dense_iso_val_loss)} | "
-                     f"{num(row.dense_tokens_val_loss)} | {row.vs_iso_pct:+.2f}% | **{row.vs_iso_verdict}** | "
-                     f"{row.vs_tokens_verdict} |")
+        lines.append(
+            f"| {row.variant} | {row.budget:.0%} | {row.tokens:,} | {row.seeds} | "
+            f"{num(row.init_val_loss)} | {num(row.val_loss, row.val_loss_std)} | {num(row.dense_iso_val_loss)} | "
+            f"{num(row.dense_tokens_val_loss)} | {row.vs_iso_pct:+.2f}% | **{row.vs_iso_verdict}** | "
+            f"{row.vs_tokens_verdict} |"
+        )
     lines += ["", "Where each variant crosses its iso-FLOP dense twin:", ""]
     lines += [f"- {variant}: {text}." for variant, text in crossover(r).items()]
     return "\n".join(lines) + "\n"
@@ -128,8 +156,13 @@ def crossover_plot(df: pd.DataFrame, r: pd.DataFrame, path: Path) -> Path:
         color = f"C{i}"
         ax.plot(g.budget, g.vs_iso_pct, "-o", color=color, label=variant)
         runs = df[[label(row) == variant for row in df.itertuples()]]
-        ax.scatter(runs.budget, 100 * (runs.val_loss - runs.dense_iso_val_loss) / runs.dense_iso_val_loss,
-                   color=color, s=12, alpha=0.5)
+        ax.scatter(
+            runs.budget,
+            100 * (runs.val_loss - runs.dense_iso_val_loss) / runs.dense_iso_val_loss,
+            color=color,
+            s=12,
+            alpha=0.5,
+        )
     ax.axhline(0, color="k", lw=0.8)
     ax.set_xscale("log")
     ax.set_xlabel("upcycling budget, share of the dense base's pretraining FLOPs")
@@ -152,19 +185,30 @@ def cut_off_markdown(root: str | Path) -> str:
         runs = sorted(d for d in part.glob("multirun/*/*/") if not (d / "results.json").exists())
         if not runs:
             continue
-        lines += [f"### {part.name}: runs cut off (dense base val loss {json.loads(base.read_text())['val_loss']:.4f})", "",
-                  "| variant | seed | budget | last step logged | last validation: step, val loss |", "|---|---|---|---|---|"]
+        lines += [
+            f"### {part.name}: runs cut off (dense base val loss {json.loads(base.read_text())['val_loss']:.4f})",
+            "",
+            "| variant | seed | budget | last step logged | last validation: step, val loss |",
+            "|---|---|---|---|---|",
+        ]
         for d in runs:
             cfg = yaml.safe_load((d / "config_resolved.yaml").read_text())
             m = pd.concat([pd.read_csv(f) for f in sorted(d.glob("csv/version_*/metrics.csv"))], ignore_index=True)
             val = m.dropna(subset=["val/loss"])
-            row = pd.Series({"moe": f"E{cfg['moe']['num_experts']}G{cfg['moe']['granularity']}T{cfg['moe']['top_k']}",
-                             "routing": cfg["moe"]["routing"], "weight_scaling": cfg["upcycle"]["weight_scaling"],
-                             "router_start": cfg["upcycle"].get("router_start", "fixed"),
-                             "drop_ratio": float(cfg["upcycle"]["drop_ratio"])})
+            row = pd.Series(
+                {
+                    "moe": f"E{cfg['moe']['num_experts']}G{cfg['moe']['granularity']}T{cfg['moe']['top_k']}",
+                    "routing": cfg["moe"]["routing"],
+                    "weight_scaling": cfg["upcycle"]["weight_scaling"],
+                    "router_start": cfg["upcycle"].get("router_start", "fixed"),
+                    "drop_ratio": float(cfg["upcycle"]["drop_ratio"]),
+                }
+            )
             last = f"{int(val.step.iloc[-1]) + 1}, {val['val/loss'].iloc[-1]:.4f}" if len(val) else "-"
-            lines.append(f"| {label(row)} | {cfg['seed']} | {cfg['train']['pretrain_fraction']:.0%} | "
-                         f"{int(m.step.max()) + 1} | {last} |")
+            lines.append(
+                f"| {label(row)} | {cfg['seed']} | {cfg['train']['pretrain_fraction']:.0%} | "
+                f"{int(m.step.max()) + 1} | {last} |"
+            )
         lines.append("")
     return "\n".join(lines)
 

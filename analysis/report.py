@@ -1,6 +1,6 @@
 """One command regenerates every table and plot from run outputs:
 
-    python -m analysis.report logs/multirun/<name> [more dirs] --out report/
+python -m analysis.report logs/multirun/<name> [more dirs] --out report/
 """
 
 from __future__ import annotations
@@ -20,8 +20,13 @@ def report(roots: list[str], out: str | Path) -> dict[str, Path]:
         raise SystemExit(f"no results.json under {roots}")
     by = tables.varying_axes(df) or ["moe"]
     table = tables.summarize(df, by)
-    files = {"runs": out / "runs.csv", "md": out / "table.md", "tex": out / "table.tex",
-             "loss": out / "val_loss_vs_flops.png", "load": out / "expert_load.png"}
+    files = {
+        "runs": out / "runs.csv",
+        "md": out / "table.md",
+        "tex": out / "table.tex",
+        "loss": out / "val_loss_vs_flops.png",
+        "load": out / "expert_load.png",
+    }
     df.to_csv(files["runs"], index=False)
     files["md"].write_text(tables.to_markdown(table, by))
     files["tex"].write_text(tables.to_latex(table, by))

@@ -82,12 +82,15 @@ def table(dense, windows: torch.Tensor) -> str:
             for scaling in SCALINGS:
                 for start, kw in STARTS.items():
                     moe = MoEConfig(num_experts=e, granularity=g, top_k=t, routing=routing)
-                    loss, mass, uniform = step0(dense, windows, moe, Recipe("virtual_group", weight_scaling=scaling,
-                                                                             **kw))
+                    loss, mass, uniform = step0(
+                        dense, windows, moe, Recipe("virtual_group", weight_scaling=scaling, **kw)
+                    )
                     default = scaling == "exact" and start.startswith("data")
                     gap = f"{100 * (loss / ref - 1):+.2f}%"
-                    lines.append(f"| {moe.name} | {routing} | {scaling} | {start} | {loss:.4f} | "
-                                 f"{f'**{gap}**' if default else gap} | {mass / uniform:.3f} |")
+                    lines.append(
+                        f"| {moe.name} | {routing} | {scaling} | {start} | {loss:.4f} | "
+                        f"{f'**{gap}**' if default else gap} | {mass / uniform:.3f} |"
+                    )
     return "\n".join(lines) + "\n"
 
 

@@ -26,25 +26,60 @@ FINE = {**BASE, "router_init": "virtual_group"}
 
 # (finding, what the paper reports, favoured variant, other variant); a variant is (label, selection)
 FINDINGS = [
-    ("softmax->topK beats topK->softmax", "softmax_topk lower loss (2410.07524)",
-     ("softmax_topk", {**BASE, "moe": "E8G1T2"}), ("topk_softmax", {**BASE, "moe": "E8G1T2", "routing": "topk_softmax"})),
-    ("upcycling beats iso-FLOP dense continuation (E8G1T2)", "MoE lower loss at equal training FLOPs",
-     ("MoE E8G1T2", {**BASE, "moe": "E8G1T2"}), ("dense iso-FLOP", "dense_iso")),
-    ("upcycling beats iso-FLOP dense continuation (E64G8T8)", "MoE lower loss at equal training FLOPs",
-     ("MoE E64G8T8", {**FINE, "moe": "E64G8T8"}), ("dense iso-FLOP", "dense_iso")),
-    ("higher granularity helps (G=8 vs G=1, equal active FLOPs)", "E64G8T8 lower loss than E8G1T1",
-     ("E64G8T8", {**FINE, "moe": "E64G8T8"}), ("E8G1T1", {**FINE, "moe": "E8G1T1"})),
-    ("higher granularity helps (G=4 vs G=1, equal active FLOPs)", "E32G4T4 lower loss than E8G1T1",
-     ("E32G4T4", {**FINE, "moe": "E32G4T4"}), ("E8G1T1", {**FINE, "moe": "E8G1T1"})),
-    ("weight scaling lowers loss ~1.5% (E64G8T8)", "~1.5% lower loss with scaling",
-     ("scaling=paper", {**FINE, "moe": "E64G8T8"}), ("scaling=none", {**FINE, "moe": "E64G8T8", "weight_scaling": "none"})),
-    ("upcycling beats iso-FLOP dense continuation (E8G1T2, peak LR 3e-4)", "MoE lower loss at equal training FLOPs",
-     ("MoE E8G1T2 lr 3e-4", {**BASE, "moe": "E8G1T2", "lr": 3e-4}), ("dense iso-FLOP", "dense_iso")),
-    ("virtual-group router init beats copy init (E32G4T4)", "virtual groups lower loss for G > 1 (2410.07524)",
-     ("virtual_group", {**FINE, "moe": "E32G4T4"}), ("copy", {**BASE, "moe": "E32G4T4", "router_init": "random"})),
-    ("Drop-Upcycling (r=0.5) helps with longer training (E32G4T4)", "lower loss than copy, growing with tokens",
-     ("drop r=0.5", {**BASE, "moe": "E32G4T4", "drop_ratio": 0.5, "router_init": "random"}),
-     ("copy", {**BASE, "moe": "E32G4T4", "router_init": "random"})),
+    (
+        "softmax->topK beats topK->softmax",
+        "softmax_topk lower loss (2410.07524)",
+        ("softmax_topk", {**BASE, "moe": "E8G1T2"}),
+        ("topk_softmax", {**BASE, "moe": "E8G1T2", "routing": "topk_softmax"}),
+    ),
+    (
+        "upcycling beats iso-FLOP dense continuation (E8G1T2)",
+        "MoE lower loss at equal training FLOPs",
+        ("MoE E8G1T2", {**BASE, "moe": "E8G1T2"}),
+        ("dense iso-FLOP", "dense_iso"),
+    ),
+    (
+        "upcycling beats iso-FLOP dense continuation (E64G8T8)",
+        "MoE lower loss at equal training FLOPs",
+        ("MoE E64G8T8", {**FINE, "moe": "E64G8T8"}),
+        ("dense iso-FLOP", "dense_iso"),
+    ),
+    (
+        "higher granularity helps (G=8 vs G=1, equal active FLOPs)",
+        "E64G8T8 lower loss than E8G1T1",
+        ("E64G8T8", {**FINE, "moe": "E64G8T8"}),
+        ("E8G1T1", {**FINE, "moe": "E8G1T1"}),
+    ),
+    (
+        "higher granularity helps (G=4 vs G=1, equal active FLOPs)",
+        "E32G4T4 lower loss than E8G1T1",
+        ("E32G4T4", {**FINE, "moe": "E32G4T4"}),
+        ("E8G1T1", {**FINE, "moe": "E8G1T1"}),
+    ),
+    (
+        "weight scaling lowers loss ~1.5% (E64G8T8)",
+        "~1.5% lower loss with scaling",
+        ("scaling=paper", {**FINE, "moe": "E64G8T8"}),
+        ("scaling=none", {**FINE, "moe": "E64G8T8", "weight_scaling": "none"}),
+    ),
+    (
+        "upcycling beats iso-FLOP dense continuation (E8G1T2, peak LR 3e-4)",
+        "MoE lower loss at equal training FLOPs",
+        ("MoE E8G1T2 lr 3e-4", {**BASE, "moe": "E8G1T2", "lr": 3e-4}),
+        ("dense iso-FLOP", "dense_iso"),
+    ),
+    (
+        "virtual-group router init beats copy init (E32G4T4)",
+        "virtual groups lower loss for G > 1 (2410.07524)",
+        ("virtual_group", {**FINE, "moe": "E32G4T4"}),
+        ("copy", {**BASE, "moe": "E32G4T4", "router_init": "random"}),
+    ),
+    (
+        "Drop-Upcycling (r=0.5) helps with longer training (E32G4T4)",
+        "lower loss than copy, growing with tokens",
+        ("drop r=0.5", {**BASE, "moe": "E32G4T4", "drop_ratio": 0.5, "router_init": "random"}),
+        ("copy", {**BASE, "moe": "E32G4T4", "router_init": "random"}),
+    ),
 ]
 
 
@@ -90,18 +125,24 @@ def findings(df: pd.DataFrame) -> pd.DataFrame:
         both = fav.index.intersection(oth.index)
         diffs = (oth[both] - fav[both]).sort_index()
         parts = sorted({p for p, _ in both})
-        out.append({
-            "finding": name, "paper": claim, "favoured": fav_label, "other": oth_label,
-            "part": ",".join(parts) or "-", "seeds": len(both),
-            "favoured_loss": fav[both].mean() if len(both) else float("nan"),
-            "favoured_std": fav[both].std(ddof=1) if len(both) > 1 else float("nan"),
-            "other_loss": oth[both].mean() if len(both) else float("nan"),
-            "other_std": oth[both].std(ddof=1) if len(both) > 1 else float("nan"),
-            "delta_pct": 100 * (diffs / oth[both]).mean() if len(both) else float("nan"),
-            "diff_min": diffs.min() if len(both) else float("nan"),
-            "diff_max": diffs.max() if len(both) else float("nan"),
-            "verdict": verdict(diffs),
-        })
+        out.append(
+            {
+                "finding": name,
+                "paper": claim,
+                "favoured": fav_label,
+                "other": oth_label,
+                "part": ",".join(parts) or "-",
+                "seeds": len(both),
+                "favoured_loss": fav[both].mean() if len(both) else float("nan"),
+                "favoured_std": fav[both].std(ddof=1) if len(both) > 1 else float("nan"),
+                "other_loss": oth[both].mean() if len(both) else float("nan"),
+                "other_std": oth[both].std(ddof=1) if len(both) > 1 else float("nan"),
+                "delta_pct": 100 * (diffs / oth[both]).mean() if len(both) else float("nan"),
+                "diff_min": diffs.min() if len(both) else float("nan"),
+                "diff_max": diffs.max() if len(both) else float("nan"),
+                "verdict": verdict(diffs),
+            }
+        )
     return pd.DataFrame(out)
 
 
@@ -112,13 +153,19 @@ def _fmt(x: float, std: float = float("nan")) -> str:
 
 
 def findings_markdown(f: pd.DataFrame) -> str:
-    head = ("| finding | paper | ours: favoured | ours: other | Δ (other−fav)/other | paired diff range | seeds | base | verdict |\n"
-            "|---|---|---|---|---|---|---|---|---|\n")
-    rows = [f"| {r.finding} | {r.paper} | {r.favoured}: {_fmt(r.favoured_loss, r.favoured_std)} | "
-            f"{r.other}: {_fmt(r.other_loss, r.other_std)} | "
-            f"{'-' if r.delta_pct != r.delta_pct else f'{r.delta_pct:+.2f}%'} | "
-            f"{'-' if r.diff_min != r.diff_min else f'{r.diff_min:+.4f} .. {r.diff_max:+.4f}'} | {r.seeds} | {r.part} | "
-            f"**{r.verdict}** |" for r in f.itertuples()]
+    head = (
+        "| finding | paper | ours: favoured | ours: other | Δ (other−fav)/other | paired diff range "
+        "| seeds | base | verdict |\n"
+        "|---|---|---|---|---|---|---|---|---|\n"
+    )
+    rows = [
+        f"| {r.finding} | {r.paper} | {r.favoured}: {_fmt(r.favoured_loss, r.favoured_std)} | "
+        f"{r.other}: {_fmt(r.other_loss, r.other_std)} | "
+        f"{'-' if r.delta_pct != r.delta_pct else f'{r.delta_pct:+.2f}%'} | "
+        f"{'-' if r.diff_min != r.diff_min else f'{r.diff_min:+.4f} .. {r.diff_max:+.4f}'} | {r.seeds} | {r.part} | "
+        f"**{r.verdict}** |"
+        for r in f.itertuples()
+    ]
     return head + "\n".join(rows) + "\n"
 
 
@@ -132,16 +179,24 @@ def pretrain_results(part: Path) -> Path:
 
 def pretrain_markdown(df: pd.DataFrame, roots: list[Path]) -> str:
     """The dense base of each part: final val loss and how much the last 10% of pretraining still gained."""
-    lines = ["| base | tokens | params | val loss | val loss 10% of tokens earlier | gain over last 10% |",
-             "|---|---|---|---|---|---|"]
-    for part, res_path in sorted((d.name, pretrain_results(d)) for root in roots for d in root.iterdir() if d.is_dir()
-                                 and pretrain_results(d).exists()):
+    lines = [
+        "| base | tokens | params | val loss | val loss 10% of tokens earlier | gain over last 10% |",
+        "|---|---|---|---|---|---|",
+    ]
+    for part, res_path in sorted(
+        (d.name, pretrain_results(d))
+        for root in roots
+        for d in root.iterdir()
+        if d.is_dir() and pretrain_results(d).exists()
+    ):
         res = json.loads(res_path.read_text())
         curve = res["val_curve"]
         cut = [p for p in curve if p["tokens"] <= 0.9 * res["tokens"]][-1]
         gain = 100 * (cut["val_loss"] - res["val_loss"]) / cut["val_loss"]
-        lines.append(f"| {part} | {res['tokens']:,} | {res['params_total']:,} | {res['val_loss']:.4f} | "
-                     f"{cut['val_loss']:.4f} | {gain:.2f}% |")
+        lines.append(
+            f"| {part} | {res['tokens']:,} | {res['params_total']:,} | {res['val_loss']:.4f} | "
+            f"{cut['val_loss']:.4f} | {gain:.2f}% |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -159,37 +214,55 @@ def partial_markdown(root: Path) -> str:
             per_step = cfg["data"]["batch_size"] * cfg["data"]["seq_len"]
             planned = math.ceil(cfg["train"]["tokens"] / per_step)
             vals = pd.read_csv(run / "metrics.csv").dropna(subset=["val/loss"])
-            curves[(cfg["upcycle"]["drop_ratio"], cfg["seed"])] = (planned, dict(zip(vals.step, vals["val/loss"])),
-                                                                   cfg["train"]["tokens"], cfg["optim"]["lr"], per_step)
+            curves[(cfg["upcycle"]["drop_ratio"], cfg["seed"])] = (
+                planned,
+                dict(zip(vals.step, vals["val/loss"])),
+                cfg["train"]["tokens"],
+                cfg["optim"]["lr"],
+                per_step,
+            )
         steps = sorted({s for _, c, *_ in curves.values() for s in c})
         planned, _, tokens, lr, per_step = next(iter(curves.values()))
-        lines += [f"### {part.name}: E8G1T2, {tokens / 1e6:g}M-token schedule ({planned} steps), peak LR {lr:g}, "
-                  f"base val loss {base['val_loss']:.4f}", "",
-                  "| run | " + " | ".join(f"step {s + 1} ({(s + 1) * per_step / 1e6:.1f}M tok)" for s in steps) + " |",
-                  "|---|" + "---|" * len(steps)]
+        lines += [
+            f"### {part.name}: E8G1T2, {tokens / 1e6:g}M-token schedule ({planned} steps), peak LR {lr:g}, "
+            f"base val loss {base['val_loss']:.4f}",
+            "",
+            "| run | " + " | ".join(f"step {s + 1} ({(s + 1) * per_step / 1e6:.1f}M tok)" for s in steps) + " |",
+            "|---|" + "---|" * len(steps),
+        ]
         for (drop, seed), (_, c, *_) in sorted(curves.items()):
             label = f"{'drop r=' + format(drop, 'g') if drop else 'copy'} seed {seed}"
             lines.append(f"| {label} | " + " | ".join(f"{c[s]:.4f}" if s in c else "-" for s in steps) + " |")
         seeds = sorted({seed for _, seed in curves})
         gaps = [[curves[(d, seed)][1].get(s) for seed in seeds for d in (0.5, 0.0)] for s in steps]
-        lines.append("| drop − copy (per seed) | " + " | ".join(
-            ", ".join(f"{g[i] - g[i + 1]:+.4f}" for i in range(0, len(g), 2) if None not in g[i:i + 2]) or "-"
-            for g in gaps) + " |")
+        lines.append(
+            "| drop − copy (per seed) | "
+            + " | ".join(
+                ", ".join(f"{g[i] - g[i + 1]:+.4f}" for i in range(0, len(g), 2) if None not in g[i : i + 2]) or "-"
+                for g in gaps
+            )
+            + " |"
+        )
         lines.append("")
     return "\n".join(lines)
 
 
-def study(roots: list[str], out: str | Path, partial: str | Path | None = None,
-          ladder_root: str | Path | None = None) -> dict[str, Path]:
+def study(
+    roots: list[str], out: str | Path, partial: str | Path | None = None, ladder_root: str | Path | None = None
+) -> dict[str, Path]:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     df = collect(*roots)
     df = df[df.method != "pretrain"].copy()
-    df["part"] = [Path(d).relative_to(next(Path(r) for r in roots if d.startswith(str(Path(r))))).parts[0]
-                  for d in df.run_dir]
+    df["part"] = [
+        Path(d).relative_to(next(Path(r) for r in roots if d.startswith(str(Path(r))))).parts[0] for d in df.run_dir
+    ]
     f = findings(df)
-    files = {"findings_md": out / "findings.md", "findings_csv": out / "findings.csv",
-             "pretrain_md": out / "pretrain.md"}
+    files = {
+        "findings_md": out / "findings.md",
+        "findings_csv": out / "findings.csv",
+        "pretrain_md": out / "pretrain.md",
+    }
     f.to_csv(files["findings_csv"], index=False, float_format="%.6f")
     files["findings_md"].write_text(findings_markdown(f))
     files["pretrain_md"].write_text(pretrain_markdown(df, [Path(r) for r in roots]))

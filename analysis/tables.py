@@ -19,9 +19,15 @@ def summarize(df: pd.DataFrame, by: list[str] | None = None) -> pd.DataFrame:
     if not by:
         by = ["moe"]
     g = ok.groupby(by, dropna=False)
-    out = g.agg(val_loss=("val_loss", "mean"), val_loss_std=("val_loss", "std"), seeds=("val_loss", "size"),
-                init_val_loss=("init_val_loss", "mean"), dense_iso_val_loss=("dense_iso_val_loss", "mean"),
-                dense_iso_std=("dense_iso_val_loss", "std"), train_flops=("train_flops", "mean")).reset_index()
+    out = g.agg(
+        val_loss=("val_loss", "mean"),
+        val_loss_std=("val_loss", "std"),
+        seeds=("val_loss", "size"),
+        init_val_loss=("init_val_loss", "mean"),
+        dense_iso_val_loss=("dense_iso_val_loss", "mean"),
+        dense_iso_std=("dense_iso_val_loss", "std"),
+        train_flops=("train_flops", "mean"),
+    ).reset_index()
     failed = df[df.status != "complete"].groupby(by, dropna=False).size().rename("failed").reset_index()
     out = out.merge(failed, on=by, how="outer").fillna({"failed": 0, "seeds": 0})
     out["failed"] = out["failed"].astype(int)
@@ -41,9 +47,16 @@ def _rows(table: pd.DataFrame, by: list[str], bold) -> tuple[list[str], list[lis
     rows = []
     for _, r in table.iterrows():
         loss = _pm(r.val_loss, r.val_loss_std)
-        rows.append([str(r[a]) for a in by] + [bold(loss) if r.val_loss == best else loss,
-                     _pm(r.dense_iso_val_loss, r.dense_iso_std), _pm(r.init_val_loss, float("nan")),
-                     str(int(r.seeds)), str(int(r.failed))])  # iterrows upcasts an all-numeric row to float
+        rows.append(
+            [str(r[a]) for a in by]
+            + [
+                bold(loss) if r.val_loss == best else loss,
+                _pm(r.dense_iso_val_loss, r.dense_iso_std),
+                _pm(r.init_val_loss, float("nan")),
+                str(int(r.seeds)),
+                str(int(r.failed)),
+            ]
+        )  # iterrows upcasts an all-numeric row to float
     return header, rows
 
 
@@ -54,8 +67,17 @@ def to_markdown(table: pd.DataFrame, by: list[str]) -> str:
 
 
 def to_latex(table: pd.DataFrame, by: list[str]) -> str:
-    esc = lambda s: s.replace("_", r"\_").replace("±", r"$\pm$")
+    def esc(s: str) -> str:
+        return s.replace("_", r"\_").replace("±", r"$\pm$")
+
     header, rows = _rows(table, by, lambda s: rf"\textbf{{{s}}}")
     body = "\n".join(" & ".join(esc(c) for c in r) + r" \\" for r in rows)
-    return (rf"\begin{{tabular}}{{{'l' * len(by)}{'r' * (len(header) - len(by))}}}" + "\n\\toprule\n"
-            + " & ".join(esc(h) for h in header) + r" \\" + "\n\\midrule\n" + body + "\n\\bottomrule\n\\end{tabular}\n")
+    return (
+        rf"\begin{{tabular}}{{{'l' * len(by)}{'r' * (len(header) - len(by))}}}"
+        + "\n\\toprule\n"
+        + " & ".join(esc(h) for h in header)
+        + r" \\"
+        + "\n\\midrule\n"
+        + body
+        + "\n\\bottomrule\n\\end{tabular}\n"
+    )

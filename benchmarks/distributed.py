@@ -1,4 +1,4 @@
-"""Multi-GPU throughput and memory through the harness's own training path (``harness.train.fit``,
+"""Multi-GPU throughput and memory through the harness's own training path (``harness.fit.fit_and_evaluate``,
 so the same launcher, Lightning strategy, data sharding and optimizer as ``python run.py``): one
 upcycled model trained on 1 GPU, with DDP and with FSDP, at the same global batch.
 
@@ -22,9 +22,10 @@ from pathlib import Path
 import torch
 from hydra import compose, initialize_config_dir
 
-from harness.resolvers import register
-from harness.train import build_spec, fit
+from harness.experiment import build_experiment
+from harness.fit import fit_and_evaluate
 from harness.model import Decoder
+from harness.resolvers import register
 from harness.upcycle import upcycle
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,12 +42,25 @@ def metrics(run_dir: Path, warmup: int) -> tuple[float, float]:
 
 def run_one(args, spec_str: str, out: Path) -> dict:
     trainer, *extra = spec_str.split(",")  # "ddp,trainer.strategy.comm_hook=bf16": a trainer plus overrides
-    overrides = [*extra, f"model={args.model}", f"moe={args.moe}", f"trainer={trainer}", f"data.seq_len={args.seq}",
-                 f"data.batch_size={args.batch}", "logger=csv", f"paths.output_dir={out}",
-                 "train.save_checkpoints=false", f"train.val_every={10 * args.steps}", "trainer.log_every_n_steps=1",
-                 "trainer.enable_progress_bar=false", f"train.peak_tflops={args.peak}", "data.val_batches=1",
-                 f"train.activation_checkpointing={args.ckpt}", f"upcycle.moe_layers={args.moe_layers}",
-                 f"train.compile={args.compile}"]
+    overrides = [
+        *extra,
+        f"model={args.model}",
+        f"moe={args.moe}",
+        f"trainer={trainer}",
+        f"data.seq_len={args.seq}",
+        f"data.batch_size={args.batch}",
+        "logger=csv",
+        f"paths.output_dir={out}",
+        "train.save_checkpoints=false",
+        f"train.val_every={10 * args.steps}",
+        "trainer.log_every_n_steps=1",
+        "trainer.enable_progress_bar=false",
+        f"train.peak_tflops={args.peak}",
+        "data.val_batches=1",
+        f"train.activation_checkpointing={args.ckpt}",
+        f"upcycle.moe_layers={args.moe_layers}",
+        f"train.compile={args.compile}",
+    ]
     if args.micro:
         overrides.append(f"data.micro_batch_size={args.micro}")
     if args.num_experts:
@@ -55,19 +69,30 @@ def run_one(args, spec_str: str, out: Path) -> dict:
         overrides.append(f"trainer.devices={args.devices}")
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
         cfg = compose("config", overrides=overrides)
-    spec = build_spec(cfg)
-    spec.data.prepare()
+    exp = build_experiment(cfg)
+    exp.data.prepare()
     torch.manual_seed(0)
-    model = upcycle(Decoder(spec.model), spec.moe, spec.recipe)
+    model = upcycle(Decoder(exp.model), exp.moe, exp.recipe)
     params = sum(p.numel() for p in model.parameters())
     t0 = time.perf_counter()
-    res = fit(model, spec, cfg, out, args.steps, evaluate_after=args.evaluate)
+    res = fit_and_evaluate(model, exp, cfg, out, args.steps, evaluate_after=args.evaluate)
     tps, mem = metrics(out, args.warmup)
     mfu = tps * res["flops_per_token"] / (args.peak * 1e12 * res["world_size"])
-    return {"trainer": spec_str, "world": res["world_size"], "model": args.model, "moe": spec.moe.name,
-            "params_b": params / 1e9, "batch": args.batch, "seq": args.seq, "ckpt": args.ckpt,
-            "tokens_per_s": tps, "mfu": mfu, "peak_mem_gib": mem, "val_loss": res["val_loss"],
-            "wall_s": time.perf_counter() - t0}
+    return {
+        "trainer": spec_str,
+        "world": res["world_size"],
+        "model": args.model,
+        "moe": exp.moe.name,
+        "params_b": params / 1e9,
+        "batch": args.batch,
+        "seq": args.seq,
+        "ckpt": args.ckpt,
+        "tokens_per_s": tps,
+        "mfu": mfu,
+        "peak_mem_gib": mem,
+        "val_loss": res["val_loss"],
+        "wall_s": time.perf_counter() - t0,
+    }
 
 
 def main() -> None:
@@ -76,8 +101,12 @@ def main() -> None:
     ap.add_argument("--moe", default="E8G1T2")
     ap.add_argument("--num-experts", type=int, default=None, help="override the preset's expert count")
     ap.add_argument("--moe-layers", default="all")
-    ap.add_argument("--trainers", nargs="+", default=["gpu", "ddp"],
-                    help="trainer configs, each optionally with overrides: ddp,trainer.strategy.comm_hook=bf16")
+    ap.add_argument(
+        "--trainers",
+        nargs="+",
+        default=["gpu", "ddp"],
+        help="trainer configs, each optionally with overrides: ddp,trainer.strategy.comm_hook=bf16",
+    )
     ap.add_argument("--devices", type=int, default=2)
     ap.add_argument("--seq", type=int, default=2048)
     ap.add_argument("--batch", type=int, default=16, help="global batch (sequences per optimizer step)")
@@ -98,7 +127,9 @@ def main() -> None:
         try:
             rows.append(run_one(args, trainer, out))
         except Exception as e:  # an OOM is a result here (DDP that cannot fit), not a crash of the benchmark
-            rows.append({"trainer": trainer, "model": args.model, "moe": args.moe, "error": f"{type(e).__name__}: {e}"[:300]})
+            rows.append(
+                {"trainer": trainer, "model": args.model, "moe": args.moe, "error": f"{type(e).__name__}: {e}"[:300]}
+            )
         if args.json:
             with open(args.json, "a") as f:
                 f.write(json.dumps(rows[-1]) + "\n")
@@ -109,8 +140,10 @@ def main() -> None:
         if "error" in r:
             print(f"{r['trainer']:40} failed: {r['error'][:120]}")
             continue
-        print(f"{r['trainer']:40} {r['world']:4d} {r['params_b']:6.2f}B {r['tokens_per_s']:9.0f} "
-              f"{r['tokens_per_s'] / base:7.2f} {r['mfu']:6.1%} {r['peak_mem_gib']:6.1f} {r['val_loss']:7.3f}")  # nan without --evaluate
+        print(
+            f"{r['trainer']:40} {r['world']:4d} {r['params_b']:6.2f}B {r['tokens_per_s']:9.0f} "
+            f"{r['tokens_per_s'] / base:7.2f} {r['mfu']:6.1%} {r['peak_mem_gib']:6.1f} {r['val_loss']:7.3f}"
+        )  # nan without --evaluate
 
 
 if __name__ == "__main__":

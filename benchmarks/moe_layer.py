@@ -11,7 +11,7 @@ import json
 
 import torch
 
-from harness.model import MLP
+from harness.mlp import MLP
 from harness.moe import MoE, MoEConfig
 
 
@@ -157,7 +157,9 @@ def main():
             if backend:
                 moe.experts.backend = backend
             out = layer(x)
-            loss = out[0].float().square().mean() + out[1].loss if isinstance(out, tuple) else out.float().square().mean()
+            loss = (
+                out[0].float().square().mean() + out[1].loss if isinstance(out, tuple) else out.float().square().mean()
+            )
             loss.backward()
 
         t_dense = bench(lambda: step(dense))
@@ -183,40 +185,63 @@ def main():
             x32.grad = None
             with torch.autocast("cuda", dtype=dt):
                 out = layer(x32)
-            loss = out[0].float().square().mean() + out[1].loss if isinstance(out, tuple) else out.float().square().mean()
+            loss = (
+                out[0].float().square().mean() + out[1].loss if isinstance(out, tuple) else out.float().square().mean()
+            )
             loss.backward()
 
         dense_amp, moe_amp = torch.compile(dense32), torch.compile(moe32)
-        timed = interleaved({"dense": lambda: step_autocast(dense_amp), "moe": lambda: step_autocast(moe_amp)},
-                            args.rounds)
+        timed = interleaved(
+            {"dense": lambda: step_autocast(dense_amp), "moe": lambda: step_autocast(moe_amp)}, args.rounds
+        )
         (t_dense_amp, t_dense_amp_steady), (t_moe_amp, t_moe_amp_steady) = timed["dense"], timed["moe"]
-        rows.append(dict(shape=f"E{e}G{g}T{t}", rel_err_grouped_vs_loop=err, dense_tflops=flops / t_dense / 1e12,
-                         grouped_tflops=flops / t_grouped / 1e12, loop_tflops=flops / t_loop / 1e12,
-                         ratio_grouped_over_dense=t_dense / t_grouped, ms_dense=t_dense * 1e3,
-                         ms_grouped=t_grouped * 1e3, ms_loop=t_loop * 1e3,
-                         dense_compiled_tflops=flops / t_dense_c / 1e12, grouped_compiled_tflops=flops / t_grouped_c / 1e12,
-                         ratio_compiled=t_dense_c / t_grouped_c,
-                         ms_dense_compiled=t_dense_c * 1e3, ms_grouped_compiled=t_grouped_c * 1e3,
-                         ms_dense_steady=t_dense_steady * 1e3, ms_grouped_steady=t_grouped_steady * 1e3,
-                         ratio_steady=t_dense_steady / t_grouped_steady,
-                         ratio_best=min(t_dense, t_dense_c) / min(t_grouped, t_grouped_c),
-                         grouped_compiled_fp32_router_tflops=flops / t_fp32_router_c / 1e12,
-                         dense_autocast_tflops=flops / t_dense_amp / 1e12, moe_autocast_tflops=flops / t_moe_amp / 1e12,
-                         ratio_autocast=t_dense_amp / t_moe_amp,
-                         ratio_autocast_steady=t_dense_amp_steady / t_moe_amp_steady))
+        rows.append(
+            dict(
+                shape=f"E{e}G{g}T{t}",
+                rel_err_grouped_vs_loop=err,
+                dense_tflops=flops / t_dense / 1e12,
+                grouped_tflops=flops / t_grouped / 1e12,
+                loop_tflops=flops / t_loop / 1e12,
+                ratio_grouped_over_dense=t_dense / t_grouped,
+                ms_dense=t_dense * 1e3,
+                ms_grouped=t_grouped * 1e3,
+                ms_loop=t_loop * 1e3,
+                dense_compiled_tflops=flops / t_dense_c / 1e12,
+                grouped_compiled_tflops=flops / t_grouped_c / 1e12,
+                ratio_compiled=t_dense_c / t_grouped_c,
+                ms_dense_compiled=t_dense_c * 1e3,
+                ms_grouped_compiled=t_grouped_c * 1e3,
+                ms_dense_steady=t_dense_steady * 1e3,
+                ms_grouped_steady=t_grouped_steady * 1e3,
+                ratio_steady=t_dense_steady / t_grouped_steady,
+                ratio_best=min(t_dense, t_dense_c) / min(t_grouped, t_grouped_c),
+                grouped_compiled_fp32_router_tflops=flops / t_fp32_router_c / 1e12,
+                dense_autocast_tflops=flops / t_dense_amp / 1e12,
+                moe_autocast_tflops=flops / t_moe_amp / 1e12,
+                ratio_autocast=t_dense_amp / t_moe_amp,
+                ratio_autocast_steady=t_dense_amp_steady / t_moe_amp_steady,
+            )
+        )
     print(torch.cuda.get_device_name(), "torch", torch.__version__, f"d={args.d} f={args.f} tokens={args.tokens}")
-    print(f"{'shape':10} {'rel_err':>9} {'dense':>6} {'grouped':>8} {'loop':>6} {'ratio':>6} "
-          f"{'dense_c':>8} {'grouped_c':>9} {'ratio_c':>7} {'best/best':>9} {'fp32rt_c':>8} "
-          f"{'dense_amp':>9} {'moe_amp':>7} {'ratio_amp':>9} | {'ms_dense_st':>11} {'ms_moe_st':>9} {'ratio_steady':>12} {'ratio_amp_st':>12}")
-    print("  (TF/s; _c = torch.compile; fp32rt = the v3 fp32 router; _amp = fp32 weights under bf16 autocast, compiled;"
-          " _st = compiled, steps issued back to back, ms)")
+    print(
+        f"{'shape':10} {'rel_err':>9} {'dense':>6} {'grouped':>8} {'loop':>6} {'ratio':>6} "
+        f"{'dense_c':>8} {'grouped_c':>9} {'ratio_c':>7} {'best/best':>9} {'fp32rt_c':>8} "
+        f"{'dense_amp':>9} {'moe_amp':>7} {'ratio_amp':>9} | "
+        f"{'ms_dense_st':>11} {'ms_moe_st':>9} {'ratio_steady':>12} {'ratio_amp_st':>12}"
+    )
+    print(
+        "  (TF/s; _c = torch.compile; fp32rt = the v3 fp32 router; _amp = fp32 weights under bf16 autocast, compiled;"
+        " _st = compiled, steps issued back to back, ms)"
+    )
     for r in rows:
-        print(f"{r['shape']:10} {r['rel_err_grouped_vs_loop']:9.2e} {r['dense_tflops']:6.0f} "
-              f"{r['grouped_tflops']:8.0f} {r['loop_tflops']:6.0f} {r['ratio_grouped_over_dense']:6.2f} "
-              f"{r['dense_compiled_tflops']:8.0f} {r['grouped_compiled_tflops']:9.0f} {r['ratio_compiled']:7.2f} "
-              f"{r['ratio_best']:9.2f} {r['grouped_compiled_fp32_router_tflops']:8.0f} {r['dense_autocast_tflops']:9.0f} "
-              f"{r['moe_autocast_tflops']:7.0f} {r['ratio_autocast']:9.2f} | {r['ms_dense_steady']:11.2f} "
-              f"{r['ms_grouped_steady']:9.2f} {r['ratio_steady']:12.3f} {r['ratio_autocast_steady']:12.3f}")
+        print(
+            f"{r['shape']:10} {r['rel_err_grouped_vs_loop']:9.2e} {r['dense_tflops']:6.0f} "
+            f"{r['grouped_tflops']:8.0f} {r['loop_tflops']:6.0f} {r['ratio_grouped_over_dense']:6.2f} "
+            f"{r['dense_compiled_tflops']:8.0f} {r['grouped_compiled_tflops']:9.0f} {r['ratio_compiled']:7.2f} "
+            f"{r['ratio_best']:9.2f} {r['grouped_compiled_fp32_router_tflops']:8.0f} {r['dense_autocast_tflops']:9.0f} "
+            f"{r['moe_autocast_tflops']:7.0f} {r['ratio_autocast']:9.2f} | {r['ms_dense_steady']:11.2f} "
+            f"{r['ms_grouped_steady']:9.2f} {r['ratio_steady']:12.3f} {r['ratio_autocast_steady']:12.3f}"
+        )
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(rows, fh, indent=1)

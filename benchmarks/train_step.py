@@ -70,8 +70,12 @@ def main() -> None:
         model.compile_blocks()
     decay = [p for p in model.parameters() if p.dim() >= 2]
     rest = [p for p in model.parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0.0}],
-                            lr=1e-4, betas=(0.9, 0.95), fused=cuda)
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0.0}],
+        lr=1e-4,
+        betas=(0.9, 0.95),
+        fused=cuda,
+    )
     x = torch.randint(0, args.vocab, (args.batch, args.seq + 1), device=args.device)
     inp, tgt = x[:, :-1], x[:, 1:]
 
@@ -99,11 +103,26 @@ def main() -> None:
     dt = (time.perf_counter() - t0) / args.steps
     tps = args.batch * args.seq / dt
     fpt = count.train_per_token
-    row = dict(model=args.model, moe=args.moe, moe_layers=args.moe_layers, compile=args.compile, ckpt=args.ckpt,
-               seq=args.seq, batch=args.batch, params_total=count.params_total, params_active=count.params_active,
-               step_ms=dt * 1e3, tokens_per_s=tps, achieved_tflops=tps * fpt / 1e12, mfu_808=tps * fpt / 808e12,
-               mfu_989=tps * fpt / 989e12, peak_mem_gib=torch.cuda.max_memory_allocated() / 2**30 if cuda else None, warmup_s=warm_s,
-               device=torch.cuda.get_device_name() if cuda else args.device, torch=torch.__version__)
+    row = dict(
+        model=args.model,
+        moe=args.moe,
+        moe_layers=args.moe_layers,
+        compile=args.compile,
+        ckpt=args.ckpt,
+        seq=args.seq,
+        batch=args.batch,
+        params_total=count.params_total,
+        params_active=count.params_active,
+        step_ms=dt * 1e3,
+        tokens_per_s=tps,
+        achieved_tflops=tps * fpt / 1e12,
+        mfu_808=tps * fpt / 808e12,
+        mfu_989=tps * fpt / 989e12,
+        peak_mem_gib=torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
+        warmup_s=warm_s,
+        device=torch.cuda.get_device_name() if cuda else args.device,
+        torch=torch.__version__,
+    )
     print(json.dumps(row))
     if args.json:
         with open(args.json, "a") as fh:

@@ -9,10 +9,19 @@ import warnings
 from lightning.pytorch.callbacks import Callback, TQDMProgressBar
 
 # Lightning lines that say nothing about this run (device inventory, tips, "max_steps reached")
-QUIET_LOGGERS = ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero",
-                 "lightning.pytorch.accelerators.cuda", "lightning.pytorch.callbacks.model_summary")
-QUIET_WARNINGS = (".*LeafSpec.*", ".*smaller than the logging interval.*", ".*does not have many workers.*",
-                  ".*anonymous setting has no effect.*", ".*Checkpoint directory .* exists and is not empty.*")
+QUIET_LOGGERS = (
+    "lightning.pytorch.utilities.rank_zero",
+    "lightning.fabric.utilities.rank_zero",
+    "lightning.pytorch.accelerators.cuda",
+    "lightning.pytorch.callbacks.model_summary",
+)
+QUIET_WARNINGS = (
+    ".*LeafSpec.*",
+    ".*smaller than the logging interval.*",
+    ".*does not have many workers.*",
+    ".*anonymous setting has no effect.*",
+    ".*Checkpoint directory .* exists and is not empty.*",
+)
 
 
 def quiet_libraries() -> None:

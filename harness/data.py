@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import sysconfig
 import warnings
 from pathlib import Path
@@ -34,8 +33,11 @@ MAX_FILE_BYTES = 1_000_000  # larger .py files are generated tables or data, not
 
 
 def _py_files(root: Path) -> list[Path]:
-    files = [p for p in root.rglob("*.py") if not SKIP_DIRS & set(p.relative_to(root).parts)
-             and p.is_file() and p.stat().st_size <= MAX_FILE_BYTES]
+    files = [
+        p
+        for p in root.rglob("*.py")
+        if not SKIP_DIRS & set(p.relative_to(root).parts) and p.is_file() and p.stat().st_size <= MAX_FILE_BYTES
+    ]
     return sorted(files, key=lambda p: str(p.relative_to(root)))
 
 
@@ -68,8 +70,13 @@ def _user_files(path: str) -> list[Path]:
         raise ConfigError(f"data.path={path!r} does not exist")
     if not p.is_dir():
         return [p]
-    files = sorted(q for q in p.rglob("*") if q.suffix in TEXT_SUFFIXES and q.is_file()
-                   and not any(part.startswith(".") for part in q.relative_to(p).parts))
+    files = sorted(
+        q
+        for q in p.rglob("*")
+        if q.suffix in TEXT_SUFFIXES
+        and q.is_file()
+        and not any(part.startswith(".") for part in q.relative_to(p).parts)
+    )
     if not files:
         raise ConfigError(f"data.path={path!r} holds no {'/'.join(TEXT_SUFFIXES)} files")
     return files
@@ -83,13 +90,15 @@ def _decode(f: Path) -> tuple[str, int]:
     """A file's text and its count of bytes that are not UTF-8 (replaced by U+FFFD); binary files and
     files in another encoding stop the run with one line naming them."""
     raw = f.read_bytes()
-    if b"\x00" in raw[:1 << 16]:
+    if b"\x00" in raw[: 1 << 16]:
         raise ConfigError(f"data.path: {f} is not text (it holds NUL bytes: binary, or UTF-16)")
     text = raw.decode("utf-8", errors="replace")
     bad = text.count("\ufffd") - raw.decode("utf-8", errors="ignore").count("\ufffd")
     if bad > MAX_INVALID_UTF8 * max(len(raw), 1):
-        raise ConfigError(f"data.path: {f} is not UTF-8 text ({bad:,} of {len(raw):,} bytes do not decode); "
-                          "convert it (e.g. iconv -t UTF-8) or leave it out")
+        raise ConfigError(
+            f"data.path: {f} is not UTF-8 text ({bad:,} of {len(raw):,} bytes do not decode); "
+            "convert it (e.g. iconv -t UTF-8) or leave it out"
+        )
     return text, bad
 
 
@@ -101,7 +110,7 @@ def _jsonl_texts(f: Path, raw: str) -> list[str]:
         try:
             texts.append(str(json.loads(line)["text"]))
         except (ValueError, KeyError, TypeError):
-            raise ConfigError(f"data.path: {f}:{i} is not a JSON object with a \"text\" field") from None
+            raise ConfigError(f'data.path: {f}:{i} is not a JSON object with a "text" field') from None
     return texts
 
 
@@ -119,7 +128,7 @@ def read_documents(source: str, path: str | None, max_bytes: int) -> list[str]:
     for f in files:
         raw, n_bad = _decode(f) if path else (f.read_bytes().decode("utf-8", errors="replace"), 0)
         bad, bad_files = bad + n_bad, bad_files + bool(n_bad)
-        for t in (_jsonl_texts(f, raw) if f.suffix == ".jsonl" else [raw]):
+        for t in _jsonl_texts(f, raw) if f.suffix == ".jsonl" else [raw]:
             if t.strip():
                 docs.append(t)
                 total += len(t.encode())
@@ -130,8 +139,9 @@ def read_documents(source: str, path: str | None, max_bytes: int) -> list[str]:
     if bad:
         warnings.warn(f"data.path: {bad:,} bytes in {bad_files} file(s) were not UTF-8; replaced by U+FFFD")
     if path and total < MIN_CORPUS_BYTES:
-        raise ConfigError(f"data.path={path!r} holds {total:,} bytes of text; the corpus needs at least "
-                          f"{MIN_CORPUS_BYTES:,}")
+        raise ConfigError(
+            f"data.path={path!r} holds {total:,} bytes of text; the corpus needs at least {MIN_CORPUS_BYTES:,}"
+        )
     return docs
 
 
@@ -157,7 +167,9 @@ def train_tokenizer(docs: list[str], vocab_size: int):
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=[EOT], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        vocab_size=vocab_size,
+        special_tokens=[EOT],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     tok.train_from_iterator(docs, trainer=trainer)
@@ -181,8 +193,15 @@ def _eot_id(tok) -> int:
     raise ConfigError("the tokenizer has no end-of-text token (looked for <|endoftext|>, </s>, <|im_end|>, <eos>)")
 
 
-def build_shards(source: str, path: str | None, max_bytes: int, vocab_size: int, val_fraction: float, cache_dir: str,
-                 tokenizer_path: str | None = None) -> Path:
+def build_shards(
+    source: str,
+    path: str | None,
+    max_bytes: int,
+    vocab_size: int,
+    val_fraction: float,
+    cache_dir: str,
+    tokenizer_path: str | None = None,
+) -> Path:
     """Tokenizer + train.bin/val.bin under ``cache_dir/data/<hash>``; built once, file-locked.
     With ``tokenizer_path`` the checkpoint's own tokenizer is used instead of training a BPE."""
     if tokenizer_path is None and not 256 < vocab_size <= 65535:
@@ -199,8 +218,11 @@ def build_shards(source: str, path: str | None, max_bytes: int, vocab_size: int,
         h.update(d.encode())
     h.update(f"|v{vocab_size}|val{val_fraction}|bpe1|stream-split1|tokenizers{tokenizers.__version__}".encode())
     if tokenizer_path is not None:
-        h.update((Path(tokenizer_path).expanduser() / "tokenizer.json").read_bytes() if
-                 (Path(tokenizer_path).expanduser() / "tokenizer.json").exists() else b"missing")
+        h.update(
+            (Path(tokenizer_path).expanduser() / "tokenizer.json").read_bytes()
+            if (Path(tokenizer_path).expanduser() / "tokenizer.json").exists()
+            else b"missing"
+        )
     out = Path(cache_dir).expanduser() / "data" / h.hexdigest()[:16]
     out.mkdir(parents=True, exist_ok=True)
     with FileLock(str(out / ".lock")):
@@ -212,8 +234,13 @@ def build_shards(source: str, path: str | None, max_bytes: int, vocab_size: int,
                 return out
             warnings.warn(f"token cache {out} is corrupt ({', '.join(bad)} differ from meta.json): rebuilding it")
             (out / "meta.json").unlink()
-        log.info("token shards: %s documents, %s bytes -> %s tokenizer -> %s", f"{len(docs):,}",
-                 f"{sum(len(d.encode()) for d in docs):,}", tokenizer_path or f"BPE (vocab {vocab_size})", out)
+        log.info(
+            "token shards: %s documents, %s bytes -> %s tokenizer -> %s",
+            f"{len(docs):,}",
+            f"{sum(len(d.encode()) for d in docs):,}",
+            tokenizer_path or f"BPE (vocab {vocab_size})",
+            out,
+        )
         tok = load_tokenizer(tokenizer_path) if tokenizer_path else train_tokenizer(docs, vocab_size)
         eot = _eot_id(tok)
         dtype = np.uint16 if tok.get_vocab_size() <= 65536 else np.uint32
@@ -222,10 +249,17 @@ def build_shards(source: str, path: str | None, max_bytes: int, vocab_size: int,
         for name, arr in split.items():
             atomic_write_bytes(out / f"{name}.bin", arr.tobytes())
         atomic_write_text(out / "tokenizer.json", tok.to_str())
-        meta = {"documents": len(docs), "bytes": sum(len(d.encode()) for d in docs),
-                "vocab_size": tok.get_vocab_size(), "dtype": np.dtype(dtype).name, "tokenizer": tokenizer_path or "bpe",
-                "train_tokens": len(split["train"]), "val_tokens": len(split["val"]), "source": path or source,
-                "checksums": {n: file_digest(out / n) for n in ("train.bin", "val.bin", "tokenizer.json")}}
+        meta = {
+            "documents": len(docs),
+            "bytes": sum(len(d.encode()) for d in docs),
+            "vocab_size": tok.get_vocab_size(),
+            "dtype": np.dtype(dtype).name,
+            "tokenizer": tokenizer_path or "bpe",
+            "train_tokens": len(split["train"]),
+            "val_tokens": len(split["val"]),
+            "source": path or source,
+            "checksums": {n: file_digest(out / n) for n in ("train.bin", "val.bin", "tokenizer.json")},
+        }
         atomic_write_text(out / "meta.json", json.dumps(meta, indent=1))
     return out
 
@@ -271,10 +305,22 @@ class TokenDataModule(L.LightningDataModule):
     micro-batches of ``micro_batch_size`` with gradient accumulation. Train sampling starts at the
     trainer's global step, so resume needs no dataloader state."""
 
-    def __init__(self, cache_dir: str, source: str = "stdlib", path: str | None = None, max_bytes: int = 4_000_000,
-                 vocab_size: int = 2048, val_fraction: float = 0.05, seq_len: int = 64, batch_size: int = 16,
-                 val_batches: int = 8, num_workers: int = 0, seed: int = 0, tokenizer_path: str | None = None,
-                 micro_batch_size: int | None = None):
+    def __init__(
+        self,
+        cache_dir: str,
+        source: str = "stdlib",
+        path: str | None = None,
+        max_bytes: int = 4_000_000,
+        vocab_size: int = 2048,
+        val_fraction: float = 0.05,
+        seq_len: int = 64,
+        batch_size: int = 16,
+        val_batches: int = 8,
+        num_workers: int = 0,
+        seed: int = 0,
+        tokenizer_path: str | None = None,
+        micro_batch_size: int | None = None,
+    ):
         super().__init__()
         self.cache_dir, self.source, self.path, self.max_bytes = cache_dir, source, path, int(max_bytes)
         self.vocab_size, self.val_fraction = int(vocab_size), float(val_fraction)
@@ -296,8 +342,10 @@ class TokenDataModule(L.LightningDataModule):
             raise ConfigError(f"data.batch_size={self.batch_size} (global) does not split over {world} devices")
         micro = min(self.micro_batch_size or per_device, per_device)
         if per_device % micro:
-            raise ConfigError(f"data.micro_batch_size={micro} does not divide the per-device batch {per_device} "
-                              f"(data.batch_size={self.batch_size} over {world} devices)")
+            raise ConfigError(
+                f"data.micro_batch_size={micro} does not divide the per-device batch {per_device} "
+                f"(data.batch_size={self.batch_size} over {world} devices)"
+            )
         return micro, per_device // micro
 
     @property
@@ -306,13 +354,22 @@ class TokenDataModule(L.LightningDataModule):
 
     def prepare(self) -> Path:
         """Build or find the cached shards (rank 0 first under DDP thanks to the file lock)."""
-        self.shard_dir = build_shards(self.source, self.path, self.max_bytes, self.vocab_size, self.val_fraction, self.cache_dir,
-                                      self.tokenizer_path)
+        self.shard_dir = build_shards(
+            self.source,
+            self.path,
+            self.max_bytes,
+            self.vocab_size,
+            self.val_fraction,
+            self.cache_dir,
+            self.tokenizer_path,
+        )
         need = self.seq_len + 2
         if min(self.meta["train_tokens"], self.meta["val_tokens"]) < need:
-            raise ConfigError(f"data.path={self.path!r}: the corpus gives {self.meta['train_tokens']:,} training and "
-                              f"{self.meta['val_tokens']:,} validation tokens; each split needs data.seq_len + 2 = "
-                              f"{need} (more text, or a larger data.val_fraction)")
+            raise ConfigError(
+                f"data.path={self.path!r}: the corpus gives {self.meta['train_tokens']:,} training and "
+                f"{self.meta['val_tokens']:,} validation tokens; each split needs data.seq_len + 2 = "
+                f"{need} (more text, or a larger data.val_fraction)"
+            )
         return self.shard_dir
 
     def check_source(self) -> None:
@@ -336,10 +393,16 @@ class TokenDataModule(L.LightningDataModule):
             log.info("resuming: train sampling starts at step %d", step)
         # Full-run length even when resuming: Lightning counts batch_idx from the restored step
         # against len(loader); sample i of this loader is global sample (step * per_step + i).
-        ds = RandomWindows(self.shard("train"), self.seq_len, step * per_step,
-                           max(self.total_steps, 1) * per_step, self.seed)
-        return DataLoader(ds, batch_size=self.loader_batch, sampler=self._rank_sampler(ds),
-                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
+        ds = RandomWindows(
+            self.shard("train"), self.seq_len, step * per_step, max(self.total_steps, 1) * per_step, self.seed
+        )
+        return DataLoader(
+            ds,
+            batch_size=self.loader_batch,
+            sampler=self._rank_sampler(ds),
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
 
     def val_dataloader(self) -> DataLoader:
         ds = FixedWindows(self.shard("val"), self.seq_len, self.val_batches * self.batch_size)
@@ -351,5 +414,6 @@ class TokenDataModule(L.LightningDataModule):
         that and exact resume, so the Trainer runs with ``use_distributed_sampler=False``.)"""
         if self.trainer is None or self.trainer.world_size == 1:
             return None
-        return DistributedSampler(ds, num_replicas=self.trainer.world_size, rank=self.trainer.global_rank,
-                                  shuffle=False)
+        return DistributedSampler(
+            ds, num_replicas=self.trainer.world_size, rank=self.trainer.global_rank, shuffle=False
+        )

@@ -33,8 +33,10 @@ def hf_class(model: Decoder, moe: MoEConfig | None) -> str:
     """The transformers class that computes ``model`` exactly, or a ConfigError saying why none does."""
     cfg = model.cfg
     if cfg.activation != "swiglu":
-        raise ConfigError(f"model.activation={cfg.activation!r}: no Hugging Face class computes a squared-ReLU "
-                          "(non-gated) MLP; only swiglu models can be exported")
+        raise ConfigError(
+            f"model.activation={cfg.activation!r}: no Hugging Face class computes a squared-ReLU "
+            "(non-gated) MLP; only swiglu models can be exported"
+        )
     layers = list(getattr(model, "moe_layers", []) or [])
     if not layers:
         return "Qwen2ForCausalLM" if cfg.qkv_bias else "LlamaForCausalLM"
@@ -45,11 +47,22 @@ def hf_class(model: Decoder, moe: MoEConfig | None) -> str:
 
 def _base_config(model: Decoder) -> dict:
     c = model.cfg
-    return {"vocab_size": c.vocab_size, "hidden_size": c.d_model, "num_hidden_layers": c.n_layers,
-            "num_attention_heads": c.n_heads, "num_key_value_heads": c.n_kv_heads, "head_dim": c.head_dim,
-            "intermediate_size": c.d_ff, "max_position_embeddings": c.max_seq_len, "rms_norm_eps": c.norm_eps,
-            "rope_theta": c.rope_theta, "tie_word_embeddings": c.tie_embeddings, "hidden_act": "silu",
-            "attention_dropout": 0.0, "torch_dtype": "float32"}
+    return {
+        "vocab_size": c.vocab_size,
+        "hidden_size": c.d_model,
+        "num_hidden_layers": c.n_layers,
+        "num_attention_heads": c.n_heads,
+        "num_key_value_heads": c.n_kv_heads,
+        "head_dim": c.head_dim,
+        "intermediate_size": c.d_ff,
+        "max_position_embeddings": c.max_seq_len,
+        "rms_norm_eps": c.norm_eps,
+        "rope_theta": c.rope_theta,
+        "tie_word_embeddings": c.tie_embeddings,
+        "hidden_act": "silu",
+        "attention_dropout": 0.0,
+        "torch_dtype": "float32",
+    }
 
 
 def hf_config(model: Decoder, moe: MoEConfig | None):
@@ -59,15 +72,27 @@ def hf_config(model: Decoder, moe: MoEConfig | None):
     kw = _base_config(model)
     layers = list(getattr(model, "moe_layers", []) or [])
     if name == "MixtralForCausalLM":
-        kw.update(num_local_experts=moe.num_experts, num_experts_per_tok=moe.top_k, sliding_window=None,
-                  router_aux_loss_coef=moe.aux_loss_coef, intermediate_size=model.cfg.d_ff // moe.granularity)
+        kw.update(
+            num_local_experts=moe.num_experts,
+            num_experts_per_tok=moe.top_k,
+            sliding_window=None,
+            router_aux_loss_coef=moe.aux_loss_coef,
+            intermediate_size=model.cfg.d_ff // moe.granularity,
+        )
         return name, transformers.MixtralConfig(**kw)
     if name == "Qwen2MoeForCausalLM":
-        kw.update(num_experts=moe.num_experts, num_experts_per_tok=moe.top_k,
-                  moe_intermediate_size=model.cfg.d_ff // moe.granularity, shared_expert_intermediate_size=1,
-                  norm_topk_prob=moe.routing == "topk_softmax", decoder_sparse_step=1, use_sliding_window=False,
-                  mlp_only_layers=[i for i in range(model.cfg.n_layers) if i not in layers],
-                  router_aux_loss_coef=moe.aux_loss_coef, qkv_bias=True)
+        kw.update(
+            num_experts=moe.num_experts,
+            num_experts_per_tok=moe.top_k,
+            moe_intermediate_size=model.cfg.d_ff // moe.granularity,
+            shared_expert_intermediate_size=1,
+            norm_topk_prob=moe.routing == "topk_softmax",
+            decoder_sparse_step=1,
+            use_sliding_window=False,
+            mlp_only_layers=[i for i in range(model.cfg.n_layers) if i not in layers],
+            router_aux_loss_coef=moe.aux_loss_coef,
+            qkv_bias=True,
+        )
         return name, transformers.Qwen2MoeConfig(**kw)
     if name == "Qwen2ForCausalLM":
         return name, transformers.Qwen2Config(**kw, use_sliding_window=False)
@@ -77,8 +102,11 @@ def hf_config(model: Decoder, moe: MoEConfig | None):
 def hf_state_dict(model: Decoder, name: str) -> dict[str, torch.Tensor]:
     """Our weights under the HF class's in-memory names (experts stacked, [gate; up] rows as ours)."""
     sd = model.state_dict()
-    out = {"model.embed_tokens.weight": sd["embed.weight"], "model.norm.weight": sd["norm.weight"],
-           "lm_head.weight": sd["lm_head.weight"]}
+    out = {
+        "model.embed_tokens.weight": sd["embed.weight"],
+        "model.norm.weight": sd["norm.weight"],
+        "lm_head.weight": sd["lm_head.weight"],
+    }
     layers = set(getattr(model, "moe_layers", []) or [])
     for i in range(model.cfg.n_layers):
         src, dst = f"blocks.{i}.", f"model.layers.{i}."
@@ -105,7 +133,9 @@ def hf_state_dict(model: Decoder, name: str) -> dict[str, torch.Tensor]:
     return out
 
 
-def export_model(model: Decoder, moe: MoEConfig | None, out_dir: str | Path, tokenizer: str | Path | None = None) -> str:
+def export_model(
+    model: Decoder, moe: MoEConfig | None, out_dir: str | Path, tokenizer: str | Path | None = None
+) -> str:
     """Save ``model`` as an HF checkpoint folder (config.json + safetensors); returns the class name."""
     import transformers
 

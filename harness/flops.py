@@ -15,7 +15,7 @@ from harness.model import Decoder, ModelConfig
 from harness.moe import MoE, MoEConfig
 
 H100_BF16_PEAK_DATASHEET = 989e12
-H100_BF16_PEAK_MEASURED = 808e12  # bf16 dense matmul on the lent H100 (issue 5)
+H100_BF16_PEAK_MEASURED = 808e12  # bf16 dense matmul measured on an H100 (benchmarks/RESULTS.md)
 
 
 @dataclass(frozen=True)
@@ -67,7 +67,9 @@ def count_model(model: Decoder, seq_len: int) -> FlopCount:
     return count(model.cfg, seq_len, moe, layers)
 
 
-def train_flops_per_token(cfg: ModelConfig, seq_len: int, moe: MoEConfig | None = None, moe_layers: Sequence[int] = ()) -> int:
+def train_flops_per_token(
+    cfg: ModelConfig, seq_len: int, moe: MoEConfig | None = None, moe_layers: Sequence[int] = ()
+) -> int:
     return count(cfg, seq_len, moe, moe_layers).train_per_token
 
 

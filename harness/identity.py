@@ -23,10 +23,24 @@ from harness.io import atomic_write_json
 log = logging.getLogger("upcycle")
 
 # keys that change how a run is shown, named or stored, not what it computes
-COSMETIC = ("hydra", "name", "print_config", "force", "paths", "logger", "optuna", "callbacks.progress_bar",
-            "train.stop_after_steps",
-            "trainer.enable_progress_bar", "trainer.enable_model_summary", "trainer.log_every_n_steps",
-            "data.cache_dir", "data.num_workers")
+COSMETIC = (
+    "hydra",
+    "name",
+    "print_config",
+    "force",
+    "paths",
+    "logger",
+    "optuna",
+    "callbacks.progress_bar",
+    "train.stop_after_steps",
+    "train._target_",  # the class that checks the block, not part of the experiment
+    "pretrain._target_",
+    "trainer.enable_progress_bar",
+    "trainer.enable_model_summary",
+    "trainer.log_every_n_steps",
+    "data.cache_dir",
+    "data.num_workers",
+)
 IDENTITY = "identity.json"
 
 
@@ -61,10 +75,20 @@ def config_hash(cfg: DictConfig) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:8]
 
 
+MAX_DIRNAME = 200  # file systems allow 255 bytes a name; longer override lists are cut + hashed
+
+
+def short_dirname(name: str) -> str:
+    """A job folder name from its overrides: readable when short, else truncated + a stable hash
+    (the same overrides always give the same folder, so re-runs find their results and checkpoints)."""
+    if len(name) <= MAX_DIRNAME:
+        return name
+    digest = hashlib.sha1(name.encode()).hexdigest()[:10]
+    return f"{name[: MAX_DIRNAME - 13]}.._{digest}"
+
+
 def run_dirname(overrides: str, *, _root_: DictConfig) -> str:
     """``${run_dirname:${hydra.job.override_dirname}}``: readable overrides + the experiment hash."""
-    from harness.resolvers import short_dirname
-
     tag = f"cfg={config_hash(_root_)}"
     readable = short_dirname(overrides.replace("/", "_"))  # data.path=/a/b must not nest folders
     return f"{readable},{tag}" if overrides else tag
@@ -82,11 +106,15 @@ def claim(folder: Path, config_hash_: str) -> None:
     stored = stored_hash(folder)
     ckpts = sorted((folder / "checkpoints").glob("*.ckpt")) if (folder / "checkpoints").is_dir() else []
     if stored is None and (ckpts or (folder / "results.json").exists()):
-        raise RunFolderError(f"{folder} holds a run but no {IDENTITY} naming its config (an older layout?); it is left "
-                             "as it is: pick another hydra.run.dir, or force=true to move it aside")
+        raise RunFolderError(
+            f"{folder} holds a run but no {IDENTITY} naming its config (an older layout?); it is left "
+            "as it is: pick another hydra.run.dir, or force=true to move it aside"
+        )
     if stored is not None and stored != config_hash_:
-        raise RunFolderError(f"{folder} holds a run of another config (hash {stored}, this one is {config_hash_}); "
-                             "it is left as it is: pick another hydra.run.dir, or force=true to move it aside")
+        raise RunFolderError(
+            f"{folder} holds a run of another config (hash {stored}, this one is {config_hash_}); "
+            "it is left as it is: pick another hydra.run.dir, or force=true to move it aside"
+        )
     if stored is None:
         atomic_write_json(folder / IDENTITY, {"config_hash": config_hash_, "created": time.strftime("%FT%T%z")})
 

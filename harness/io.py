@@ -51,8 +51,9 @@ def file_digest(path: str | Path) -> str:
 def corrupt_files(folder: str | Path, digests: dict[str, str]) -> list[str]:
     """Names in ``digests`` whose file under ``folder`` is missing or differs (truncated, overwritten)."""
     folder = Path(folder)
-    return [name for name, want in digests.items()
-            if not (folder / name).is_file() or file_digest(folder / name) != want]
+    return [
+        name for name, want in digests.items() if not (folder / name).is_file() or file_digest(folder / name) != want
+    ]
 
 
 def move_aside(path: str | Path, why: str) -> Path:

@@ -3,9 +3,9 @@
 Why not Lightning's own launcher: it re-runs ``sys.argv`` in each child. Under a Hydra multirun
 that re-runs the whole sweep in every child, and since a job trains up to three models (dense
 base, MoE, iso-FLOP dense), only its first Trainer would launch children at all. Here the job's
-process keeps the stage logic (caches, file locks, evaluation) and, for each ``fit``, saves the
+process keeps the stage logic (caches, file locks, evaluation) and, for each model it trains, saves the
 model and the job's resolved config under ``<run>/launch/``, then starts
-``python -m harness.launch <dir>`` once per device with ``LOCAL_RANK``/``WORLD_SIZE``/
+``python -m harness.worker <dir>`` once per device with ``LOCAL_RANK``/``WORLD_SIZE``/
 ``MASTER_*`` set, as ``torchrun`` would. Lightning sees processes created externally and only
 joins them; rank 0 writes the fit summary and the trained weights back for the job to load.
 
@@ -23,7 +23,6 @@ import socket
 import subprocess
 import sys
 import time
-import traceback
 from pathlib import Path
 
 import torch
@@ -32,6 +31,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from harness.errors import ConfigError
 
 WORKER_ENV = "UPCYCLE_WORKER"  # set in workers: how they were started ("local" or "srun")
+WORKER_MODULE = "harness.worker"  # started by name, never imported here: the worker imports the fit logic
 
 
 def world_size(trainer_cfg: DictConfig) -> int:
@@ -66,8 +66,10 @@ def needs_launch(trainer_cfg: DictConfig) -> bool:
     if in_worker() or world_size(trainer_cfg) == 1:
         return False
     if "LOCAL_RANK" in os.environ or "TORCHELASTIC_RUN_ID" in os.environ:
-        raise ConfigError("run.py starts its own per-device workers: launch it as one process per job "
-                          "(not under torchrun or `srun --ntasks-per-node>1`)")
+        raise ConfigError(
+            "run.py starts its own per-device workers: launch it as one process per job "
+            "(not under torchrun or `srun --ntasks-per-node>1`)"
+        )
     return True
 
 
@@ -89,24 +91,48 @@ def worker_command(folder: Path, trainer_cfg: DictConfig) -> tuple[list[list[str
     environment reads the ranks from SLURM's variables.
     """
     world, nodes = world_size(trainer_cfg), int(trainer_cfg.get("num_nodes", 1))
-    worker = [sys.executable, "-m", "harness.launch", str(folder)]
+    worker = [sys.executable, "-m", WORKER_MODULE, str(folder)]
     if nodes > 1:
         if "SLURM_JOB_ID" not in os.environ:
             raise ConfigError(f"trainer.num_nodes={nodes} needs a SLURM allocation (hydra/launcher=slurm)")
         if _slurm_nodes() < nodes:
             raise ConfigError(f"trainer.num_nodes={nodes} but the SLURM job has {_slurm_nodes()} node(s)")
-        srun = ["srun", "--overlap", f"--nodes={nodes}", f"--ntasks-per-node={world // nodes}",
-                "--kill-on-bad-exit=1", "--export=ALL"]
+        srun = [
+            "srun",
+            "--overlap",
+            f"--nodes={nodes}",
+            f"--ntasks-per-node={world // nodes}",
+            "--kill-on-bad-exit=1",
+            "--export=ALL",
+        ]
         return [srun + worker], [{WORKER_ENV: "srun"}]
     port = str(_free_port())
     threads = os.environ.get("OMP_NUM_THREADS") or str(max(1, (os.cpu_count() or 1) // world))
-    envs = [{WORKER_ENV: "local", "LOCAL_RANK": str(r), "NODE_RANK": "0", "WORLD_SIZE": str(world),
-             "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "OMP_NUM_THREADS": threads} for r in range(world)]
+    envs = [
+        {
+            WORKER_ENV: "local",
+            "LOCAL_RANK": str(r),
+            "NODE_RANK": "0",
+            "WORLD_SIZE": str(world),
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": port,
+            "OMP_NUM_THREADS": threads,
+        }
+        for r in range(world)
+    ]
     return [worker] * world, envs
 
 
-def fit_in_workers(model: torch.nn.Module, optim, cfg: DictConfig, out_dir: Path, steps: int, csv_only: bool,
-                   pruner: dict | None, hand_back: bool = True) -> dict:
+def fit_in_workers(
+    model: torch.nn.Module,
+    optim,
+    cfg: DictConfig,
+    out_dir: Path,
+    steps: int,
+    csv_only: bool,
+    pruner: dict | None,
+    hand_back: bool = True,
+) -> dict:
     """Train ``model`` in place on ``world_size(cfg.trainer)`` processes; returns the fit summary.
 
     ``hand_back=False`` leaves ``model`` untrained here (the checkpoints hold the result): for
@@ -117,16 +143,20 @@ def fit_in_workers(model: torch.nn.Module, optim, cfg: DictConfig, out_dir: Path
         stale.unlink(missing_ok=True)
     torch.save({"model": model, "optim": optim}, folder / "job.pt")
     OmegaConf.save(cfg, folder / "config.yaml", resolve=True)
-    (folder / "args.json").write_text(json.dumps({"out_dir": str(out_dir), "steps": steps, "csv_only": csv_only,
-                                                  "pruner": pruner, "hand_back": hand_back}))
+    (folder / "args.json").write_text(
+        json.dumps(
+            {"out_dir": str(out_dir), "steps": steps, "csv_only": csv_only, "pruner": pruner, "hand_back": hand_back}
+        )
+    )
     commands, envs = worker_command(folder, cfg.trainer)
     procs = []
     try:
         for rank, (cmd, extra) in enumerate(zip(commands, envs)):
             # rank 0 keeps the console (progress bar); the others write to launch/rank<r>.log
             out = None if rank == 0 else open(folder / f"rank{rank}.log", "w")
-            procs.append(subprocess.Popen(cmd, env={**os.environ, **extra}, stdout=out, stderr=out,
-                                          preexec_fn=_die_with_parent))
+            procs.append(
+                subprocess.Popen(cmd, env={**os.environ, **extra}, stdout=out, stderr=out, preexec_fn=_die_with_parent)
+            )
         codes = _wait_all(procs)
     finally:
         for p in procs:
@@ -174,39 +204,6 @@ def _raise_worker_error(folder: Path, codes: list[int], commands) -> None:
         if kind == "FloatingPointError":
             raise FloatingPointError(message)
         raise RuntimeError(f"training worker failed ({kind}: {message}); see {errors[0]}")
-    raise RuntimeError(f"training workers exited with codes {codes} ({shlex.join(commands[0])}); "
-                       f"logs: {folder}/rank*.log")
-
-
-def worker_main(folder: Path) -> None:
-    """One rank: rebuild the job from ``folder`` and run the same ``fit`` as a single-device job."""
-    from harness.pruning import pruning_callbacks
-    from harness.train import build_spec, train_here
-
-    rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", os.environ.get("LOCAL_RANK", "0"))))
-    try:
-        cfg = OmegaConf.load(folder / "config.yaml")
-        args = json.loads((folder / "args.json").read_text())
-        job = torch.load(folder / "job.pt", weights_only=False)
-        spec = build_spec(cfg)
-        spec.optim = job["optim"]
-        model = job["model"]
-        res, trainer = train_here(model, spec, cfg, Path(args["out_dir"]), args["steps"], args["csv_only"],
-                                  extra_callbacks=pruning_callbacks(cfg, args["pruner"]))
-        hand_back = args.get("hand_back", True)
-        # a collective under FSDP: every rank calls it
-        state = trainer.strategy.lightning_module_state_dict() if hand_back else {}
-        if trainer.is_global_zero:
-            state = {k.removeprefix("model."): v.detach().cpu() for k, v in state.items()}
-            if hand_back:
-                torch.save(state, folder / "final.pt.tmp")
-                (folder / "final.pt.tmp").replace(folder / "final.pt")
-            (folder / "result.json").write_text(json.dumps(res))
-    except BaseException as e:
-        (folder / f"error_rank{rank}.txt").write_text(json.dumps(
-            {"error": [type(e).__name__, str(e)], "traceback": traceback.format_exc()}))
-        raise
-
-
-if __name__ == "__main__":
-    worker_main(Path(sys.argv[1]))
+    raise RuntimeError(
+        f"training workers exited with codes {codes} ({shlex.join(commands[0])}); logs: {folder}/rank*.log"
+    )

@@ -36,7 +36,9 @@ class OptimConfig:
         if not self.lr > 0:
             raise ConfigError(f"optim.lr={self.lr!r} must be > 0")
         if self.warmup_steps < 0 or not 0 <= self.min_lr_ratio <= 1:
-            raise ConfigError(f"optim.warmup_steps={self.warmup_steps} / optim.min_lr_ratio={self.min_lr_ratio} out of range")
+            raise ConfigError(
+                f"optim.warmup_steps={self.warmup_steps} / optim.min_lr_ratio={self.min_lr_ratio} out of range"
+            )
 
     def decay_start(self, total: int) -> int:
         """WSD: the first step of the decay. Every step before it has the same LR for any ``total``, which is
@@ -61,9 +63,18 @@ class OptimConfig:
 class LitLM(L.LightningModule):
     """Trains a Decoder; logs train/loss, val/loss, moe/*, lr, tokens and FLOPs seen, perf/*."""
 
-    def __init__(self, model: Decoder, optim: OptimConfig, total_steps: int, train_flops_per_token: int,
-                 peak_flops: float | None = None, tokens_per_step: int | None = None,
-                 max_grad_norm: float | None = None, collapse_share: float = 1.0, collapse_steps: int = 100):
+    def __init__(
+        self,
+        model: Decoder,
+        optim: OptimConfig,
+        total_steps: int,
+        train_flops_per_token: int,
+        peak_flops: float | None = None,
+        tokens_per_step: int | None = None,
+        max_grad_norm: float | None = None,
+        collapse_share: float = 1.0,
+        collapse_steps: int = 100,
+    ):
         super().__init__()
         # numerical guards: a pre-clip gradient norm above max_grad_norm (or non-finite) stops the run;
         # one expert taking more than collapse_share of the tokens for collapse_steps steps is a warning
@@ -86,10 +97,17 @@ class LitLM(L.LightningModule):
         if not torch.isfinite(loss).item():  # one tiny sync a step; a NaN must not reach the weights
             raise FloatingPointError(
                 f"non-finite training loss ({loss.item()}) at step {self.global_step}: stopping before the update; "
-                f"{self._last_good()}(lower optim.lr or raise optim.warmup_steps)")
+                f"{self._last_good()}(lower optim.lr or raise optim.warmup_steps)"
+            )
         tokens = (self.global_step + 1) * (self.tokens_per_step or x.numel() * self.trainer.world_size)
-        self.log_dict({"train/loss": out.loss, "train/tokens": float(tokens),
-                       "flops/train_total": float(tokens) * self.flops_per_token}, prog_bar=False)
+        self.log_dict(
+            {
+                "train/loss": out.loss,
+                "train/tokens": float(tokens),
+                "flops/train_total": float(tokens) * self.flops_per_token,
+            },
+            prog_bar=False,
+        )
         self.log("loss", out.loss, prog_bar=True, logger=False)
         if out.router:
             self._log_router(out.router)
@@ -107,11 +125,15 @@ class LitLM(L.LightningModule):
 
     def _log_router(self, router) -> None:
         aux = torch.stack([r.load_balance for r in router]).mean()
-        metrics = {"moe/aux_loss": aux, "moe/z_loss": torch.stack([r.z_loss for r in router]).mean(),
-                   "moe/expert_load_cv": torch.stack([r.load_cv for r in router]).mean(),
-                   "moe/router_entropy": torch.stack([r.entropy for r in router]).mean(),
-                   "moe/max_expert_share": torch.stack(
-                       [r.tokens_per_expert.max() / r.tokens_per_expert.sum() for r in router]).max()}
+        metrics = {
+            "moe/aux_loss": aux,
+            "moe/z_loss": torch.stack([r.z_loss for r in router]).mean(),
+            "moe/expert_load_cv": torch.stack([r.load_cv for r in router]).mean(),
+            "moe/router_entropy": torch.stack([r.entropy for r in router]).mean(),
+            "moe/max_expert_share": torch.stack(
+                [r.tokens_per_expert.max() / r.tokens_per_expert.sum() for r in router]
+            ).max(),
+        }
         for layer, r in zip(self.model.moe_layers, router):
             metrics[f"moe/layer{layer}_load_cv"] = r.load_cv
         self.log_dict(metrics)
@@ -123,8 +145,10 @@ class LitLM(L.LightningModule):
         self._collapsed_for = self._collapsed_for + 1 if share > self.collapse_share else 0
         self.log("moe/router_collapse", float(self._collapsed_for >= self.collapse_steps))
         if self._collapsed_for == self.collapse_steps:
-            warnings.warn(f"router collapse: one expert has taken > {self.collapse_share:.0%} of the tokens for "
-                          f"{self.collapse_steps} steps (step {self.global_step}); consider a larger moe.aux_loss_coef")
+            warnings.warn(
+                f"router collapse: one expert has taken > {self.collapse_share:.0%} of the tokens for "
+                f"{self.collapse_steps} steps (step {self.global_step}); consider a larger moe.aux_loss_coef"
+            )
 
     def validation_step(self, batch, batch_idx):
         x, y = batch
@@ -158,7 +182,8 @@ class LitLM(L.LightningModule):
             raise FloatingPointError(
                 f"gradient norm {value:.4g} at step {self.global_step} is not finite or exceeds "
                 f"train.max_grad_norm={self.max_grad_norm}: stopping before the update; {self._last_good()}"
-                "(lower optim.lr or raise optim.warmup_steps)")
+                "(lower optim.lr or raise optim.warmup_steps)"
+            )
 
     def _last_good(self) -> str:
         """Names the checkpoint to go back to only when there is one."""

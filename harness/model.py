@@ -15,6 +15,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from harness.errors import ConfigError
+from harness.mlp import MLP
+from harness.moe import MoE
 
 ACTIVATIONS = ("swiglu", "relu2")
 
@@ -52,9 +54,7 @@ class ModelConfig:
             if int(getattr(self, key)) <= 0:
                 raise ConfigError(f"model.{key}={getattr(self, key)!r} must be a positive integer")
         if self.n_heads % self.n_kv_heads:
-            raise ConfigError(
-                f"model.n_heads={self.n_heads} must be a multiple of model.n_kv_heads={self.n_kv_heads}"
-            )
+            raise ConfigError(f"model.n_heads={self.n_heads} must be a multiple of model.n_kv_heads={self.n_kv_heads}")
         if self.head_dim % 2:
             raise ConfigError(f"model.head_dim={self.head_dim} must be even for RoPE")
 
@@ -104,33 +104,8 @@ class Attention(nn.Module):
         k = self.k_proj(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        y = F.scaled_dot_product_attention(
-            q, k, v, is_causal=True, enable_gqa=self.n_kv_heads != self.n_heads
-        )
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_kv_heads != self.n_heads)
         return self.o_proj(y.transpose(1, 2).reshape(b, t, -1))
-
-
-def mlp_activation(h: torch.Tensor, gated: bool) -> torch.Tensor:
-    """SwiGLU on [gate | up] halves, or squared ReLU (Nemotron) on the single projection."""
-    if gated:
-        gate, up = h.chunk(2, dim=-1)
-        return F.silu(gate) * up
-    return F.relu(h).square()
-
-
-class MLP(nn.Module):
-    """Dense MLP. ``fc1`` holds [gate; up] rows for SwiGLU (2f x d) or the single up (f x d)."""
-
-    def __init__(self, d_model: int, d_ff: int, activation: str):
-        super().__init__()
-        self.gated = activation == "swiglu"
-        self.activation = activation
-        self.d_ff = d_ff
-        self.fc1 = nn.Linear(d_model, (2 if self.gated else 1) * d_ff, bias=False)
-        self.fc2 = nn.Linear(d_ff, d_model, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(mlp_activation(self.fc1(x), self.gated))
 
 
 class Block(nn.Module):
@@ -198,8 +173,6 @@ class Decoder(nn.Module):
 
     @property
     def moe_layers(self) -> list[int]:
-        from harness.moe import MoE
-
         return [i for i, b in enumerate(self.blocks) if isinstance(b.mlp, MoE)]
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> DecoderOutput:

@@ -3,6 +3,15 @@
 Kept as small pieces like torchtitan's MoE: :func:`route` (one function per routing mode),
 :func:`permute` / :func:`unpermute` (sort token copies by expert with no host sync), and
 :class:`GroupedExperts` (a per-expert loop that runs anywhere, or one grouped GEMM per projection).
+
+Shapes (the letters of the presets' names, E{E}G{G}T{T}):
+    N   tokens in the layer's input (batch x sequence, flattened)
+    d   model dim
+    E   experts
+    T   experts per token (top-T; torchtitan's K)
+    G   granularity: each dense MLP is split into G experts of width F / G
+    F   the dense MLP's hidden width (``d_ff``); an expert's is F_e = F / G
+    N*T token copies, one per (token, chosen expert), sorted by expert between dispatch and combine
 """
 
 from __future__ import annotations
@@ -14,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from harness.errors import ConfigError
-from harness.model import mlp_activation
+from harness.mlp import mlp_activation
 
 ROUTINGS = ("softmax_topk", "topk_softmax")
 EXPERT_BACKENDS = ("auto", "loop", "grouped_mm")
@@ -102,7 +111,7 @@ class _MixedLinear(torch.autograd.Function):
 
     Only the router weight is rounded to the compute dtype, as autocast does for every other linear;
     the logits stay fp32 for the softmax and top-k. It saves the fp32 copy of the activations (and its
-    fp32 gradient) that an fp32 router needs: ~7% of the E8G1T2 layer's time in the v2 profile.
+    fp32 gradient) that an fp32 router needs: ~7% of an E8G1T2 layer's time on H100.
     """
 
     @staticmethod
@@ -158,11 +167,11 @@ def _sum_copies(rows: torch.Tensor, weights: torch.Tensor | None = None) -> torc
     """Sum [N, T, d] over T (optionally weighted by [N, T]) in fp32 (or wider), written as T explicit
     terms: torch.compile turns this into one pointwise kernel with T loads per element, where a
     ``sum(1)`` over the strided T axis became a reduction kernel running at under half the memory
-    bandwidth (E64G8T8 v4 profile). Eager PyTorch would run those T terms as ~3T kernels with fp32
+    bandwidth (profiled on an E64G8T8 layer, H100). Eager PyTorch would run those T terms as ~3T kernels with fp32
     temporaries, so outside torch.compile it is one fused multiply and sum (fp32 accumulation).
 
-    Casts are made only where the dtype changes: with fp32 rows, torch 2.11 traced the no-op casts
-    into a graph whose backward returned zero gradients."""
+    Casts are made only where the dtype changes: with fp32 rows, torch.compile (2.11) traces no-op casts
+    into a graph whose backward returns zero gradients."""
     if not torch.compiler.is_compiling():
         if weights is None:
             return rows.sum(1)
@@ -207,13 +216,14 @@ class _Combine(torch.autograd.Function):
 
     The backward is written out because autograd's version of it costs two extra passes over the
     [N*T, d] copies: it built the copies' gradient in token order and then permuted it into expert
-    order (~10% of the E64G8T8 layer's time in the v4 profile). Here the gradient of sorted copy i,
+    order (~10% of an E64G8T8 layer's time on H100). Here the gradient of sorted copy i,
     ``grad_y[order[i] // T] * weight``, is gathered straight into expert order, and the weights'
     gradient is each copy's output dotted with its token's ``grad_y``: one pass each."""
 
     @staticmethod
-    def forward(ctx, out_sorted: torch.Tensor, weights: torch.Tensor, order: torch.Tensor,
-                inverse: torch.Tensor) -> torch.Tensor:
+    def forward(
+        ctx, out_sorted: torch.Tensor, weights: torch.Tensor, order: torch.Tensor, inverse: torch.Tensor
+    ) -> torch.Tensor:
         n, t = weights.shape
         ctx.save_for_backward(out_sorted, weights, order, inverse)
         return _sum_copies(out_sorted.index_select(0, inverse).view(n, t, -1), weights)
@@ -235,8 +245,9 @@ class _Combine(torch.autograd.Function):
         return grad_out, grad_weights, None, None
 
 
-def unpermute(out_sorted: torch.Tensor, order: torch.Tensor, inverse: torch.Tensor,
-              weights: torch.Tensor) -> torch.Tensor:
+def unpermute(
+    out_sorted: torch.Tensor, order: torch.Tensor, inverse: torch.Tensor, weights: torch.Tensor
+) -> torch.Tensor:
     """Put expert outputs back in token order and sum each token's T outputs with their fp32 weights."""
     return _Combine.apply(out_sorted, weights.float(), order, inverse)
 
@@ -290,9 +301,7 @@ class MoE(nn.Module):
         self.activation = activation
         self.router = nn.Linear(d_model, cfg.num_experts, bias=False)
         nn.init.normal_(self.router.weight, std=cfg.router_init_std)
-        self.experts = GroupedExperts(
-            cfg.num_experts, d_model, d_ff // cfg.granularity, activation, cfg.expert_backend
-        )
+        self.experts = GroupedExperts(cfg.num_experts, d_model, d_ff // cfg.granularity, activation, cfg.expert_backend)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, RouterAux]:
         shape = x.shape

@@ -1,6 +1,6 @@
 """W&B around the stages: each stage (pretrain, upcycle, dense_iso) is one W&B run in the job's group,
 with the full resolved config, training FLOPs as x-axis, and an id stored in the stage's folder so a
-resumed stage continues its run. (Which loggers a Trainer gets is ``harness.train._loggers``.)"""
+resumed stage continues its run. (Which loggers a Trainer gets is ``harness.fit._loggers``.)"""
 
 from __future__ import annotations
 
@@ -55,19 +55,43 @@ def summary(cfg: DictConfig, res: dict) -> None:
     try:
         import wandb
 
-        run = wandb.init(project=w["project"], id=w["id"], resume="allow", dir=w["save_dir"], mode=w.get("mode"),
-                         group=w.get("group"), job_type=w.get("job_type"), name=w.get("name"), tags=w.get("tags"),
-                         reinit="create_new")
+        run = wandb.init(
+            project=w["project"],
+            id=w["id"],
+            resume="allow",
+            dir=w["save_dir"],
+            mode=w.get("mode"),
+            group=w.get("group"),
+            job_type=w.get("job_type"),
+            name=w.get("name"),
+            tags=w.get("tags"),
+            reinit="create_new",
+        )
         iso = res.get("dense_iso") or {}
         if iso.get("val_curve"):
             run.define_metric("dense_iso/flops")
             run.define_metric("dense_iso/val_loss", step_metric="dense_iso/flops")
             for p in iso["val_curve"]:
                 run.log({"dense_iso/flops": p["flops"], "dense_iso/val_loss": p["val_loss"]})
-        run.summary.update({k: res[k] for k in ("status", "val_loss", "best_val_loss", "init_val_loss",
-                                                "dense_parent_val_loss", "train_flops", "tokens") if k in res})
+        run.summary.update(
+            {
+                k: res[k]
+                for k in (
+                    "status",
+                    "val_loss",
+                    "best_val_loss",
+                    "init_val_loss",
+                    "dense_parent_val_loss",
+                    "train_flops",
+                    "tokens",
+                )
+                if k in res
+            }
+        )
         if iso:
-            run.summary.update({"dense_iso/val_loss": iso.get("val_loss"), "dense_iso/train_flops": iso.get("train_flops")})
+            run.summary.update(
+                {"dense_iso/val_loss": iso.get("val_loss"), "dense_iso/train_flops": iso.get("train_flops")}
+            )
         run.finish()
     except Exception as e:  # never let logging sink a finished run
         warnings.warn(f"W&B summary not written ({type(e).__name__}: {e})")

@@ -1,466 +1,183 @@
-"""The experiment: dense base (cached) -> upcycle -> train, beside its iso-FLOP dense continuation.
+"""The experiment, top-down: ``main`` (one run in its own folder) -> ``run_experiment`` -> the stages.
 
-``main(cfg)`` is what ``run.py`` calls; it returns the objective (final val loss) for sweepers.
-Every object comes from the config through ``hydra.utils.instantiate``; everything is validated
-before the first tensor is touched.
+Stages, each in its module: the dense base (``harness/pretrain.py``), the upcycled MoE or the dense continuation
+trained here (``harness/fit.py``), the dense baselines (``harness/continuation.py``); the run's record is
+``harness/results.py``. ``main(cfg)`` is what ``run.py`` calls; it returns the objective (final val loss) for
+sweepers. Every object comes from the config (``harness/experiment.py``), validated before any compute.
 """
 
 from __future__ import annotations
 
-import copy
-import hashlib
-import json
 import logging
-import math
 import os
-import shutil
 import time
-import traceback
-import warnings
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import lightning as L
 import torch
-from filelock import FileLock
-from hydra.errors import InstantiationException
-from hydra.utils import instantiate
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
-from lightning.pytorch.plugins.environments import LightningEnvironment
 from omegaconf import DictConfig, OmegaConf
 
-from harness import flops, identity, launch, tracking, trunk
-from harness.data import RandomWindows, TokenDataModule
-from harness.errors import ConfigError
-from harness.io import atomic_write_json, corrupt_files, file_digest, intact_zip, move_aside, read_json
-from harness.lit import LitLM, OptimConfig, evaluate
-from harness.model import Decoder, ModelConfig
-from harness.moe import MoEConfig
-from harness.pruning import pruning_callbacks
-from harness.upcycle import Recipe, resolve_moe_layers, top_mass, upcycle
+from harness import flops, identity, launch, results, tracking
+from harness.continuation import dense_continuation, experiment_recipe, trunk_dir
+from harness.data import RandomWindows
+from harness.experiment import Experiment, build_experiment
+from harness.fit import eval_device, fit_and_evaluate, heal_checkpoint
+from harness.lit import evaluate
+from harness.pretrain import dense_base
+from harness.upcycle import top_mass, upcycle
 
 log = logging.getLogger("upcycle")
-METHODS = ("upcycle", "dense", "pretrain")  # pretrain: only the (cached) dense base
+JOB_TYPES = {"upcycle": "upcycle", "dense": "dense_iso", "pretrain": "pretrain"}
 
 
-@dataclass
-class Spec:
-    """Everything a run needs, built and validated from the config before any compute."""
+def main(cfg: DictConfig) -> float:
+    """Run one experiment in its own folder; write ``results.json`` atomically; return the final val loss."""
+    if launch.idle_task():
+        log.info(
+            "SLURM task %s: the job's first task drives it (and starts this node's workers)", os.environ["SLURM_PROCID"]
+        )
+        return float("nan")
+    from harness.console import quiet_libraries
 
-    method: str
-    model: ModelConfig
-    moe: MoEConfig
-    recipe: Recipe
-    optim: OptimConfig
-    data: TokenDataModule
-    moe_layers: list[int]
-
-
-def _hash(obj) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def make(node, **kw):
-    """``hydra.utils.instantiate`` that lets our ConfigError through unwrapped (one clear line)."""
+    quiet_libraries()
+    out_dir = Path(cfg.paths.output_dir)
     try:
-        return instantiate(node, **kw)
-    except InstantiationException as e:
-        cause = e.__cause__ or e.__context__
-        if isinstance(cause, ConfigError):
-            raise cause from None
+        exp = build_experiment(cfg)  # raises ConfigError before any compute
+    except Exception as e:
+        if _multirun():  # recorded in the job's own folder, so the sweep's report counts it
+            results.record_unstarted(cfg, out_dir, e)
+        else:  # a single run that never started leaves no folder behind
+            identity.discard_unclaimed(out_dir)
         raise
+    config_hash = identity.config_hash(cfg)
+    results_path = out_dir / "results.json"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.force:
+        moved = identity.move_aside(out_dir)
+        if moved:
+            log.info("force=true: moved the previous run to %s; training from scratch", moved)
+    identity.claim(out_dir, config_hash)  # RunFolderError if the folder holds another config's run
+    if not _multirun():
+        identity.point_latest(out_dir)
+    old = results.finished(out_dir, config_hash)
+    if old is not None:
+        log.info("%s is complete for this config: skipping (force=true re-runs)", results_path)
+        return float(old["val_loss"])
+    if cfg.print_config:
+        from harness.config_tree import print_config_tree
 
-
-def build_spec(cfg: DictConfig) -> Spec:
-    if cfg.method not in METHODS:
-        raise ConfigError(f"method={cfg.method!r} is not one of {METHODS}")
-    for key in ("tokens", "ckpt_every", "val_every"):
-        if int(cfg.train[key]) <= 0:
-            raise ConfigError(f"train.{key}={cfg.train[key]!r} must be > 0")
-    mgn, share = cfg.train.get("max_grad_norm"), cfg.train.get("collapse_share", 1.0)
-    if mgn is not None and not (isinstance(mgn, (int, float)) and mgn > 0):
-        raise ConfigError(f"train.max_grad_norm={mgn!r} must be > 0 (or null)")
-    if not (isinstance(share, (int, float)) and 0 < share <= 1) or int(cfg.train.get("collapse_steps", 100)) < 1:
-        raise ConfigError(f"train.collapse_share={share!r} / train.collapse_steps must be in (0, 1] / >= 1")
-    if int(cfg.pretrain.tokens) <= 0:
-        raise ConfigError(f"pretrain.tokens={cfg.pretrain.tokens!r} must be > 0")
-    model = make(cfg.model)
-    moe = make(cfg.moe)
-    moe.validate(model.d_ff)
-    recipe = make(cfg.upcycle)
-    recipe.validate()
-    optim = make(cfg.optim)
-    optim.validate()
-    fraction = cfg.train.get("pretrain_fraction")
-    if fraction is not None and (not isinstance(fraction, (int, float)) or fraction <= 0 or cfg.model.get("hf_path")):
-        raise ConfigError(f"train.pretrain_fraction={fraction!r} must be a number > 0 (or null), and needs a base this "
-                          "harness pretrained (an HF checkpoint's pretraining compute is unknown)")
-    share = cfg.train.get("share_trunk", False)
-    if not isinstance(share, bool) or (share and optim.schedule != "wsd"):
-        raise ConfigError(f"train.share_trunk={share!r} needs a bool, and true needs optim=wsd "
-                          f"(optim.schedule is {optim.schedule!r}): only WSD runs share a stable phase")
-    data = make(cfg.data)
-    data.check_source()  # a user corpus: exists, is text, is large enough
-    if data.seq_len > model.max_seq_len:
-        raise ConfigError(f"data.seq_len={data.seq_len} > model.max_seq_len={model.max_seq_len}")
-    layers = resolve_moe_layers(recipe.moe_layers, model.n_layers)
-    _compile_enabled(cfg)  # validates train.compile
-    world = launch.world_size(cfg.trainer)
-    data.split_batch(world)  # the global batch must split over the devices
-    pre_batch = cfg.pretrain.get("batch_size")
-    if not isinstance(pre_batch, int) or pre_batch < 1 or pre_batch % world:
-        raise ConfigError(f"pretrain.batch_size={pre_batch!r} must be a positive int that splits over {world} devices")
-    return Spec(cfg.method, model, moe, recipe, optim, data, layers)
-
-
-class ValCurve(Callback):
-    """Keeps (step, tokens, flops, val/loss) across resumes (saved in the checkpoint)."""
-
-    def __init__(self, tokens_per_step: int, flops_per_token: int):
-        self.tokens_per_step, self.flops_per_token, self.points = tokens_per_step, flops_per_token, []
-
-    def on_validation_end(self, trainer, pl_module):
-        if trainer.sanity_checking or "val/loss" not in trainer.callback_metrics:
-            return
-        step = trainer.global_step
-        tokens = step * self.tokens_per_step
-        self.points.append({"step": step, "tokens": tokens, "flops": tokens * self.flops_per_token,
-                            "val_loss": float(trainer.callback_metrics["val/loss"])})
-
-    def state_dict(self):
-        return {"points": self.points}
-
-    def load_state_dict(self, state):
-        self.points = list(state["points"])
-
-
-class StopAfter(Callback):
-    """Stops training at a given step, as a crash would (used to test resume)."""
-
-    def __init__(self, step: int):
-        self.step = step
-
-    def on_train_batch_end(self, trainer, *args):
-        if trainer.global_step >= self.step:
-            trainer.should_stop = True
-
-
-def _loggers(cfg: DictConfig, out_dir: Path, csv_only: bool):
-    loggers = []
-    for key, lcfg in (cfg.get("logger") or {}).items():
-        if csv_only and key != "csv":
-            continue
-        try:
-            is_wandb = key == "wandb"
-            logger = instantiate(lcfg) if is_wandb else instantiate(lcfg, save_dir=str(out_dir))
-            if is_wandb:  # start W&B now (Lightning starts it lazily, mid-training) so a failure is caught here
-                logger._wandb_init.pop("anonymous", None)  # Lightning passes it; W&B warns that it is obsolete
-                tracking.setup(logger.experiment, cfg)
-            loggers.append(logger)
-        except Exception as e:  # a logging service must never stop training
-            warnings.warn(f"logger {key!r} could not start ({type(e).__name__}: {e}); continuing with the others")
-    return loggers
-
-
-def _close_loggers(trainer: L.Trainer) -> None:
-    """Finish W&B runs so the next job of a multirun (same process) starts its own."""
-    for lg in trainer.loggers:
-        if type(lg).__name__ == "WandbLogger" and getattr(lg, "_experiment", None) is not None:
-            try:
-                lg.experiment.finish()
-            except Exception as e:  # never let logging sink the run
-                warnings.warn(f"wandb finish failed: {e}")
-
-
-def fit(model: Decoder, spec: Spec, cfg: DictConfig, out_dir: Path, steps: int, csv_only=False,
-        evaluate_after: bool = True, trunk_dir: Path | None = None) -> dict:
-    """Train ``model`` in place for ``steps`` steps (resuming from ``out_dir/checkpoints/last.ckpt``, else
-    from the WSD trunk in ``trunk_dir``), in this process or, when the trainer asks for several devices, in
-    one worker per device; then evaluate it here on the full validation set. ``evaluate_after=False``
-    (throughput benchmarks): no final evaluation, and multi-device workers do not hand the weights back."""
-    if trunk_dir is not None and launch.needs_launch(cfg.trainer):
-        raise ConfigError("train.share_trunk=true runs on one device for now (trainer.devices=1)")
-    if launch.needs_launch(cfg.trainer):
-        res = launch.fit_in_workers(model, spec.optim, cfg, out_dir, steps, csv_only, _sweeper_pruner_node(),
-                                    hand_back=evaluate_after)
-    else:
-        res, _ = train_here(model, spec, cfg, out_dir, steps, csv_only, extra_callbacks=pruning_callbacks(cfg),
-                            trunk_dir=trunk_dir)
-    done = res["status"] == "complete" and evaluate_after
-    val = evaluate(model, spec.data.val_dataloader(), eval_device(cfg)) if done else float("nan")
-    model.to("cpu")
-    tokens = steps * spec.data.batch_size * spec.data.seq_len
-    points = res.pop("val_points") + ([{"step": steps, "tokens": tokens, "flops": tokens * res["flops_per_token"],
-                                        "val_loss": val}] if done else [])
-    return {**res, "val_loss": val, "val_curve": points,
-            "best_val_loss": min((p["val_loss"] for p in points), default=float("nan"))}
-
-
-def train_here(model: Decoder, spec: Spec, cfg: DictConfig, out_dir: Path, steps: int, csv_only=False,
-               extra_callbacks=(), trunk_dir: Path | None = None) -> tuple[dict, L.Trainer]:
-    """The Lightning fit itself (one process, or one rank of a multi-process job)."""
-    seq = spec.data.seq_len
-    fpt = flops.count_model(model, seq).train_per_token
-    model.activation_checkpointing = bool(cfg.train.get("activation_checkpointing", False))
-    if _compile_enabled(cfg):
-        model.compile_blocks()
-    peak = float(cfg.train.peak_tflops) * 1e12 if cfg.train.get("peak_tflops") else None
-    tokens_per_step = spec.data.batch_size * seq
-    lit = LitLM(model, spec.optim, steps, fpt, peak, tokens_per_step, max_grad_norm=cfg.train.get("max_grad_norm"),
-                collapse_share=float(cfg.train.get("collapse_share", 1.0)),
-                collapse_steps=int(cfg.train.get("collapse_steps", 100)))
-    world = launch.world_size(cfg.trainer)
-    spec.data.total_steps, spec.data.world_size = steps, world
-    _, accumulate = spec.data.split_batch(world)
-    ckpt_dir = out_dir / "checkpoints"
-    curve = ValCurve(tokens_per_step, fpt)
-    save = bool(cfg.train.get("save_checkpoints", True))
-    callbacks = [curve] + ([ModelCheckpoint(dirpath=ckpt_dir, save_last=True, save_top_k=0,
-                                            every_n_train_steps=int(cfg.train.ckpt_every))] if save else [])
-    callbacks += [instantiate(c) for c in (cfg.get("callbacks") or {}).values()] + list(extra_callbacks)
-    stop = cfg.train.get("stop_after_steps")
-    if stop:
-        callbacks.append(StopAfter(int(stop)))
-    last = ckpt_dir / "last.ckpt"
-    start = last if last.exists() else None
-    if trunk_dir is not None:  # WSD ladder: branch off the shared stable phase, and extend it for the next budget
-        decay_start = spec.optim.decay_start(steps)
-        callbacks.append(trunk.SaveTrunk(trunk_dir, decay_start))
-        link = ckpt_dir / "trunk.ckpt"
-        branch = trunk.branch_point(trunk_dir, decay_start, link) if start is None else None
-        if branch is not None:
-            log.info("branching off the WSD trunk %s at step %d of %d (decay starts at %d)", trunk_dir, branch, steps,
-                     decay_start)
-            start = link
-            # the trunk's ModelCheckpoint state names the run that saved it; this run keeps its own folder
-            warnings.filterwarnings("ignore", message="The dirpath has changed from")
-    plugins = [LightningEnvironment()] if os.environ.get(launch.WORKER_ENV) == "local" else None
-    trainer: L.Trainer = instantiate(
-        cfg.trainer, max_steps=steps, logger=_loggers(cfg, out_dir, csv_only) or False,
-        callbacks=callbacks, default_root_dir=str(out_dir), val_check_interval=int(cfg.train.val_every) * accumulate,
-        check_val_every_n_epoch=None, num_sanity_val_steps=0, accumulate_grad_batches=accumulate, plugins=plugins,
-        enable_checkpointing=save,
-        use_distributed_sampler=False,  # the datamodule shards by rank itself, in order
-    )
-    t0 = time.perf_counter()
+        print_config_tree(cfg)
+    OmegaConf.save(cfg, out_dir / "config_resolved.yaml", resolve=True)
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    base = {"config": resolved, "config_hash": config_hash, "run_dir": str(out_dir)}
+    cfg = tracking.stage(cfg, JOB_TYPES[exp.method], out_dir, f"{cfg.name}/{out_dir.name}")
     try:
-        trainer.fit(lit, datamodule=spec.data, ckpt_path=str(start) if start else None)
-    finally:
-        _close_loggers(trainer)
-        if trunk_dir is not None:
-            (ckpt_dir / "trunk.ckpt").unlink(missing_ok=True)
-    wall = time.perf_counter() - t0
-    tokens = steps * tokens_per_step
-    return {"status": "complete" if trainer.global_step >= steps else "interrupted", "steps": trainer.global_step,
-            "tokens": tokens, "flops_per_token": fpt, "train_flops": tokens * fpt, "fit_wall_s": wall,
-            "val_points": curve.points, "world_size": trainer.world_size, "accumulate_grad_batches": accumulate}, trainer
+        res = {**base, **run_experiment(cfg, exp, out_dir)}
+    except Exception as e:
+        results.record_failure(out_dir, base, e)
+        raise
+    results.write(out_dir, res)
+    tracking.summary(cfg, res)
+    if res["status"] == "complete":
+        results.print_summary(res, out_dir)
+    else:
+        log.info(
+            "%s: stopped at step %s (status %s); run the same command again to resume",
+            results_path,
+            res.get("steps"),
+            res["status"],
+        )
+    return float(res["val_loss"])
 
 
-def _sweeper_pruner_node() -> dict | None:
-    """The Optuna sweeper's pruner config, handed to workers (they run outside Hydra)."""
-    from hydra.core.hydra_config import HydraConfig
-
-    if not HydraConfig.initialized():
-        return None
-    node = HydraConfig.get().sweeper.get("pruner")
-    return OmegaConf.to_container(node, resolve=True) if node else None
-
-
-def eval_device(cfg: DictConfig) -> torch.device:
-    """Where results.json's losses are computed: the trainer's GPU when it has one (Lightning hands the
-    model back on the CPU after fit, where a 50M model's full validation took minutes)."""
-    on_gpu = cfg.trainer.get("accelerator") in ("gpu", "cuda") and torch.cuda.is_available()
-    return torch.device("cuda" if on_gpu else "cpu")
-
-
-def _compile_enabled(cfg: DictConfig) -> bool:
-    """train.compile: true | false | auto (on for GPU trainers, where it measured 1.75x; off on CPU)."""
-    value = cfg.train.get("compile", "auto")
-    if value == "auto":
-        return cfg.trainer.get("accelerator") in ("gpu", "cuda") and torch.cuda.is_available()
-    if not isinstance(value, bool):
-        raise ConfigError(f"train.compile={value!r} is not one of true, false, auto")
-    return value
-
-
-def _steps(tokens: float, spec: Spec) -> int:
-    return max(1, math.ceil(tokens / (spec.data.batch_size * spec.data.seq_len)))
-
-
-def _heal_checkpoint(out: Path) -> None:
-    """A truncated or damaged ``last.ckpt`` is moved aside (one warning) so the stage starts afresh
-    instead of failing mid-restore on every rerun."""
-    last = out / "checkpoints" / "last.ckpt"
-    if last.exists() and not intact_zip(last):
-        move_aside(last, "a damaged checkpoint (truncated or not a torch zip file)")
-    elif last.exists():
-        log.info("resuming from %s", last)
-
-
-def dense_base(spec: Spec, cfg: DictConfig) -> tuple[Decoder, dict]:
-    """The pretrained dense checkpoint: trained once per (model, data, pretrain) config, then reused."""
-    if spec.model.hf_path:  # a real pretrained checkpoint: no stage-0 pretraining
-        from harness.hf import load_hf, read_config
-
-        log.info("dense base: the checkpoint %s (no pretraining)", spec.model.hf_path)
-        model = load_hf(spec.model.hf_path, max_seq_len=spec.model.max_seq_len)
-        tok_vocab = spec.data.meta["vocab_size"]
-        if tok_vocab > model.cfg.vocab_size:
-            raise ConfigError(f"model.hf_path: tokenizer vocab {tok_vocab} > model vocab_size {model.cfg.vocab_size}")
-        key = "hf:" + _hash({"path": spec.model.hf_path, "config": read_config(spec.model.hf_path)})
-        return model, {"key": key, "hf_path": spec.model.hf_path}
-    # the base depends on the pretraining recipe only (its own batch size included), so every variant of a
-    # sweep (batch size, LR, ...) upcycles the very same checkpoint
-    key = _hash({"model": asdict(spec.model), "data": spec.data.shard_dir.name, "seq": spec.data.seq_len,
-                 "pretrain": OmegaConf.to_container(cfg.pretrain, resolve=True)})
-    out = Path(cfg.paths.cache_dir) / "dense" / key
-    out.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(out / ".lock")):
-        meta_path = out / "meta.json"
-        meta = read_json(meta_path, required=("checksum", "key"))
-        if meta is not None and corrupt_files(out, {"model.pt": meta["checksum"]}):
-            if (out / "model.pt").exists():
-                move_aside(out / "model.pt", "a damaged cached dense base (checksum differs from meta.json)")
-            else:
-                warnings.warn(f"cached dense base {out / 'model.pt'} is missing: pretraining it again")
-            meta_path.unlink()
-            meta = None
-            shutil.rmtree(out / "checkpoints", ignore_errors=True)
-        if meta is None:
-            torch.manual_seed(int(cfg.pretrain.seed))
-            model = Decoder(spec.model)
-            pre_data = copy.copy(spec.data)
-            pre_data.batch_size = int(cfg.pretrain.batch_size)
-            pre_spec = Spec(spec.method, spec.model, spec.moe, spec.recipe, instantiate(cfg.pretrain.optim),
-                            pre_data, spec.moe_layers)
-            steps = _steps(cfg.pretrain.tokens, pre_spec)
-            log.info("dense base: pretraining %s for %d steps (%s tokens) -> %s", spec.model.name, steps,
-                     f"{steps * pre_data.batch_size * pre_data.seq_len:,}", out)
-            _heal_checkpoint(out)
-            res = fit(model, pre_spec, tracking.stage(cfg, "pretrain", out, f"pretrain/{key}"), out, steps)
-            if res["status"] != "complete":
-                raise RuntimeError(f"dense pretraining stopped at step {res['steps']} of {steps}; run the same "
-                                   "command again to resume it")
-            torch.save(model.state_dict(), out / "model.pt.tmp")
-            (out / "model.pt.tmp").replace(out / "model.pt")
-            checksum = file_digest(out / "model.pt")
-            atomic_write_json(meta_path, {"key": key, "model": asdict(spec.model), "checksum": checksum, **res})
-            meta = json.loads(meta_path.read_text())
-        else:
-            log.info("dense base: cached %s", out)
-    model = Decoder(spec.model)
-    model.load_state_dict(torch.load(out / "model.pt", map_location="cpu", weights_only=True))
-    return model, meta
-
-
-CONTINUATION_KEYS = ("val_loss", "best_val_loss", "tokens", "train_flops", "val_curve")
-
-
-def _trunk_dir(cfg: DictConfig, recipe: dict) -> Path | None:
-    """Where runs of this recipe at every token budget keep their shared WSD stable phase (harness/trunk.py)."""
-    if not cfg.train.get("share_trunk", False):
-        return None
-    return Path(cfg.paths.cache_dir) / "trunks" / _hash(recipe)
-
-
-def experiment_recipe(cfg: DictConfig) -> dict:
-    """The run's experiment config (``identity.experiment_config``) without its length and what only shows
-    progress: runs that agree on it differ only in budget, so under WSD they share one stable trunk."""
-    recipe = identity.experiment_config(cfg)
-    for key in ("iso_flop_baseline", "token_matched_baseline"):
-        recipe.pop(key, None)
-    for key in ("tokens", "pretrain_fraction", "val_every", "ckpt_every", "save_checkpoints", "peak_tflops"):
-        recipe["train"].pop(key, None)
-    return recipe
-
-
-def dense_continuation(dense: Decoder, base_key: str, tokens: int, spec: Spec, cfg: DictConfig,
-                       job_type: str = "dense_iso") -> dict:
-    """Continue the dense model for ``tokens`` tokens (cached: MoE variants of equal FLOPs share it).
-    ``job_type``: ``dense_iso`` (the MoE's training FLOPs) or ``dense_tokens`` (the MoE's tokens)."""
-    recipe = {"base": base_key, "optim": asdict(spec.optim), "seed": cfg.seed, "batch": spec.data.batch_size}
-    key = _hash({**recipe, "tokens": tokens})
-    out = Path(cfg.paths.cache_dir) / "dense_continuation" / key
-    out.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(out / ".lock")):
-        res_path = out / "results.json"
-        cached = read_json(res_path, required=CONTINUATION_KEYS)
-        what, budget = {"dense_iso": ("iso-FLOP dense continuation", "the MoE's training FLOPs"),
-                        "dense_tokens": ("token-matched dense continuation", "the MoE's tokens")}[job_type]
-        if cached is not None:
-            log.info("%s: cached %s", what, out)
-            return {**cached, "cache_dir": str(out)}
-        steps = _steps(tokens, spec)
-        log.info("%s: training %d steps (%s tokens, %s) -> %s", what, steps,
-                 f"{steps * spec.data.batch_size * spec.data.seq_len:,}", budget, out)
-        torch.manual_seed(int(cfg.seed))
-        model = Decoder(spec.model)
-        model.load_state_dict(dense.state_dict())
-        _heal_checkpoint(out)
-        res = fit(model, spec, tracking.stage(cfg, job_type, out, f"{job_type}/{key}"), out, steps,
-                  trunk_dir=_trunk_dir(cfg, {"dense_continuation": recipe}))
-        if res["status"] == "complete":
-            atomic_write_json(res_path, res)
-        return {**res, "cache_dir": str(out)}
-
-
-def run(cfg: DictConfig, spec: Spec, out_dir: Path) -> dict:
+def run_experiment(cfg: DictConfig, exp: Experiment, out_dir: Path) -> dict:
+    """The stages: dense base, then the upcycled MoE (or the dense continuation) trained, then its dense baselines."""
     t0 = time.time()
-    spec.data.prepare()
-    dense, base_meta = dense_base(spec, cfg)
-    dense_flops = flops.count(spec.model, spec.data.seq_len)
-    moe_flops = flops.count(spec.model, spec.data.seq_len, spec.moe, spec.moe_layers)
-    moe_tokens = _steps(_moe_tokens(cfg, base_meta, dense_flops, moe_flops), spec) * spec.data.batch_size * spec.data.seq_len
+    exp.data.prepare()
+    dense, base_meta = dense_base(exp, cfg)
+    dense_flops = flops.count(exp.model, exp.data.seq_len)
+    moe_flops = flops.count(exp.model, exp.data.seq_len, exp.moe, exp.moe_layers)
+    moe_tokens = exp.steps(_moe_tokens(exp, base_meta, dense_flops, moe_flops)) * exp.data.batch_size * exp.data.seq_len
     iso_tokens = flops.iso_flop_tokens(moe_tokens, moe_flops.train_per_token, dense_flops.train_per_token)
-    val_loader = spec.data.val_dataloader()
+    val_loader = exp.data.val_dataloader()
     parent_val = evaluate(dense, val_loader, eval_device(cfg))
-    res = {"method": spec.method, "moe": spec.moe.name, "routing": spec.moe.routing,
-           "dense_parent_val_loss": parent_val, "data": spec.data.meta, "dense_base": base_meta["key"]}
-    if spec.method == "pretrain":  # the base's own record: its learning curve shows whether it plateaued
+    res = {
+        "method": exp.method,
+        "moe": exp.moe.name,
+        "routing": exp.moe.routing,
+        "dense_parent_val_loss": parent_val,
+        "data": exp.data.meta,
+        "dense_base": base_meta["key"],
+    }
+    if exp.method == "pretrain":  # the base's own record: its learning curve shows whether it plateaued
         counts = dense_flops
         res.update(status="complete", tokens=0, train_flops=0)  # an HF base: trained elsewhere
-        res.update({k: base_meta[k] for k in ("status", "steps", "tokens", "train_flops", "flops_per_token",
-                                              "fit_wall_s", "val_curve") if k in base_meta},
-                   init_val_loss=parent_val, val_loss=parent_val, params_total=counts.params_total,
-                   params_active=counts.params_active, wall_time_s=time.time() - t0)
+        res.update(
+            {
+                k: base_meta[k]
+                for k in ("status", "steps", "tokens", "train_flops", "flops_per_token", "fit_wall_s", "val_curve")
+                if k in base_meta
+            },
+            init_val_loss=parent_val,
+            val_loss=parent_val,
+            params_total=counts.params_total,
+            params_active=counts.params_active,
+            wall_time_s=time.time() - t0,
+        )
         res["best_val_loss"] = min([p["val_loss"] for p in res.get("val_curve", [])] + [parent_val])
         return res
     torch.manual_seed(int(cfg.seed))
-    if spec.method == "upcycle":
-        r = spec.recipe
-        log.info("upcycling to %s: routing %s, router init %s, drop ratio %s, weight scaling %s, router start %s, "
-                 "MoE layers %s", spec.moe.name, spec.moe.routing, r.router_init, r.drop_ratio, r.weight_scaling,
-                 r.router_start, spec.moe_layers)
-        windows = RandomWindows(spec.data.shard("train"), spec.data.seq_len, 0, 4, spec.data.seed)
-        calib = torch.stack([windows[i][0] for i in range(len(windows))])  # the first 4 training sequences: router start
-        model = upcycle(dense, spec.moe, spec.recipe, calib=calib)
+    if exp.method == "upcycle":
+        r = exp.recipe
+        log.info(
+            "upcycling to %s: routing %s, router init %s, drop ratio %s, weight scaling %s, router start %s, "
+            "MoE layers %s",
+            exp.moe.name,
+            exp.moe.routing,
+            r.router_init,
+            r.drop_ratio,
+            r.weight_scaling,
+            r.router_start,
+            exp.moe_layers,
+        )
+        windows = RandomWindows(exp.data.shard("train"), exp.data.seq_len, 0, 4, exp.data.seed)
+        calib = torch.stack(
+            [windows[i][0] for i in range(len(windows))]
+        )  # the first 4 training sequences: router start
+        model = upcycle(dense, exp.moe, exp.recipe, calib=calib)
         res["init_top_mass"], res["init_top_mass_uniform"] = top_mass(model, calib)
         res["init_val_loss"] = evaluate(model, val_loader, eval_device(cfg))
         counts = moe_flops
-        steps = _steps(moe_tokens, spec)
+        steps = exp.steps(moe_tokens)
         stage = "upcycle"
     else:  # dense continuation at the iso-FLOP budget of cfg.moe
         model = dense
         res["init_val_loss"] = parent_val
         counts = dense_flops
-        steps = _steps(iso_tokens, spec)
-        res["iso_flop_of"] = spec.moe.name
+        steps = exp.steps(iso_tokens)
+        res["iso_flop_of"] = exp.moe.name
         stage = "dense_iso"
     res.update(params_total=counts.params_total, params_active=counts.params_active)
-    log.info("training %s for %d steps (%s tokens) -> %s", "the MoE" if stage == "upcycle" else
-             f"the iso-FLOP dense continuation of {spec.moe.name}", steps,
-             f"{steps * spec.data.batch_size * spec.data.seq_len:,}", out_dir)
-    _heal_checkpoint(out_dir)
-    res.update(fit(model, spec, cfg, out_dir, steps, trunk_dir=_trunk_dir(cfg, experiment_recipe(cfg))))
+    log.info(
+        "training %s for %d steps (%s tokens) -> %s",
+        "the MoE" if stage == "upcycle" else f"the iso-FLOP dense continuation of {exp.moe.name}",
+        steps,
+        f"{steps * exp.data.batch_size * exp.data.seq_len:,}",
+        out_dir,
+    )
+    heal_checkpoint(out_dir)
+    trunk = trunk_dir(cfg, experiment_recipe(cfg))
+    res.update(fit_and_evaluate(model, exp, cfg, out_dir, steps, trunk_dir=trunk))
     start = {"step": 0, "tokens": 0, "flops": 0, "val_loss": res["init_val_loss"]}
     res["val_curve"] = [start] + res["val_curve"]  # the step-0 gap is part of the curve
-    if spec.method == "upcycle" and res["status"] == "complete":
+    if exp.method == "upcycle" and res["status"] == "complete":
         # iso-FLOP: the dense model gets the MoE's training FLOPs; token-matched: the MoE's tokens
-        baselines = [("dense_iso", iso_tokens, cfg.iso_flop_baseline),
-                     ("dense_tokens", moe_tokens, cfg.get("token_matched_baseline", False))]
+        baselines = [
+            ("dense_iso", iso_tokens, cfg.iso_flop_baseline),
+            ("dense_tokens", moe_tokens, cfg.token_matched_baseline),
+        ]
         for field, tokens, wanted in sorted(baselines, key=lambda b: b[1]):  # shorter first: a WSD trunk grows
             if wanted:
-                cont = dense_continuation(dense, base_meta["key"], tokens, spec, cfg, job_type=field)
+                cont = dense_continuation(dense, base_meta["key"], tokens, exp, cfg, job_type=field)
                 res[field] = {k: cont[k] for k in ("val_loss", "best_val_loss", "tokens", "train_flops", "cache_dir")}
                 res[field]["val_curve"] = [{**start, "val_loss": parent_val}] + cont["val_curve"]
     if base_meta.get("train_flops"):  # the run's budget as a share of its base's pretraining compute
@@ -469,37 +186,13 @@ def run(cfg: DictConfig, spec: Spec, out_dir: Path) -> dict:
     return res
 
 
-def _moe_tokens(cfg: DictConfig, base_meta: dict, dense_flops, moe_flops) -> float:
+def _moe_tokens(exp: Experiment, base_meta: dict, dense_flops, moe_flops) -> float:
     """The MoE's training tokens: ``train.tokens``, or ``train.pretrain_fraction`` of the dense base's
     pretraining FLOPs spent at the MoE's FLOPs per token (a budget ladder in the units users plan in)."""
-    share = cfg.train.get("pretrain_fraction")
+    share = exp.train.pretrain_fraction
     if share is None:
-        return cfg.train.tokens
+        return exp.train.tokens
     return float(share) * base_meta["train_flops"] / moe_flops.train_per_token
-
-
-def _print_summary(res: dict, out_dir: Path) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    t = Table(title=f"{res['method']} {res.get('moe', '')} {res.get('routing', '')} [{res['status']}]")
-    for c in ("model", "tokens", "train FLOPs", "val loss"):
-        t.add_column(c)
-    t.add_row("dense parent", "-", "-", f"{res['dense_parent_val_loss']:.4f}")
-    t.add_row(f"{res['method']} (step 0)", "0", "0", f"{res['init_val_loss']:.4f}")
-    t.add_row(res["method"], f"{res['tokens']:,}", f"{res['train_flops']:.3e}", f"{res['val_loss']:.4f}")
-    if "dense_iso" in res:
-        d = res["dense_iso"]
-        t.add_row("dense iso-FLOP", f"{d['tokens']:,}", f"{d['train_flops']:.3e}", f"{d['val_loss']:.4f}")
-    if "dense_tokens" in res:
-        d = res["dense_tokens"]
-        t.add_row("dense, same tokens", f"{d['tokens']:,}", f"{d['train_flops']:.3e}", f"{d['val_loss']:.4f}")
-    console = Console()
-    console.print(t)
-    console.print(f"results: {out_dir / 'results.json'}", soft_wrap=True)
-    runs = sorted(out_dir.glob("wandb/offline-run-*"))
-    if runs:
-        console.print(f"W&B (offline): wandb sync {out_dir / 'wandb'}/offline-run-*", soft_wrap=True)
 
 
 def _multirun() -> bool:
@@ -507,66 +200,3 @@ def _multirun() -> bool:
     from hydra.types import RunMode
 
     return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
-
-
-JOB_TYPES = {"upcycle": "upcycle", "dense": "dense_iso", "pretrain": "pretrain"}
-
-
-def main(cfg: DictConfig) -> float:
-    """Run one experiment in its own folder; write ``results.json`` atomically; return the final val loss."""
-    if launch.idle_task():
-        log.info("SLURM task %s: the job's first task drives it (and starts this node's workers)",
-                 os.environ["SLURM_PROCID"])
-        return float("nan")
-    from harness.console import quiet_libraries
-
-    quiet_libraries()
-    out_dir = Path(cfg.paths.output_dir)
-    try:
-        spec = build_spec(cfg)  # raises ConfigError before any compute
-    except Exception as e:
-        if _multirun():  # recorded in the job's own folder, so the sweep's report counts it
-            out_dir.mkdir(parents=True, exist_ok=True)
-            if identity.stored_hash(out_dir) is None:
-                atomic_write_json(out_dir / "results.json", {"config": identity.resolved(cfg), "run_dir": str(out_dir),
-                                                             "status": "failed", "error": f"{type(e).__name__}: {e}"})
-        else:  # a single run that never started leaves no folder behind
-            identity.discard_unclaimed(out_dir)
-        raise
-    config_hash = identity.config_hash(cfg)
-    results_path = out_dir / "results.json"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if cfg.get("force"):
-        moved = identity.move_aside(out_dir)
-        if moved:
-            log.info("force=true: moved the previous run to %s; training from scratch", moved)
-    identity.claim(out_dir, config_hash)  # RunFolderError if the folder holds another config's run
-    if not _multirun():
-        identity.point_latest(out_dir)
-    old = read_json(results_path)
-    if old is not None and old.get("status") == "complete" and old.get("config_hash") == config_hash:
-        log.info("%s is complete for this config: skipping (force=true re-runs)", results_path)
-        return float(old["val_loss"])
-    if cfg.get("print_config", False):
-        from harness.config_tree import print_config_tree
-
-        print_config_tree(cfg)
-    OmegaConf.save(cfg, out_dir / "config_resolved.yaml", resolve=True)
-    resolved = OmegaConf.to_container(cfg, resolve=True)
-    base = {"config": resolved, "config_hash": config_hash, "run_dir": str(out_dir)}
-    cfg = tracking.stage(cfg, JOB_TYPES[spec.method], out_dir, f"{cfg.name}/{out_dir.name}")
-    try:
-        res = {**base, **run(cfg, spec, out_dir)}
-    except Exception as e:
-        status = "pruned" if type(e).__name__ == "TrialPruned" else "failed"
-        atomic_write_json(results_path, {**base, "status": status, "error": f"{type(e).__name__}: {e}",
-                                         "traceback": traceback.format_exc()})
-        raise
-    atomic_write_json(results_path, res)
-    tracking.summary(cfg, res)
-    if res["status"] == "complete":
-        _print_summary(res, out_dir)
-    else:
-        log.info("%s: stopped at step %s (status %s); run the same command again to resume", results_path,
-                 res.get("steps"), res["status"])
-    return float(res["val_loss"])

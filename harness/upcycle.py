@@ -21,7 +21,8 @@ from typing import Sequence
 import torch
 
 from harness.errors import ConfigError
-from harness.model import MLP, Decoder
+from harness.mlp import MLP
+from harness.model import Decoder
 from harness.moe import MoE, MoEConfig
 
 ROUTER_INITS = ("random", "virtual_group")
@@ -52,7 +53,6 @@ class Recipe:
     seed: int = 0
     router_start: str = "data"
     router_logit_std: float = 0.01
-
 
     def validate(self) -> None:
         if self.router_init not in ROUTER_INITS:
@@ -149,8 +149,9 @@ def _drop_reinit(w1: torch.Tensor, w2: torch.Tensor, dense: MLP, ratio: float, g
     w2[:, idx] = torch.randn(w2.shape[0], k, generator=gen) * dense_w2.std() + dense_w2.mean()
 
 
-def moe_from_mlp(mlp: MLP, cfg: MoEConfig, recipe: Recipe, gen: torch.Generator,
-                 router_std: float | None = None) -> MoE:
+def moe_from_mlp(
+    mlp: MLP, cfg: MoEConfig, recipe: Recipe, gen: torch.Generator, router_std: float | None = None
+) -> MoE:
     """Build one MoE layer from a dense MLP. Expert e holds shard e mod G (groups of G experts).
     The router is drawn from N(0, router_std^2) (``moe.router_init_std`` when None)."""
     d_model = mlp.fc1.weight.shape[1]
@@ -160,7 +161,7 @@ def moe_from_mlp(mlp: MLP, cfg: MoEConfig, recipe: Recipe, gen: torch.Generator,
     e, g = cfg.num_experts, cfg.granularity
     shards = _shards(mlp, g)
     w1, w2 = layer.experts.w1.detach(), layer.experts.w2.detach()  # filled in place: a 135M model's E64G8T8
-    for i in range(e):                                               # experts are 2.5 GB in fp32
+    for i in range(e):  # experts are 2.5 GB in fp32
         w1[i].copy_(shards[i % g][0])
         w2[i].copy_(shards[i % g][1])
         _drop_reinit(w1[i], w2[i], mlp, float(recipe.drop_ratio), gen)
@@ -193,6 +194,7 @@ def mlp_input_rms(dense: Decoder, layers: Sequence[int], calib: torch.Tensor) ->
             x = args[0].detach().float()
             sums[i][0] += x.square().sum().item()
             sums[i][1] += x.numel() / x.shape[-1]
+
         return fn
 
     handles = [dense.blocks[i].mlp.register_forward_pre_hook(hook(i)) for i in layers]
@@ -219,16 +221,20 @@ def upcycle(dense: Decoder, cfg: MoEConfig, recipe: Recipe, calib: torch.Tensor 
     cfg.validate(dense.cfg.d_ff)
     layers = resolve_moe_layers(recipe.moe_layers, dense.cfg.n_layers)
     if recipe.router_init == "random" and cfg.granularity > 1:
-        warnings.warn(f"upcycle.router_init=random with moe.granularity={cfg.granularity}: independent router rows "
-                      "split the virtual groups, so step 0 is not the dense function (init=virtual_group keeps them)")
+        warnings.warn(
+            f"upcycle.router_init=random with moe.granularity={cfg.granularity}: independent router rows "
+            "split the virtual groups, so step 0 is not the dense function (init=virtual_group keeps them)"
+        )
     for i in layers:
         if not isinstance(dense.blocks[i].mlp, MLP):
             raise ConfigError(f"upcycle.moe_layers: layer {i} is already an MoE layer")
     stds: dict[int, float | None] = {i: None for i in layers}
     if recipe.router_start == "data":
         if calib is None:
-            warnings.warn("upcycle.router_start=data without a calibration batch: router std is "
-                          f"moe.router_init_std={cfg.router_init_std}")
+            warnings.warn(
+                "upcycle.router_start=data without a calibration batch: router std is "
+                f"moe.router_init_std={cfg.router_init_std}"
+            )
         else:
             stds = {i: float(recipe.router_logit_std) / r for i, r in mlp_input_rms(dense, layers, calib).items()}
     model = copy.deepcopy(dense)

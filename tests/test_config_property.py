@@ -6,12 +6,13 @@ import torch
 from hydra import compose, initialize_config_dir
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_e2e import ROOT
 
 from harness.errors import ConfigError
+from harness.experiment import build_experiment
 from harness.model import Decoder
-from harness.train import build_spec
 from harness.upcycle import upcycle
+
+from helpers.e2e import ROOT
 
 KNOBS = {  # override key -> values, valid and not
     "moe.num_experts": st.integers(0, 16),
@@ -35,23 +36,26 @@ KNOBS = {  # override key -> values, valid and not
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(st.dictionaries(st.sampled_from(sorted(KNOBS)), st.none(), min_size=1, max_size=5).flatmap(
-    lambda keys: st.fixed_dictionaries({k: KNOBS[k] for k in keys})))
+@given(
+    st.dictionaries(st.sampled_from(sorted(KNOBS)), st.none(), min_size=1, max_size=5).flatmap(
+        lambda keys: st.fixed_dictionaries({k: KNOBS[k] for k in keys})
+    )
+)
 def test_config_builds_and_steps_or_names_the_bad_key(overrides):
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose("config", overrides=[f"{k}={v}" for k, v in overrides.items()] + ["logger=csv"])
     try:
-        spec = build_spec(cfg)
+        exp = build_experiment(cfg)
     except ConfigError as e:
         named = {"routing": "moe.routing"}
         assert any(named.get(k, k) in str(e) for k in overrides), (overrides, str(e))
         assert "\n" not in str(e)  # one line
         return
     torch.manual_seed(0)
-    model = Decoder(spec.model)
-    if spec.method == "upcycle":
-        model = upcycle(model, spec.moe, spec.recipe)
-    x = torch.randint(0, spec.model.vocab_size, (2, spec.data.seq_len + 1))
+    model = Decoder(exp.model)
+    if exp.method == "upcycle":
+        model = upcycle(model, exp.moe, exp.recipe)
+    x = torch.randint(0, exp.model.vocab_size, (2, exp.data.seq_len + 1))
     out = model(x[:, :-1], x[:, 1:])
     loss = out.loss + (out.aux_loss if out.aux_loss is not None else 0.0)
     loss.backward()

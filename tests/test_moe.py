@@ -83,8 +83,6 @@ def test_aux_losses_and_stats():
 
 @pytest.mark.gpu
 def test_grouped_mm_matches_loop_on_cuda_bf16():
-    if not torch.cuda.is_available():
-        pytest.skip("no CUDA device")
     a = layer("loop", router_init_std=0.5).cuda().bfloat16()
     b = layer("grouped_mm", router_init_std=0.5).cuda().bfloat16()
     b.load_state_dict(a.state_dict())
@@ -159,8 +157,6 @@ def test_router_precision_is_validated():
 def test_compiled_moe_layer_matches_eager_on_cuda():
     """The compiled layer (its hand-written backwards take their torch.compile branches) gives the
     eager layer's output and gradients, for a few experts (fused router gradient), for more, and in fp32."""
-    if not torch.cuda.is_available():
-        pytest.skip("no CUDA device")
     torch.manual_seed(0)
     for e, g, t, dtype in [(8, 1, 2, torch.bfloat16), (32, 4, 4, torch.bfloat16), (8, 1, 2, torch.float32)]:
         moe = MoE(256, 512, "swiglu", MoEConfig(num_experts=e, granularity=g, top_k=t, router_init_std=0.5))
@@ -178,8 +174,6 @@ def test_compiled_moe_layer_matches_eager_on_cuda():
 @pytest.mark.gpu
 def test_mixed_router_matches_fp32_router_on_cuda():
     """bf16 operands with fp32 logits: logits and both gradients within bf16 rounding of fp32."""
-    if not torch.cuda.is_available():
-        pytest.skip("no CUDA device")
     from harness.moe import router_logits
 
     torch.manual_seed(0)

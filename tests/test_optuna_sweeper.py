@@ -12,22 +12,31 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
-from test_e2e import FAST, ROOT, env, results, run  # noqa: F401 (session fixture)
 
 from hydra_plugins.upcycle_optuna_sweeper.optuna_sweeper import to_distribution
 
-SEARCH = ["-m", "hparams_search=lr", "hydra.sweeper.n_trials=3", "hydra.sweeper.heartbeat_interval=1",
-          "hydra.sweeper.grace_period=2"]
+from helpers.e2e import FAST, ROOT, results, run_cli
+
+SEARCH = [
+    "-m",
+    "hparams_search=lr",
+    "hydra.sweeper.n_trials=3",
+    "hydra.sweeper.heartbeat_interval=1",
+    "hydra.sweeper.grace_period=2",
+]
 
 
-@pytest.mark.parametrize("line, expected", [
-    ("optim.lr=tag(log, interval(3e-4, 3e-2))", FloatDistribution(3e-4, 3e-2, log=True)),
-    ("optim.lr=interval(0.1, 0.5)", FloatDistribution(0.1, 0.5)),
-    ("optim.warmup_steps=range(0, 60, 20)", IntDistribution(0, 40, step=20)),
-    ("moe.top_k=tag(int, interval(1, 4))", IntDistribution(1, 4)),
-    ("routing=choice(softmax_topk, topk_softmax)", CategoricalDistribution(["softmax_topk", "topk_softmax"])),
-    ("seed=0,1,2", CategoricalDistribution([0, 1, 2])),
-])
+@pytest.mark.parametrize(
+    "line, expected",
+    [
+        ("optim.lr=tag(log, interval(3e-4, 3e-2))", FloatDistribution(3e-4, 3e-2, log=True)),
+        ("optim.lr=interval(0.1, 0.5)", FloatDistribution(0.1, 0.5)),
+        ("optim.warmup_steps=range(0, 60, 20)", IntDistribution(0, 40, step=20)),
+        ("moe.top_k=tag(int, interval(1, 4))", IntDistribution(1, 4)),
+        ("routing=choice(softmax_topk, topk_softmax)", CategoricalDistribution(["softmax_topk", "topk_softmax"])),
+        ("seed=0,1,2", CategoricalDistribution([0, 1, 2])),
+    ],
+)
 def test_hydra_sweep_syntax_maps_to_optuna_distributions(line, expected):
     assert to_distribution(OverridesParser.create().parse_overrides([line])[0]) == expected
 
@@ -45,20 +54,27 @@ def _states(logs):
 
 
 @pytest.mark.slow
-def test_killed_study_restarts_and_continues_the_same_study(env, tmp_path):  # noqa: F811
-    run(env, tmp_path, "train.tokens=1000")  # warm the shared dense-base cache outside the timed part
+def test_killed_study_restarts_and_continues_the_same_study(env, tmp_path):
+    run_cli(env, tmp_path, "train.tokens=1000")  # warm the shared dense-base cache outside the timed part
     cmd = [sys.executable, "run.py", *SEARCH, *FAST, "train.tokens=96000"]
     log = (tmp_path / "search.log").open("w")
-    proc = subprocess.Popen(cmd, cwd=ROOT, env={**env, "UPCYCLE_LOGS": str(tmp_path)}, start_new_session=True,
-                            stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        env={**env, "UPCYCLE_LOGS": str(tmp_path)},
+        start_new_session=True,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     deadline = time.time() + 600
     while time.time() < deadline:  # kill mid-trial: one trial finished, the next one running
         states = _states(tmp_path)
         if TrialState.COMPLETE in states and states[-1] == TrialState.RUNNING:
             time.sleep(1.5)
             break
-        assert proc.poll() is None, ("the search ended before it could be killed:\n"
-                                     + (tmp_path / "search.log").read_text()[-3000:])
+        assert proc.poll() is None, (
+            "the search ended before it could be killed:\n" + (tmp_path / "search.log").read_text()[-3000:]
+        )
         time.sleep(0.2)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
@@ -66,7 +82,7 @@ def test_killed_study_restarts_and_continues_the_same_study(env, tmp_path):  # n
     assert killed.state == TrialState.RUNNING  # what a SIGKILL leaves behind
     time.sleep(2.5)  # let its heartbeat go stale (grace_period=2)
 
-    run(env, tmp_path, *SEARCH, "train.tokens=96000")
+    run_cli(env, tmp_path, *SEARCH, "train.tokens=96000")
     assert len(optuna.get_all_study_summaries(f"sqlite:///{tmp_path}/optuna/optuna_lr.db")) == 1
     study = _study(tmp_path)
     states = [t.state for t in study.trials]
@@ -78,10 +94,17 @@ def test_killed_study_restarts_and_continues_the_same_study(env, tmp_path):  # n
 
 
 @pytest.mark.slow
-def test_trials_are_pruned_from_the_validation_loop(env, tmp_path):  # noqa: F811
-    run(env, tmp_path, *SEARCH, "train.tokens=48000",  # prune as soon as val/loss > 0: every trial
-        "hydra.sweeper.pruner._target_=optuna.pruners.ThresholdPruner", "~hydra.sweeper.pruner.n_startup_trials",
-        "~hydra.sweeper.pruner.n_warmup_steps", "+hydra.sweeper.pruner.upper=0.0")
+def test_trials_are_pruned_from_the_validation_loop(env, tmp_path):
+    run_cli(
+        env,
+        tmp_path,
+        *SEARCH,
+        "train.tokens=48000",  # prune as soon as val/loss > 0: every trial
+        "hydra.sweeper.pruner._target_=optuna.pruners.ThresholdPruner",
+        "~hydra.sweeper.pruner.n_startup_trials",
+        "~hydra.sweeper.pruner.n_warmup_steps",
+        "+hydra.sweeper.pruner.upper=0.0",
+    )
     study = _study(tmp_path)
     assert [t.state for t in study.trials] == [TrialState.PRUNED] * 3
     assert all(list(t.intermediate_values) == [10] for t in study.trials)  # reported at step 10 (val_every)
@@ -90,7 +113,7 @@ def test_trials_are_pruned_from_the_validation_loop(env, tmp_path):  # noqa: F81
 
 
 def test_long_override_lists_give_short_stable_job_folders():
-    from harness.resolvers import MAX_DIRNAME, short_dirname
+    from harness.identity import MAX_DIRNAME, short_dirname
 
     short = "routing=topk_softmax,seed=1"
     assert short_dirname(short) == short

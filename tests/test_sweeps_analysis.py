@@ -9,7 +9,8 @@ import pytest
 
 from analysis.collect import collect
 from analysis.report import report
-from tests.test_e2e import ROOT, env  # noqa: F401  (session fixture: shared dense cache)
+
+from helpers.e2e import ROOT
 
 SWEEPS = sorted(p.stem for p in (ROOT / "sweeps" / "sweep").glob("*.yaml"))
 
@@ -17,8 +18,13 @@ SWEEPS = sorted(p.stem for p in (ROOT / "sweeps" / "sweep").glob("*.yaml"))
 def test_every_named_sweep_composes_with_its_grid():
     assert {"routing", "granularity", "weight_scaling", "init", "lr", "batch_size", "iso_flop", "seeds"} <= set(SWEEPS)
     for name in SWEEPS:
-        proc = subprocess.run([sys.executable, "run.py", f"+sweep={name}", "+scale=cpu", "--cfg", "hydra"],
-                              cwd=ROOT, capture_output=True, text=True, timeout=120)
+        proc = subprocess.run(
+            [sys.executable, "run.py", f"+sweep={name}", "+scale=cpu", "--cfg", "hydra"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert proc.returncode == 0, proc.stderr[-2000:]
         assert "params:" in proc.stdout and "seed:" in proc.stdout, name
 
@@ -28,13 +34,27 @@ JOBS = {"batch_size": 3, "granularity": 4, "init": 3, "iso_flop": 3, "lr": 3, "s
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(JOBS))
-def test_named_sweep_runs_on_cpu_and_its_table_regenerates(env, tmp_path, name):  # noqa: F811
+def test_named_sweep_runs_on_cpu_and_its_table_regenerates(env, tmp_path, name):
     """Every ablation end to end with its tiny CPU preset (one seed; `seeds` with two)."""
     seeds = "seed=0,1" if name == "seeds" else "seed=0"
     proc = subprocess.run(
-        [sys.executable, "run.py", "-m", f"+sweep={name}", "+scale=cpu", seeds,
-         "logger=csv", "print_config=false", "trainer.enable_progress_bar=false"],
-        cwd=ROOT, capture_output=True, text=True, timeout=900, env={**env, "UPCYCLE_LOGS": str(tmp_path)})
+        [
+            sys.executable,
+            "run.py",
+            "-m",
+            f"+sweep={name}",
+            "+scale=cpu",
+            seeds,
+            "logger=csv",
+            "print_config=false",
+            "trainer.enable_progress_bar=false",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env={**env, "UPCYCLE_LOGS": str(tmp_path)},
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     sweep = tmp_path / "multirun" / f"sweep_{name}"
     df = collect(sweep)
@@ -49,11 +69,25 @@ def test_named_sweep_runs_on_cpu_and_its_table_regenerates(env, tmp_path, name):
 
 
 @pytest.mark.slow
-def test_routing_sweep_runs_and_report_regenerates(env, tmp_path, monkeypatch):  # noqa: F811
+def test_routing_sweep_runs_and_report_regenerates(env, tmp_path, monkeypatch):
     proc = subprocess.run(
-        [sys.executable, "run.py", "-m", "+sweep=routing", "+scale=cpu", "seed=0,1",
-         "logger=csv", "print_config=false", "trainer.enable_progress_bar=false"],
-        cwd=ROOT, capture_output=True, text=True, timeout=900, env={**env, "UPCYCLE_LOGS": str(tmp_path)})
+        [
+            sys.executable,
+            "run.py",
+            "-m",
+            "+sweep=routing",
+            "+scale=cpu",
+            "seed=0,1",
+            "logger=csv",
+            "print_config=false",
+            "trainer.enable_progress_bar=false",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env={**env, "UPCYCLE_LOGS": str(tmp_path)},
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     sweep = tmp_path / "multirun" / "sweep_routing"
     df = collect(sweep)
@@ -92,9 +126,17 @@ def test_table_counts_stay_integers_when_every_axis_is_numeric():
 
     from analysis.tables import summarize, to_markdown
 
-    df = pd.DataFrame({"lr": [3e-4] * 3 + [1e-3] * 3, "seed": [0, 1, 2] * 2, "status": ["complete"] * 5 + ["failed"],
-                       "val_loss": [1.82, 1.83, 1.81, 1.9, 1.91, float("nan")], "init_val_loss": [2.0] * 6,
-                       "dense_iso_val_loss": [float("nan")] * 6, "train_flops": [1e15] * 6})
+    df = pd.DataFrame(
+        {
+            "lr": [3e-4] * 3 + [1e-3] * 3,
+            "seed": [0, 1, 2] * 2,
+            "status": ["complete"] * 5 + ["failed"],
+            "val_loss": [1.82, 1.83, 1.81, 1.9, 1.91, float("nan")],
+            "init_val_loss": [2.0] * 6,
+            "dense_iso_val_loss": [float("nan")] * 6,
+            "train_flops": [1e15] * 6,
+        }
+    )
     md = to_markdown(summarize(df, ["lr"]), ["lr"])
     assert "| 0.0003 | **1.8200 ± 0.0100** | — | 2.0000 | 3 | 0 |" in md
     assert "| 0.001 | 1.9050 ± 0.0071 | — | 2.0000 | 2 | 1 |" in md

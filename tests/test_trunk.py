@@ -5,7 +5,8 @@ from pathlib import Path
 import pytest
 
 from harness.lit import OptimConfig
-from tests.test_e2e import env, results, run  # noqa: F401  (env is a fixture)
+
+from helpers.e2e import results, run_cli
 
 WSD = ["optim=wsd", "train.share_trunk=true"]
 
@@ -21,25 +22,28 @@ def test_every_step_before_the_decay_has_the_same_lr_for_any_budget():
 
 
 @pytest.mark.slow
-def test_a_budget_branched_off_the_trunk_equals_its_own_full_run(env, tmp_path):  # noqa: F811
-    proc = run(env, tmp_path, "-m", *WSD, "train.tokens=6400,12800", "iso_flop_baseline=false",
-               "token_matched_baseline=true")
+def test_a_budget_branched_off_the_trunk_equals_its_own_full_run(env, tmp_path):
+    proc = run_cli(
+        env, tmp_path, "-m", *WSD, "train.tokens=6400,12800", "iso_flop_baseline=false", "token_matched_baseline=true"
+    )
     log = proc.stdout + proc.stderr
     assert log.count("branching off the WSD trunk") == 2 and "at step 5 of 13" in log  # MoE and dense, second budget
-    jobs = sorted(Path(tmp_path / "multirun" / "default").glob("*/results.json"), key=lambda p: results(p.parent)["tokens"])
+    jobs = sorted(
+        Path(tmp_path / "multirun" / "default").glob("*/results.json"), key=lambda p: results(p.parent)["tokens"]
+    )
     short, branched = (results(p.parent) for p in jobs)
     trunks = list((Path(env["UPCYCLE_CACHE"]) / "trunks").glob("*/step_*.ckpt"))
     # the latest checkpoint of the MoE trunk and of the token-matched dense trunk (decay starts 5, then 10 steps)
     assert sorted(int(p.stem.split("_")[1]) for p in trunks) == [10, 10]
     assert branched["dense_tokens"]["tokens"] == branched["tokens"]
     assert short["val_curve"][-1]["step"] == 7 and branched["val_curve"][-1]["step"] == 13
-    run(env, tmp_path, "name=alone", "optim=wsd", "train.tokens=12800", "iso_flop_baseline=false")
+    run_cli(env, tmp_path, "name=alone", "optim=wsd", "train.tokens=12800", "iso_flop_baseline=false")
     alone = results(tmp_path / "runs" / "alone" / "latest")
     assert alone["val_loss"] == branched["val_loss"]  # bitwise on CPU: the same steps on the same data
     assert [p["step"] for p in alone["val_curve"]] == [p["step"] for p in branched["val_curve"]]
 
 
-def test_share_trunk_without_wsd_fails_fast_with_one_line(env, tmp_path):  # noqa: F811
-    proc = run(env, tmp_path, "train.share_trunk=true", check=False)
+def test_share_trunk_without_wsd_fails_fast_with_one_line(env, tmp_path):
+    proc = run_cli(env, tmp_path, "train.share_trunk=true", check=False)
     last = proc.stderr.strip().splitlines()[-1]
     assert proc.returncode != 0 and last.startswith("config error:") and "optim=wsd" in last

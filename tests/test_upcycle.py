@@ -5,8 +5,15 @@ import torch
 
 from harness.errors import ConfigError
 from harness.moe import MoEConfig, router_logits
-from harness.upcycle import (Recipe, activation_scale, mlp_input_rms, resolve_moe_layers, top_mass, upcycle,
-                             weight_factors)
+from harness.upcycle import (
+    Recipe,
+    activation_scale,
+    mlp_input_rms,
+    resolve_moe_layers,
+    top_mass,
+    upcycle,
+    weight_factors,
+)
 
 SHAPES = [(8, 1, 2), (8, 1, 1), (8, 2, 4), (16, 8, 8), (4, 4, 4)]  # E8G1T2 .. scaled-down E64G8T8
 
@@ -75,8 +82,9 @@ def test_exact_scaling_puts_the_scale_where_the_activation_is_homogeneous():
 @pytest.mark.parametrize("scaling", ["paper", "exact"])
 def test_expert_weights_are_the_dense_shards_times_the_factors(scaling):
     """paper keeps Megatron's weights (s^(1/3) on gate, up and fc2); exact scales up and fc2 only."""
-    from tests.conftest import tiny_config
     from harness.model import Decoder
+
+    from helpers.models import tiny_config
 
     torch.manual_seed(0)
     dense = Decoder(tiny_config("swiglu"))
@@ -99,8 +107,9 @@ def test_data_router_start_gives_the_stated_logit_spread(dense, tokens, e, g, t)
     recipe = Recipe(weight_scaling="exact", router_logit_std=0.01)
     moe = upcycle(dense, moe_cfg(e, g, t, "softmax_topk"), recipe, calib=tokens)
     inputs = {}
-    hooks = [b.mlp.register_forward_pre_hook(lambda m, a, i=i: inputs.__setitem__(i, a[0])) for i, b in
-             enumerate(moe.blocks)]
+    hooks = [
+        b.mlp.register_forward_pre_hook(lambda m, a, i=i: inputs.__setitem__(i, a[0])) for i, b in enumerate(moe.blocks)
+    ]
     with torch.no_grad():
         moe(tokens)
     for h in hooks:
@@ -149,8 +158,9 @@ def test_drop_ratio_zero_equals_copy(dense):
 
 @pytest.mark.parametrize("ratio", [0.1, 0.5, 1.0])
 def test_drop_upcycling_reinitialises_exactly_r_units(ratio):
-    from tests.conftest import tiny_config
     from harness.model import Decoder
+
+    from helpers.models import tiny_config
 
     torch.manual_seed(0)
     dense = Decoder(tiny_config("swiglu", d_model=64, d_ff=512))
@@ -173,7 +183,10 @@ def test_drop_upcycling_is_seeded(dense):
     a = upcycle(dense, cfg, Recipe(drop_ratio=0.5, seed=1))
     b = upcycle(dense, cfg, Recipe(drop_ratio=0.5, seed=1))
     c = upcycle(dense, cfg, Recipe(drop_ratio=0.5, seed=2))
-    w = lambda m: m.blocks[0].mlp.experts.w1
+
+    def w(m):
+        return m.blocks[0].mlp.experts.w1
+
     assert torch.equal(w(a), w(b)) and not torch.equal(w(a), w(c))
 
 

@@ -26,7 +26,6 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-import pandas as pd  # noqa: E402
 
 from analysis.collect import collect, curves  # noqa: E402
 from analysis.tables import varying_axes  # noqa: E402
@@ -47,11 +46,17 @@ ok["gap"] = ok.val_loss - ok.dense_iso_val_loss
 ok["rel_gap_pct"] = 100 * ok.gap / ok.dense_iso_val_loss
 ok["flops_ratio"] = ok.train_flops / ok.dense_iso_train_flops
 by = varying_axes(ok) or ["moe"]
-summary = ok.groupby(by).agg(moe=("val_loss", "mean"), dense_iso=("dense_iso_val_loss", "mean"),
-                             gap=("gap", "mean"), gap_std=("gap", "std"), rel_gap_pct=("rel_gap_pct", "mean"),
-                             flops_ratio=("flops_ratio", "mean"), seeds=("val_loss", "size"))
+summary = ok.groupby(by).agg(
+    moe=("val_loss", "mean"),
+    dense_iso=("dense_iso_val_loss", "mean"),
+    gap=("gap", "mean"),
+    gap_std=("gap", "std"),
+    rel_gap_pct=("rel_gap_pct", "mean"),
+    flops_ratio=("flops_ratio", "mean"),
+    seeds=("val_loss", "size"),
+)
 assert ((summary.flops_ratio - 1).abs() < 0.05).all(), "iso-FLOP budgets do not match"
-summary
+summary  # noqa: B018 (the cell shows the table)
 
 # %% [markdown]
 # ## Validation loss against training FLOPs
@@ -59,11 +64,11 @@ summary
 # %%
 cv = curves(ok)
 fig, ax = plt.subplots(figsize=(7, 4.5))
-for (key, group) in ok.groupby(by):
+for key, group in ok.groupby(by):
     dirs = set(group.run_dir)
     run = cv[cv.run_dir.isin(dirs) & (cv.curve == "run")].groupby("flops").val_loss.mean()
     dense = cv[cv.run_dir.isin(dirs) & (cv.curve == "dense_iso")].groupby("flops").val_loss.mean()
-    line, = ax.plot(run.index, run.values, marker="o", ms=3, label=f"MoE {key}")
+    (line,) = ax.plot(run.index, run.values, marker="o", ms=3, label=f"MoE {key}")
     ax.plot(dense.index, dense.values, ls="--", color=line.get_color(), label=f"dense iso-FLOP {key}")
 ax.set_xlabel("training FLOPs")
 ax.set_ylabel("val loss")

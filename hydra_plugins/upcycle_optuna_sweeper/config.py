@@ -11,8 +11,8 @@ class OptunaSweeperConf:
     """One Optuna study behind a Hydra multirun.
 
     ``params`` maps a config key to Hydra sweep syntax: ``choice(a,b)``, ``range(lo,hi,step)``,
-    ``interval(lo,hi)``, ``tag(log, interval(lo,hi))``, ``tag(int, interval(lo,hi))``. ``n_trials`` is the study's total budget of
-    finished trials: a restarted (or second, parallel) worker runs only what is left.
+    ``interval(lo,hi)``, ``tag(log, interval(lo,hi))``, ``tag(int, interval(lo,hi))``. ``n_trials`` is the
+    study's total budget of finished trials: a restarted (or second, parallel) worker runs only what is left.
     """
 
     _target_: str = "hydra_plugins.upcycle_optuna_sweeper.optuna_sweeper.OptunaSweeper"

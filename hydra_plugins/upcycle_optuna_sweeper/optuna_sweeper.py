@@ -82,8 +82,20 @@ def _open_storage(make, attempts: int = 5):
 
 
 class OptunaSweeper(Sweeper):
-    def __init__(self, storage, study_name, direction, n_trials, n_jobs, sampler, pruner, params,
-                 heartbeat_interval, grace_period, max_retry):
+    def __init__(
+        self,
+        storage,
+        study_name,
+        direction,
+        n_trials,
+        n_jobs,
+        sampler,
+        pruner,
+        params,
+        heartbeat_interval,
+        grace_period,
+        max_retry,
+    ):
         super().__init__()
         self.storage_url, self.study_name, self.direction = storage, study_name, direction
         self.n_trials, self.n_jobs = int(n_trials), int(n_jobs)
@@ -98,7 +110,8 @@ class OptunaSweeper(Sweeper):
     def setup(self, *, hydra_context, task_function, config) -> None:
         self.config, self.hydra_context = config, hydra_context
         self.launcher = Plugins.instance().instantiate_launcher(
-            hydra_context=hydra_context, task_function=task_function, config=config)
+            hydra_context=hydra_context, task_function=task_function, config=config
+        )
 
     # -- search space -----------------------------------------------------------------------------
     def _split(self, arguments: list[str]) -> tuple[dict[str, BaseDistribution], list[str]]:
@@ -117,17 +130,27 @@ class OptunaSweeper(Sweeper):
     def _study(self) -> optuna.Study:
         url = self.storage_url
         if url and url.startswith("sqlite:///"):
-            Path(url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+            Path(url[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
         storage = None
         warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # heartbeat/retry
         if url:
             retry = RetryHeartbeatStaleTrialCallback(max_retry=self.max_retry)
-            storage = _open_storage(lambda: RDBStorage(url, heartbeat_interval=self.heartbeat_interval,
-                                                       grace_period=self.grace_period,
-                                                       heartbeat_stale_trial_callback=retry))
-        study = optuna.create_study(storage=storage, study_name=self.study_name, direction=self.direction,
-                                    sampler=_build(self.sampler_cfg), pruner=_build(self.pruner_cfg),
-                                    load_if_exists=True)
+            storage = _open_storage(
+                lambda: RDBStorage(
+                    url,
+                    heartbeat_interval=self.heartbeat_interval,
+                    grace_period=self.grace_period,
+                    heartbeat_stale_trial_callback=retry,
+                )
+            )
+        study = optuna.create_study(
+            storage=storage,
+            study_name=self.study_name,
+            direction=self.direction,
+            sampler=_build(self.sampler_cfg),
+            pruner=_build(self.pruner_cfg),
+            load_if_exists=True,
+        )
         if storage is not None:
             fail_stale_trials(study)  # trials of a killed worker: FAIL, params re-enqueued
         return study
@@ -137,8 +160,12 @@ class OptunaSweeper(Sweeper):
         """Trials that count against n_trials: finished or running, minus failures that were retried."""
         trials = study.get_trials(deepcopy=False)
         retried = {RetryHeartbeatStaleTrialCallback.retried_trial_number(t) for t in trials} - {None}
-        return sum(1 for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
-                   or (t.state == TrialState.FAIL and t.number not in retried))
+        return sum(
+            1
+            for t in trials
+            if t.state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
+            or (t.state == TrialState.FAIL and t.number not in retried)
+        )
 
     @contextmanager
     def _heartbeat(self, study: optuna.Study, trials: list[optuna.Trial]):
@@ -170,13 +197,20 @@ class OptunaSweeper(Sweeper):
         sweep_dir = Path(self.config.hydra.sweep.dir)
         sweep_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
-        log.info("optuna study %r (%s): %d/%d trials used", study.study_name, self.storage_url or "in memory",
-                 self._used(study), self.n_trials)
+        log.info(
+            "optuna study %r (%s): %d/%d trials used",
+            study.study_name,
+            self.storage_url or "in memory",
+            self._used(study),
+            self.n_trials,
+        )
         returns, job_idx = [], 0
         while (left := self.n_trials - self._used(study)) > 0:
             trials = [study.ask(space) for _ in range(min(self.n_jobs, left))]
-            batch = [fixed + [f"{k}={_format(v)}" for k, v in t.params.items()] + [f"++{TRIAL_KEY}={t.number}"]
-                     for t in trials]
+            batch = [
+                fixed + [f"{k}={_format(v)}" for k, v in t.params.items()] + [f"++{TRIAL_KEY}={t.number}"]
+                for t in trials
+            ]
             self.validate_batch_is_legal(batch)
             with self._heartbeat(study, trials):
                 results = self.launcher.launch(batch, initial_job_idx=job_idx)
@@ -200,9 +234,13 @@ class OptunaSweeper(Sweeper):
 
     def _summarise(self, study: optuna.Study, sweep_dir: Path) -> None:
         done = [t for t in study.trials if t.state == TrialState.COMPLETE]
-        out = {"study_name": study.study_name, "storage": self.storage_url, "direction": self.direction,
-               "n_trials": len(study.trials),
-               "states": {s.name: sum(t.state == s for t in study.trials) for s in TrialState}}
+        out = {
+            "study_name": study.study_name,
+            "storage": self.storage_url,
+            "direction": self.direction,
+            "n_trials": len(study.trials),
+            "states": {s.name: sum(t.state == s for t in study.trials) for s in TrialState},
+        }
         if done:
             out.update(best_value=study.best_value, best_params=study.best_params, best_trial=study.best_trial.number)
             log.info("best value %.4f with %s", study.best_value, study.best_params)

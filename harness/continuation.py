@@ -1,0 +1,86 @@
+"""The dense baselines: the dense base continued for the MoE's training FLOPs (iso-FLOP) or its tokens, cached
+so MoE variants of equal budget share one; and where a recipe's shared WSD trunk lives (harness/trunk.py)."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from filelock import FileLock
+from omegaconf import DictConfig
+
+from harness import identity, tracking
+from harness.experiment import Experiment, config_key
+from harness.fit import fit_and_evaluate, heal_checkpoint
+from harness.io import atomic_write_json, read_json
+from harness.model import Decoder
+
+log = logging.getLogger("upcycle")
+
+
+CONTINUATION_KEYS = ("val_loss", "best_val_loss", "tokens", "train_flops", "val_curve")
+
+
+def trunk_dir(cfg: DictConfig, recipe: dict) -> Path | None:
+    """Where runs of this recipe at every token budget keep their shared WSD stable phase (harness/trunk.py)."""
+    if not cfg.train.share_trunk:
+        return None
+    return Path(cfg.paths.cache_dir) / "trunks" / config_key(recipe)
+
+
+def experiment_recipe(cfg: DictConfig) -> dict:
+    """The run's experiment config (``identity.experiment_config``) without its length and what only shows
+    progress: runs that agree on it differ only in budget, so under WSD they share one stable trunk."""
+    recipe = identity.experiment_config(cfg)
+    for key in ("iso_flop_baseline", "token_matched_baseline"):
+        recipe.pop(key, None)
+    for key in ("tokens", "pretrain_fraction", "val_every", "ckpt_every", "save_checkpoints", "peak_tflops"):
+        recipe["train"].pop(key, None)
+    return recipe
+
+
+def dense_continuation(
+    dense: Decoder, base_key: str, tokens: int, exp: Experiment, cfg: DictConfig, job_type: str = "dense_iso"
+) -> dict:
+    """Continue the dense model for ``tokens`` tokens (cached: MoE variants of equal FLOPs share it).
+    ``job_type``: ``dense_iso`` (the MoE's training FLOPs) or ``dense_tokens`` (the MoE's tokens)."""
+    recipe = {"base": base_key, "optim": asdict(exp.optim), "seed": cfg.seed, "batch": exp.data.batch_size}
+    key = config_key({**recipe, "tokens": tokens})
+    out = Path(cfg.paths.cache_dir) / "dense_continuation" / key
+    out.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(out / ".lock")):
+        res_path = out / "results.json"
+        cached = read_json(res_path, required=CONTINUATION_KEYS)
+        what, budget = {
+            "dense_iso": ("iso-FLOP dense continuation", "the MoE's training FLOPs"),
+            "dense_tokens": ("token-matched dense continuation", "the MoE's tokens"),
+        }[job_type]
+        if cached is not None:
+            log.info("%s: cached %s", what, out)
+            return {**cached, "cache_dir": str(out)}
+        steps = exp.steps(tokens)
+        log.info(
+            "%s: training %d steps (%s tokens, %s) -> %s",
+            what,
+            steps,
+            f"{steps * exp.data.batch_size * exp.data.seq_len:,}",
+            budget,
+            out,
+        )
+        torch.manual_seed(int(cfg.seed))
+        model = Decoder(exp.model)
+        model.load_state_dict(dense.state_dict())
+        heal_checkpoint(out)
+        res = fit_and_evaluate(
+            model,
+            exp,
+            tracking.stage(cfg, job_type, out, f"{job_type}/{key}"),
+            out,
+            steps,
+            trunk_dir=trunk_dir(cfg, {"dense_continuation": recipe}),
+        )
+        if res["status"] == "complete":
+            atomic_write_json(res_path, res)
+        return {**res, "cache_dir": str(out)}

@@ -1,0 +1,154 @@
+"""What one run is: the objects its config describes, built and validated before any compute."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass, field
+
+import torch
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+
+from harness import launch
+from harness.data import TokenDataModule
+from harness.errors import ConfigError
+from harness.lit import OptimConfig
+from harness.model import ModelConfig
+from harness.moe import MoEConfig
+from harness.upcycle import Recipe, resolve_moe_layers
+
+METHODS = ("upcycle", "dense", "pretrain")  # pretrain: only the (cached) dense base
+
+
+@dataclass
+class TrainConfig:
+    """The ``train`` block: the upcycled (or dense-continued) run's budget, evaluation, checkpoints and guards."""
+
+    tokens: int = 96000  # MoE training tokens; the dense continuation gets the same FLOPs
+    pretrain_fraction: float | None = None  # instead of tokens: this share of the dense base's pretraining FLOPs
+    val_every: int = 25  # steps
+    ckpt_every: int = 25  # steps; last.ckpt is what a re-run resumes from
+    save_checkpoints: bool = True  # false: no checkpoints (throughput runs; nothing to resume from)
+    share_trunk: bool = False  # with optim=wsd: runs that differ only in budget share one stable phase
+    peak_tflops: float | None = None  # hardware peak for perf/mfu
+    stop_after_steps: int | None = None  # stop early as a crash would (tests resume)
+    compile: bool | str = "auto"  # torch.compile each block: auto = on for GPU trainers (1.75x on H100), off on CPU
+    activation_checkpointing: bool = False  # recompute blocks in backward: less memory, ~1/3 more compute
+    max_grad_norm: float | None = 1000.0  # a pre-clip gradient norm above this (or NaN/Inf) stops the run
+    collapse_share: float = 0.9  # one expert taking more than this share of the tokens ...
+    collapse_steps: int = 100  # ... for this many steps in a row: moe/router_collapse=1 and a warning
+
+    def __post_init__(self) -> None:
+        for key in ("tokens", "ckpt_every", "val_every"):
+            if int(getattr(self, key)) <= 0:
+                raise ConfigError(f"train.{key}={getattr(self, key)!r} must be > 0")
+        mgn, share = self.max_grad_norm, self.collapse_share
+        if mgn is not None and not (isinstance(mgn, (int, float)) and mgn > 0):
+            raise ConfigError(f"train.max_grad_norm={mgn!r} must be > 0 (or null)")
+        if not (isinstance(share, (int, float)) and 0 < share <= 1) or int(self.collapse_steps) < 1:
+            raise ConfigError(f"train.collapse_share={share!r} / train.collapse_steps must be in (0, 1] / >= 1")
+        if not (isinstance(self.compile, bool) or self.compile == "auto"):
+            raise ConfigError(f"train.compile={self.compile!r} is not one of true, false, auto")
+
+    def validate(self, optim: OptimConfig, hf_base: bool) -> None:
+        """The checks that need the other blocks: the budget's unit and the schedule a shared trunk needs."""
+        fraction = self.pretrain_fraction
+        if fraction is not None and (not isinstance(fraction, (int, float)) or fraction <= 0 or hf_base):
+            raise ConfigError(
+                f"train.pretrain_fraction={fraction!r} must be a number > 0 (or null), and needs a base this "
+                "harness pretrained (an HF checkpoint's pretraining compute is unknown)"
+            )
+        share = self.share_trunk
+        if not isinstance(share, bool) or (share and optim.schedule != "wsd"):
+            raise ConfigError(
+                f"train.share_trunk={share!r} needs a bool, and true needs optim=wsd "
+                f"(optim.schedule is {optim.schedule!r}): only WSD runs share a stable phase"
+            )
+
+
+@dataclass
+class PretrainConfig:
+    """The ``pretrain`` block: the dense base's own budget, batch, seed and optimizer (it keys the base's cache)."""
+
+    tokens: int = 600000
+    batch_size: int = 16  # global; its own, so a data.batch_size sweep upcycles one shared base
+    seed: int = 1234
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=3e-3, warmup_steps=20))
+
+    def __post_init__(self) -> None:
+        if int(self.tokens) <= 0:
+            raise ConfigError(f"pretrain.tokens={self.tokens!r} must be > 0")
+
+    def validate(self, world: int) -> None:
+        b = self.batch_size
+        if not isinstance(b, int) or b < 1 or b % world:
+            raise ConfigError(f"pretrain.batch_size={b!r} must be a positive int that splits over {world} devices")
+
+
+@dataclass
+class Experiment:
+    """Everything a run needs, built and validated from the config before any compute."""
+
+    method: str
+    model: ModelConfig
+    moe: MoEConfig
+    recipe: Recipe
+    optim: OptimConfig
+    data: TokenDataModule
+    moe_layers: list[int]
+    train: TrainConfig
+    pretrain: PretrainConfig
+
+    def steps(self, tokens: float) -> int:
+        """Optimizer steps that cover ``tokens`` (at least one)."""
+        return max(1, math.ceil(tokens / (self.data.batch_size * self.data.seq_len)))
+
+
+def config_key(obj) -> str:
+    """A cache key: a short hash of plain data."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def build(node, **kw):
+    """``hydra.utils.instantiate`` that lets our ConfigError through unwrapped (one clear line)."""
+    try:
+        return instantiate(node, **kw)
+    except InstantiationException as e:
+        cause = e.__cause__ or e.__context__
+        if isinstance(cause, ConfigError):
+            raise cause from None
+        raise
+
+
+def build_experiment(cfg: DictConfig) -> Experiment:
+    if cfg.method not in METHODS:
+        raise ConfigError(f"method={cfg.method!r} is not one of {METHODS}")
+    train = build(cfg.train)
+    pretrain = build(cfg.pretrain)
+    model = build(cfg.model)
+    moe = build(cfg.moe)
+    moe.validate(model.d_ff)
+    recipe = build(cfg.upcycle)
+    recipe.validate()
+    optim = build(cfg.optim)
+    optim.validate()
+    train.validate(optim, hf_base=bool(cfg.model.get("hf_path")))
+    data = build(cfg.data)
+    data.check_source()  # a user corpus: exists, is text, is large enough
+    if data.seq_len > model.max_seq_len:
+        raise ConfigError(f"data.seq_len={data.seq_len} > model.max_seq_len={model.max_seq_len}")
+    layers = resolve_moe_layers(recipe.moe_layers, model.n_layers)
+    world = launch.world_size(cfg.trainer)
+    data.split_batch(world)  # the global batch must split over the devices
+    pretrain.validate(world)
+    return Experiment(cfg.method, model, moe, recipe, optim, data, layers, train, pretrain)
+
+
+def compile_enabled(train: TrainConfig, trainer_cfg: DictConfig) -> bool:
+    """train.compile: true | false | auto (on for GPU trainers, where it measured 1.75x; off on CPU)."""
+    if train.compile == "auto":
+        return trainer_cfg.get("accelerator") in ("gpu", "cuda") and torch.cuda.is_available()
+    return train.compile

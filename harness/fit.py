@@ -1,0 +1,258 @@
+"""One model's training: the Lightning fit in this process (``fit_in_process``) or in one worker per device
+(``harness.launch.fit_in_workers``), then its evaluation on the full validation set (``fit_and_evaluate``)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import warnings
+from pathlib import Path
+
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.plugins.environments import LightningEnvironment
+from omegaconf import DictConfig, OmegaConf
+
+from harness import flops, launch, tracking, trunk
+from harness.errors import ConfigError
+from harness.experiment import Experiment, compile_enabled
+from harness.io import intact_zip, move_aside
+from harness.lit import LitLM, evaluate
+from harness.model import Decoder
+from harness.pruning import pruning_callbacks
+
+log = logging.getLogger("upcycle")
+
+
+class ValCurve(Callback):
+    """Keeps (step, tokens, flops, val/loss) across resumes (saved in the checkpoint)."""
+
+    def __init__(self, tokens_per_step: int, flops_per_token: int):
+        self.tokens_per_step, self.flops_per_token, self.points = tokens_per_step, flops_per_token, []
+
+    def on_validation_end(self, trainer, pl_module):
+        if trainer.sanity_checking or "val/loss" not in trainer.callback_metrics:
+            return
+        step = trainer.global_step
+        tokens = step * self.tokens_per_step
+        self.points.append(
+            {
+                "step": step,
+                "tokens": tokens,
+                "flops": tokens * self.flops_per_token,
+                "val_loss": float(trainer.callback_metrics["val/loss"]),
+            }
+        )
+
+    def state_dict(self):
+        return {"points": self.points}
+
+    def load_state_dict(self, state):
+        self.points = list(state["points"])
+
+
+class StopAfter(Callback):
+    """Stops training at a given step, as a crash would (used to test resume)."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, *args):
+        if trainer.global_step >= self.step:
+            trainer.should_stop = True
+
+
+def _loggers(cfg: DictConfig, out_dir: Path, csv_only: bool):
+    loggers = []
+    for key, lcfg in (cfg.get("logger") or {}).items():
+        if csv_only and key != "csv":
+            continue
+        try:
+            is_wandb = key == "wandb"
+            logger = instantiate(lcfg) if is_wandb else instantiate(lcfg, save_dir=str(out_dir))
+            if is_wandb:  # start W&B now (Lightning starts it lazily, mid-training) so a failure is caught here
+                logger._wandb_init.pop("anonymous", None)  # Lightning passes it; W&B warns that it is obsolete
+                tracking.setup(logger.experiment, cfg)
+            loggers.append(logger)
+        except Exception as e:  # a logging service must never stop training
+            warnings.warn(f"logger {key!r} could not start ({type(e).__name__}: {e}); continuing with the others")
+    return loggers
+
+
+def _close_loggers(trainer: L.Trainer) -> None:
+    """Finish W&B runs so the next job of a multirun (same process) starts its own."""
+    for lg in trainer.loggers:
+        if type(lg).__name__ == "WandbLogger" and getattr(lg, "_experiment", None) is not None:
+            try:
+                lg.experiment.finish()
+            except Exception as e:  # never let logging sink the run
+                warnings.warn(f"wandb finish failed: {e}")
+
+
+def fit_and_evaluate(
+    model: Decoder,
+    exp: Experiment,
+    cfg: DictConfig,
+    out_dir: Path,
+    steps: int,
+    csv_only=False,
+    evaluate_after: bool = True,
+    trunk_dir: Path | None = None,
+) -> dict:
+    """Train ``model`` in place for ``steps`` steps (resuming from ``out_dir/checkpoints/last.ckpt``, else
+    from the WSD trunk in ``trunk_dir``), in this process or, when the trainer asks for several devices, in
+    one worker per device; then evaluate it here on the full validation set. ``evaluate_after=False``
+    (throughput benchmarks): no final evaluation, and multi-device workers do not hand the weights back."""
+    if trunk_dir is not None and launch.needs_launch(cfg.trainer):
+        raise ConfigError("train.share_trunk=true runs on one device for now (trainer.devices=1)")
+    if launch.needs_launch(cfg.trainer):
+        res = launch.fit_in_workers(
+            model, exp.optim, cfg, out_dir, steps, csv_only, _sweeper_pruner_node(), hand_back=evaluate_after
+        )
+    else:
+        res, _ = fit_in_process(
+            model, exp, cfg, out_dir, steps, csv_only, extra_callbacks=pruning_callbacks(cfg), trunk_dir=trunk_dir
+        )
+    done = res["status"] == "complete" and evaluate_after
+    val = evaluate(model, exp.data.val_dataloader(), eval_device(cfg)) if done else float("nan")
+    model.to("cpu")
+    tokens = steps * exp.data.batch_size * exp.data.seq_len
+    points = res.pop("val_points") + (
+        [{"step": steps, "tokens": tokens, "flops": tokens * res["flops_per_token"], "val_loss": val}] if done else []
+    )
+    return {
+        **res,
+        "val_loss": val,
+        "val_curve": points,
+        "best_val_loss": min((p["val_loss"] for p in points), default=float("nan")),
+    }
+
+
+def fit_in_process(
+    model: Decoder,
+    exp: Experiment,
+    cfg: DictConfig,
+    out_dir: Path,
+    steps: int,
+    csv_only=False,
+    extra_callbacks=(),
+    trunk_dir: Path | None = None,
+) -> tuple[dict, L.Trainer]:
+    """The Lightning fit itself (one process, or one rank of a multi-process job)."""
+    seq = exp.data.seq_len
+    fpt = flops.count_model(model, seq).train_per_token
+    train = exp.train
+    model.activation_checkpointing = bool(train.activation_checkpointing)
+    if compile_enabled(train, cfg.trainer):
+        model.compile_blocks()
+    peak = float(train.peak_tflops) * 1e12 if train.peak_tflops else None
+    tokens_per_step = exp.data.batch_size * seq
+    lit = LitLM(
+        model,
+        exp.optim,
+        steps,
+        fpt,
+        peak,
+        tokens_per_step,
+        max_grad_norm=train.max_grad_norm,
+        collapse_share=float(train.collapse_share),
+        collapse_steps=int(train.collapse_steps),
+    )
+    world = launch.world_size(cfg.trainer)
+    exp.data.total_steps, exp.data.world_size = steps, world
+    _, accumulate = exp.data.split_batch(world)
+    ckpt_dir = out_dir / "checkpoints"
+    curve = ValCurve(tokens_per_step, fpt)
+    save = bool(train.save_checkpoints)
+    callbacks = [curve] + (
+        [ModelCheckpoint(dirpath=ckpt_dir, save_last=True, save_top_k=0, every_n_train_steps=int(train.ckpt_every))]
+        if save
+        else []
+    )
+    callbacks += [instantiate(c) for c in (cfg.get("callbacks") or {}).values()] + list(extra_callbacks)
+    stop = train.stop_after_steps
+    if stop:
+        callbacks.append(StopAfter(int(stop)))
+    last = ckpt_dir / "last.ckpt"
+    start = last if last.exists() else None
+    if trunk_dir is not None:  # WSD ladder: branch off the shared stable phase, and extend it for the next budget
+        decay_start = exp.optim.decay_start(steps)
+        callbacks.append(trunk.SaveTrunk(trunk_dir, decay_start))
+        link = ckpt_dir / "trunk.ckpt"
+        branch = trunk.branch_point(trunk_dir, decay_start, link) if start is None else None
+        if branch is not None:
+            log.info(
+                "branching off the WSD trunk %s at step %d of %d (decay starts at %d)",
+                trunk_dir,
+                branch,
+                steps,
+                decay_start,
+            )
+            start = link
+            # the trunk's ModelCheckpoint state names the run that saved it; this run keeps its own folder
+            warnings.filterwarnings("ignore", message="The dirpath has changed from")
+    plugins = [LightningEnvironment()] if os.environ.get(launch.WORKER_ENV) == "local" else None
+    trainer: L.Trainer = instantiate(
+        cfg.trainer,
+        max_steps=steps,
+        logger=_loggers(cfg, out_dir, csv_only) or False,
+        callbacks=callbacks,
+        default_root_dir=str(out_dir),
+        val_check_interval=int(train.val_every) * accumulate,
+        check_val_every_n_epoch=None,
+        num_sanity_val_steps=0,
+        accumulate_grad_batches=accumulate,
+        plugins=plugins,
+        enable_checkpointing=save,
+        use_distributed_sampler=False,  # the datamodule shards by rank itself, in order
+    )
+    t0 = time.perf_counter()
+    try:
+        trainer.fit(lit, datamodule=exp.data, ckpt_path=str(start) if start else None)
+    finally:
+        _close_loggers(trainer)
+        if trunk_dir is not None:
+            (ckpt_dir / "trunk.ckpt").unlink(missing_ok=True)
+    wall = time.perf_counter() - t0
+    tokens = steps * tokens_per_step
+    return {
+        "status": "complete" if trainer.global_step >= steps else "interrupted",
+        "steps": trainer.global_step,
+        "tokens": tokens,
+        "flops_per_token": fpt,
+        "train_flops": tokens * fpt,
+        "fit_wall_s": wall,
+        "val_points": curve.points,
+        "world_size": trainer.world_size,
+        "accumulate_grad_batches": accumulate,
+    }, trainer
+
+
+def _sweeper_pruner_node() -> dict | None:
+    """The Optuna sweeper's pruner config, handed to workers (they run outside Hydra)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return None
+    node = HydraConfig.get().sweeper.get("pruner")
+    return OmegaConf.to_container(node, resolve=True) if node else None
+
+
+def eval_device(cfg: DictConfig) -> torch.device:
+    """Where results.json's losses are computed: the trainer's GPU when it has one (Lightning hands the
+    model back on the CPU after fit, where a 50M model's full validation took minutes)."""
+    on_gpu = cfg.trainer.get("accelerator") in ("gpu", "cuda") and torch.cuda.is_available()
+    return torch.device("cuda" if on_gpu else "cpu")
+
+
+def heal_checkpoint(out: Path) -> None:
+    """A truncated or damaged ``last.ckpt`` is moved aside (one warning) so the stage starts afresh
+    instead of failing mid-restore on every rerun."""
+    last = out / "checkpoints" / "last.ckpt"
+    if last.exists() and not intact_zip(last):
+        move_aside(last, "a damaged checkpoint (truncated or not a torch zip file)")
+    elif last.exists():
+        log.info("resuming from %s", last)

@@ -1,0 +1,71 @@
+"""The run's record: ``results.json`` (written atomically: complete, failed or pruned), the skip of a finished
+run, and the summary table printed at the end."""
+
+from __future__ import annotations
+
+import traceback
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from harness import identity
+from harness.io import atomic_write_json, read_json
+
+
+def record_unstarted(cfg: DictConfig, out_dir: Path, error: Exception) -> None:
+    """A job of a sweep whose config is bad: a ``failed`` record in its own folder, so the report counts it."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if identity.stored_hash(out_dir) is None:
+        atomic_write_json(
+            out_dir / "results.json",
+            {
+                "config": identity.resolved(cfg),
+                "run_dir": str(out_dir),
+                "status": "failed",
+                "error": f"{type(error).__name__}: {error}",
+            },
+        )
+
+
+def finished(out_dir: Path, config_hash: str) -> dict | None:
+    """The folder's results when it holds this config's complete run (then the run is skipped)."""
+    old = read_json(out_dir / "results.json")
+    if old is not None and old.get("status") == "complete" and old.get("config_hash") == config_hash:
+        return old
+    return None
+
+
+def write(out_dir: Path, res: dict) -> None:
+    atomic_write_json(out_dir / "results.json", res)
+
+
+def record_failure(out_dir: Path, base: dict, error: BaseException) -> None:
+    status = "pruned" if type(error).__name__ == "TrialPruned" else "failed"
+    atomic_write_json(
+        out_dir / "results.json",
+        {**base, "status": status, "error": f"{type(error).__name__}: {error}", "traceback": traceback.format_exc()},
+    )
+
+
+def print_summary(res: dict, out_dir: Path) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=f"{res['method']} {res.get('moe', '')} {res.get('routing', '')} [{res['status']}]")
+    for c in ("model", "tokens", "train FLOPs", "val loss"):
+        t.add_column(c)
+    t.add_row("dense parent", "-", "-", f"{res['dense_parent_val_loss']:.4f}")
+    t.add_row(f"{res['method']} (step 0)", "0", "0", f"{res['init_val_loss']:.4f}")
+    t.add_row(res["method"], f"{res['tokens']:,}", f"{res['train_flops']:.3e}", f"{res['val_loss']:.4f}")
+    if "dense_iso" in res:
+        d = res["dense_iso"]
+        t.add_row("dense iso-FLOP", f"{d['tokens']:,}", f"{d['train_flops']:.3e}", f"{d['val_loss']:.4f}")
+    if "dense_tokens" in res:
+        d = res["dense_tokens"]
+        t.add_row("dense, same tokens", f"{d['tokens']:,}", f"{d['train_flops']:.3e}", f"{d['val_loss']:.4f}")
+    console = Console()
+    console.print(t)
+    console.print(f"results: {out_dir / 'results.json'}", soft_wrap=True)
+    runs = sorted(out_dir.glob("wandb/offline-run-*"))
+    if runs:
+        console.print(f"W&B (offline): wandb sync {out_dir / 'wandb'}/offline-run-*", soft_wrap=True)

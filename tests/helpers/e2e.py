@@ -1,0 +1,64 @@
+"""Running the real entry point (``run.py`` under Hydra) as a subprocess, and reading what it wrote."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+FAST = [
+    "pretrain.tokens=60000",
+    "train.tokens=12800",
+    "train.val_every=10",
+    "train.ckpt_every=5",
+    "data.max_bytes=1000000",
+    "data.vocab_size=512",
+    "trainer.enable_progress_bar=false",
+    "print_config=false",
+    "logger=csv",
+]
+
+
+def run_cli(env, logs, *args, check=True):
+    flags = [a for a in args if a.startswith("-")]
+    overrides = [a for a in args if not a.startswith("-")]
+    proc = subprocess.run(
+        [sys.executable, "run.py", *flags, *FAST, *overrides],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={**env, "UPCYCLE_LOGS": str(logs)},
+        timeout=900,
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(proc.stderr[-4000:])
+    return proc
+
+
+def results(path: Path) -> dict:
+    return json.loads((path / "results.json").read_text())
+
+
+def kill_after_first_checkpoint(env, logs, *overrides) -> None:
+    """Start run.py, SIGKILL it (and every process it started) once its first checkpoint exists."""
+    import signal
+    import time
+
+    name = next(o.split("=", 1)[1] for o in overrides if o.startswith("name="))
+    proc = subprocess.Popen(
+        [sys.executable, "run.py", *FAST, *overrides],
+        cwd=ROOT,
+        env={**env, "UPCYCLE_LOGS": str(logs)},
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    ckpt = logs / "runs" / name / "latest" / "checkpoints" / "last.ckpt"
+    deadline = time.time() + 300
+    while not ckpt.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.1)
+    time.sleep(0.3)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert ckpt.exists(), "the run ended before its first checkpoint"

@@ -1,0 +1,49 @@
+"""The ``train`` and ``pretrain`` blocks are typed dataclasses: one set of defaults, checked in one place."""
+
+from dataclasses import fields
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from harness.errors import ConfigError
+from harness.experiment import PretrainConfig, TrainConfig, build
+
+from helpers.e2e import ROOT
+
+
+def composed(*overrides):
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        return compose("config", overrides=list(overrides))
+
+
+def test_the_yaml_blocks_hold_the_dataclass_defaults():
+    """conf/config.yaml lists every key (so each can be overridden) with the dataclass's own default."""
+    cfg = composed()
+    assert cfg.train._target_ == "harness.experiment.TrainConfig"
+    assert cfg.pretrain._target_ == "harness.experiment.PretrainConfig"
+    assert build(cfg.train) == TrainConfig(), "conf/config.yaml's train block differs from TrainConfig's defaults"
+    assert build(cfg.pretrain) == PretrainConfig(), "conf/config.yaml's pretrain block differs from PretrainConfig's"
+    assert {f.name for f in fields(TrainConfig)} == set(cfg.train) - {"_target_"}
+
+
+def test_the_blocks_build_into_their_classes():
+    cfg = composed("train.collapse_share=0.5", "pretrain.tokens=1000")
+    train, pretrain = build(cfg.train), build(cfg.pretrain)
+    assert isinstance(train, TrainConfig) and train.collapse_share == 0.5
+    assert isinstance(pretrain, PretrainConfig) and pretrain.tokens == 1000 and pretrain.optim.lr == 3e-3
+
+
+@pytest.mark.parametrize(
+    "override, needle",
+    [
+        ("train.tokens=0", "train.tokens=0 must be > 0"),
+        ("train.collapse_share=1.5", "train.collapse_share=1.5"),
+        ("train.max_grad_norm=-1", "train.max_grad_norm=-1"),
+        ("train.compile=maybe", "train.compile='maybe' is not one of true, false, auto"),
+        ("pretrain.tokens=0", "pretrain.tokens=0 must be > 0"),
+    ],
+)
+def test_a_bad_value_names_its_key(override, needle):
+    block = override.split(".")[0]
+    with pytest.raises(ConfigError, match=needle.replace("(", r"\(").replace(".", r"\.")):
+        build(composed(override)[block])
