@@ -17,11 +17,13 @@ AXES = {
     "router_init": ("upcycle", "router_init"),
     "drop_ratio": ("upcycle", "drop_ratio"),
     "weight_scaling": ("upcycle", "weight_scaling"),
+    "router_start": ("upcycle", "router_start"),
     "lr": ("optim", "lr"),
     "schedule": ("optim", "schedule"),
     "batch_size": ("data", "batch_size"),
     "model": ("model", "name"),
     "train_tokens": ("train", "tokens"),
+    "pretrain_fraction": ("train", "pretrain_fraction"),  # a budget ladder's rung (train.tokens is then unused)
     "seed": ("seed",),
 }
 

@@ -230,3 +230,19 @@ def ladder(root: str | Path, out: str | Path) -> dict[str, Path]:
     cut = cut_off_markdown(root)
     files["ladder_md"].write_text(text + ("\n" + cut if cut else ""))
     return files
+
+
+def main() -> None:
+    import argparse
+
+    ap = argparse.ArgumentParser(description="Budget-ladder table and crossover plot from a ladder sweep's outputs.")
+    ap.add_argument("root", help="a ladder sweep's folder, e.g. logs/multirun/sweep_ladder")
+    ap.add_argument("--out", default="report")
+    args = ap.parse_args()
+    files = ladder(args.root, args.out)
+    print(files["ladder_md"].read_text())
+    print("wrote", ", ".join(str(p) for p in files.values()))
+
+
+if __name__ == "__main__":
+    main()

@@ -56,16 +56,22 @@ class TrainConfig:
     def validate(self, optim: OptimConfig, hf_base: bool) -> None:
         """The checks that need the other blocks: the budget's unit and the schedule a shared trunk needs."""
         fraction = self.pretrain_fraction
-        if fraction is not None and (not isinstance(fraction, (int, float)) or fraction <= 0 or hf_base):
+        if fraction is not None and (
+            isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or fraction <= 0
+        ):
+            raise ConfigError(f"train.pretrain_fraction={fraction!r} must be a number > 0 (or null)")
+        if fraction is not None and hf_base:
             raise ConfigError(
-                f"train.pretrain_fraction={fraction!r} must be a number > 0 (or null), and needs a base this "
-                "harness pretrained (an HF checkpoint's pretraining compute is unknown)"
+                f"train.pretrain_fraction={fraction!r} needs a base this harness pretrained: an HF checkpoint's "
+                "pretraining compute is unknown (use train.tokens)"
             )
         share = self.share_trunk
-        if not isinstance(share, bool) or (share and optim.schedule != "wsd"):
+        if not isinstance(share, bool):
+            raise ConfigError(f"train.share_trunk={share!r} must be true or false")
+        if share and optim.schedule != "wsd":
             raise ConfigError(
-                f"train.share_trunk={share!r} needs a bool, and true needs optim=wsd "
-                f"(optim.schedule is {optim.schedule!r}): only WSD runs share a stable phase"
+                f"train.share_trunk=true needs optim=wsd (optim.schedule is {optim.schedule!r}): only WSD runs "
+                "share a stable phase"
             )
 
 

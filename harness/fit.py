@@ -192,8 +192,6 @@ def fit_in_process(
                 decay_start,
             )
             start = link
-            # the trunk's ModelCheckpoint state names the run that saved it; this run keeps its own folder
-            warnings.filterwarnings("ignore", message="The dirpath has changed from")
     plugins = [LightningEnvironment()] if os.environ.get(launch.WORKER_ENV) == "local" else None
     trainer: L.Trainer = instantiate(
         cfg.trainer,
