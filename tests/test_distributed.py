@@ -163,7 +163,7 @@ def test_workers_die_with_their_job_process(env, tmp_path):
 
     from helpers.e2e import FAST
 
-    folder = tmp_path / "runs" / "orphans" / "latest" / "launch"
+    folder = tmp_path / "runs" / "orphans"  # workers name the real run folder (latest is a link to it)
     cmd = [sys.executable, "run.py", *FAST, "method=dense", "train.tokens=400000", "name=orphans", "trainer=ddp_cpu"]
     proc = subprocess.Popen(
         cmd,
