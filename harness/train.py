@@ -75,6 +75,9 @@ def main(cfg: DictConfig) -> float:
     except Exception as e:
         results.record_failure(out_dir, base, e)
         raise
+    except (KeyboardInterrupt, SystemExit):  # Ctrl-C: Lightning tears down and exits; say what is kept
+        log.warning("interrupted: the same command resumes each stage from its last checkpoint (train.ckpt_every)")
+        raise
     results.write(out_dir, res)
     tracking.summary(cfg, res)
     if res["status"] == "complete":
