@@ -4,14 +4,15 @@
 #   bash results/run_study.sh B    # dense base (same recipe); init (copy, virtual group, Drop-Upcycling),
 #                                  # peak LR (+ iso-FLOP dense at the lowest), granularity G=1 vs G=4
 #   bash results/run_study.sh C    # dense base (same recipe); 20M-token E8G1T2 copy vs Drop-Upcycling + iso dense
-#   bash results/run_study.sh D    # dense base (same recipe); the budget ladder (5-60% of pretraining FLOPs), exact vs
-#                                  # Megatron start, Drop-Upcycling and granularity at larger budgets
+#   bash results/run_study.sh D    # dense base (same recipe); the budget ladder (5-60% of pretraining FLOPs), seed 0:
+#                                  # topk_softmax, Megatron start, exact start, Drop-Upcycling
+#   bash results/run_study.sh E    # dense base (same recipe); the ladder's seed 1; granularity at 15%
 # Each part pretrains its own dense base from the one recipe (+scale=study method=pretrain) and compares
 # runs only within the part. Sweeps run as parallel streams (a 50M model leaves the GPU mostly idle
 # between kernels). Outputs: $UPCYCLE_LOGS (default logs/study/<part>); then
 #   python -m analysis.study results/runs --out results
 set -uo pipefail
-part=${1:?usage: run_study.sh A|B|C|D}
+part=${1:?usage: run_study.sh A|B|C|D|E}
 export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True UPCYCLE_LOGS=${UPCYCLE_LOGS:-logs/study/$part} UPCYCLE_CACHE=${UPCYCLE_CACHE:-.cache} PYTHONUNBUFFERED=1
 mkdir -p "$UPCYCLE_LOGS"
 S=(+scale=study trainer.enable_progress_bar=false print_config=false)
@@ -50,22 +51,26 @@ case $part in
       job "long_${init}_s$seed" -m "${S[@]}" "${M[@]}" +sweep=long init=$init seed=$seed &
     done; done
     wait ;;
-  D)
+  D|E)
     # budget ladder, 5% to 60% of the base's pretraining FLOPs (WSD, shared trunks; each job runs one variant's
     # budgets in ascending order, each beside its iso-FLOP and token-matched dense continuations, which the jobs of
-    # one seed share): topk_softmax, softmax_topk from Megatron's start (paper scaling, router std 0.02), softmax_topk
-    # from the exact start (the default), 2 seeds; Drop-Upcycling r=0.5 from the exact start, seed 0; and the
-    # granularity trio at equal active FLOPs at 15%, seed 0. Micro-batches of 16 keep eight streams in 80 GB.
-    M=(data.micro_batch_size=16 train.val_every=100)
-    for seed in 0 1; do
-      job "ladder_topk_softmax_s$seed" -m "${S[@]}" "${M[@]}" +sweep=ladder routing=topk_softmax seed=$seed &
-      job "ladder_paper_s$seed" -m "${S[@]}" "${M[@]}" +sweep=ladder scaling=paper router_start=fixed seed=$seed &
-      job "ladder_exact_s$seed" -m "${S[@]}" "${M[@]}" +sweep=ladder seed=$seed &
-    done
-    job ladder_drop_s0 -m "${S[@]}" "${M[@]}" +sweep=ladder init=drop_upcycling seed=0 &
-    job granularity15 -m "${S[@]}" "${M[@]}" +sweep=ladder moe=E8G1T1,E32G4T4,E64G8T8 init=virtual_group \
-      train.pretrain_fraction=0.15 train.share_trunk=false token_matched_baseline=false seed=0 &
+    # one seed share): topk_softmax, softmax_topk from Megatron's start (paper scaling, router std 0.02) and
+    # softmax_topk from the exact start (the default). One seed per part, so that a part fits one ~30-minute lease
+    # (base ~6 min, ladder ~17 min): D runs seed 0 with Drop-Upcycling r=0.5 as a fourth variant; E runs seed 1
+    # with the granularity trio at equal active FLOPs at 15% (with its own iso-FLOP dense). Four or five streams
+    # of micro-batches of 32 fit in 80 GB.
+    M=(data.micro_batch_size=32 train.val_every=100)
+    seed=0; [ "$part" = E ] && seed=1
+    job "ladder_topk_softmax_s$seed" -m "${S[@]}" "${M[@]}" +sweep=ladder routing=topk_softmax seed=$seed &
+    job "ladder_paper_s$seed" -m "${S[@]}" "${M[@]}" +sweep=ladder scaling=paper router_start=fixed seed=$seed &
+    job "ladder_exact_s$seed" -m "${S[@]}" "${M[@]}" +sweep=ladder seed=$seed &
+    if [ "$part" = D ]; then
+      job ladder_drop_s0 -m "${S[@]}" "${M[@]}" +sweep=ladder init=drop_upcycling seed=0 &
+    else
+      job granularity15 -m "${S[@]}" "${M[@]}" +sweep=ladder moe=E8G1T1,E32G4T4,E64G8T8 init=virtual_group \
+        train.pretrain_fraction=0.15 train.share_trunk=false token_matched_baseline=false seed=1 &
+    fi
     wait ;;
-  *) echo "part must be A, B, C or D" >&2; exit 2 ;;
+  *) echo "part must be A, B, C, D or E" >&2; exit 2 ;;
 esac
 say "part $part finished"
