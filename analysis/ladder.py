@@ -6,7 +6,10 @@ compute, and where (if anywhere) it crosses the iso-FLOP dense continuation.
 A variant is one upcycling recipe (preset, routing, weight scaling, router start, Drop-Upcycling ratio); a rung
 is one budget (``train.pretrain_fraction``). At each rung the MoE is paired by seed with the dense continuation
 that got the same training FLOPs (iso-FLOP) and with the one that saw the same tokens; the verdict uses the rule
-of :func:`analysis.study.verdict` on those paired differences.
+of :func:`analysis.study.verdict` on those paired differences. A third baseline is the best dense model the
+same seed's ladder holds within the MoE's training FLOPs (the parent itself, or any dense continuation of no more
+FLOPs): when repeated data or a re-warmed learning rate makes longer dense training worse, beating the iso-FLOP
+twin is not enough to say that upcycling paid off.
 """
 
 from __future__ import annotations
@@ -28,9 +31,13 @@ def _get(cfg: dict, *keys, default=None):
     return cfg
 
 
+ISO_FLOP_SLACK = 1.005  # an iso-FLOP twin rounds its steps up: it may hold a few more FLOPs than its MoE
+
+
 def ladder_runs(root: str | Path) -> pd.DataFrame:
-    """One row per complete ladder run under ``root`` (runs with ``train.pretrain_fraction`` set)."""
-    rows = []
+    """One row per complete ladder run under ``root`` (runs with ``train.pretrain_fraction`` set), with
+    ``best_dense_val_loss``: the lowest dense loss of the same seed within the run's training FLOPs."""
+    rows, dense = [], {}
     for path in sorted(Path(root).rglob("results.json")):
         res = json.loads(path.read_text())
         cfg = res.get("config", {})
@@ -54,9 +61,22 @@ def ladder_runs(root: str | Path) -> pd.DataFrame:
                 "dense_parent_val_loss": res["dense_parent_val_loss"],
                 "dense_iso_val_loss": (res.get("dense_iso") or {}).get("val_loss"),
                 "dense_tokens_val_loss": (res.get("dense_tokens") or {}).get("val_loss"),
+                "train_flops": res["train_flops"],
                 "run_dir": str(path.parent),
             }
         )
+        seed = cfg["seed"]
+        dense[(seed, "parent")] = (0, res["dense_parent_val_loss"])
+        for twin in ("dense_iso", "dense_tokens"):
+            if res.get(twin):
+                dense[(seed, res[twin]["cache_dir"])] = (res[twin]["train_flops"], res[twin]["val_loss"])
+    for row in rows:
+        within = [
+            loss
+            for (seed, _), (flops, loss) in dense.items()
+            if seed == row["seed"] and flops <= row["train_flops"] * ISO_FLOP_SLACK
+        ]
+        row["best_dense_val_loss"] = min(within)
     return pd.DataFrame(rows)
 
 
@@ -75,6 +95,7 @@ def rungs(df: pd.DataFrame) -> pd.DataFrame:
     for key, g in df.groupby(VARIANT + ["budget"], sort=True, dropna=False):
         iso = (g.val_loss - g.dense_iso_val_loss).dropna()
         tok = (g.val_loss - g.dense_tokens_val_loss).dropna()
+        best = g.val_loss - g.best_dense_val_loss
         out.append(
             {
                 **dict(zip(VARIANT + ["budget"], key)),
@@ -89,35 +110,38 @@ def rungs(df: pd.DataFrame) -> pd.DataFrame:
                 "vs_iso": iso.mean(),
                 "vs_iso_pct": 100 * (iso / g.dense_iso_val_loss).mean(),
                 "vs_tokens": tok.mean(),
+                "best_dense_val_loss": g.best_dense_val_loss.mean(),
+                "vs_best": best.mean(),
+                "vs_best_pct": 100 * (best / g.best_dense_val_loss).mean(),
                 # verdict's convention: positive = the favoured side (the MoE) is lower
                 "vs_iso_verdict": verdict(-iso),
                 "vs_tokens_verdict": verdict(-tok),
+                "vs_best_verdict": verdict(-best),
             }
         )
     return pd.DataFrame(out)
 
 
-def crossover(r: pd.DataFrame) -> dict[str, str]:
-    """Per variant, one sentence: the smallest budget from which the MoE stays below its iso-FLOP twin."""
+def crossover(r: pd.DataFrame, against: str = "iso", twin: str = "its iso-FLOP dense twin") -> dict[str, str]:
+    """Per variant, one sentence: the smallest budget from which the MoE stays below ``twin`` (columns
+    ``vs_<against>``, ``vs_<against>_pct``, ``vs_<against>_verdict``)."""
     said = {}
     for variant, g in r.sort_values("budget").groupby("variant", sort=False):
-        wins = list(g.vs_iso_verdict == "agrees")
-        below = list(g.vs_iso < 0)
+        wins = list(g[f"vs_{against}_verdict"] == "agrees")
+        below = list(g[f"vs_{against}"] < 0)
+        gap = g[f"vs_{against}_pct"].tolist()
         first = next((i for i in range(len(g)) if all(wins[i:])), None)
         if first is not None:
             said[variant] = (
-                f"below its iso-FLOP dense twin beyond the seed spread from {g.budget.iloc[first]:.0%} of "
-                "pretraining compute on"
+                f"below {twin} beyond the seed spread from {g.budget.iloc[first]:.0%} of pretraining compute on"
             )
         elif below[-1]:
-            said[variant] = (
-                f"below its iso-FLOP dense twin at {g.budget.iloc[-1]:.0%} on the mean, not beyond the seed spread"
-            )
+            seeds = "1 seed" if g.seeds.iloc[-1] == 1 else "on the mean, not beyond the seed spread"
+            said[variant] = f"below {twin} at {g.budget.iloc[-1]:.0%} ({gap[-1]:+.2f}%, {seeds})"
         else:
-            gap = g.vs_iso_pct.tolist()
             trend = "narrowing" if abs(gap[-1]) < abs(gap[0]) else "not narrowing"
             said[variant] = (
-                f"above its iso-FLOP dense twin at every budget up to {g.budget.iloc[-1]:.0%} "
+                f"above {twin} at every budget up to {g.budget.iloc[-1]:.0%} "
                 f"({gap[0]:+.2f}% → {gap[-1]:+.2f}%, {trend})"
             )
     return said
@@ -129,45 +153,54 @@ def ladder_markdown(r: pd.DataFrame) -> str:
 
     lines = [
         "| variant | budget (of pretraining FLOPs) | MoE tokens | seeds | step 0 | MoE | dense iso-FLOP | "
-        "dense same tokens | MoE − iso | vs iso | vs same tokens |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "dense same tokens | best dense ≤ FLOPs | MoE − iso | vs iso | vs same tokens | MoE − best | vs best |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in r.itertuples():
         lines.append(
             f"| {row.variant} | {row.budget:.0%} | {row.tokens:,} | {row.seeds} | "
             f"{num(row.init_val_loss)} | {num(row.val_loss, row.val_loss_std)} | {num(row.dense_iso_val_loss)} | "
-            f"{num(row.dense_tokens_val_loss)} | {row.vs_iso_pct:+.2f}% | **{row.vs_iso_verdict}** | "
-            f"{row.vs_tokens_verdict} |"
+            f"{num(row.dense_tokens_val_loss)} | {num(row.best_dense_val_loss)} | {row.vs_iso_pct:+.2f}% | "
+            f"**{row.vs_iso_verdict}** | {row.vs_tokens_verdict} | {row.vs_best_pct:+.2f}% | {row.vs_best_verdict} |"
         )
-    lines += ["", "Where each variant crosses its iso-FLOP dense twin:", ""]
+    lines += [
+        "",
+        "Best dense ≤ FLOPs: the lowest loss among the same seed's dense parent and dense continuations that used "
+        "no more training FLOPs than the MoE.",
+        "",
+        "Where each variant crosses its iso-FLOP dense twin:",
+        "",
+    ]
     lines += [f"- {variant}: {text}." for variant, text in crossover(r).items()]
+    lines += ["", "Where each variant crosses the best dense model of no more FLOPs:", ""]
+    best = crossover(r, "best", "the best dense model of no more FLOPs")
+    lines += [f"- {variant}: {text}." for variant, text in best.items()]
     return "\n".join(lines) + "\n"
 
 
 def crossover_plot(df: pd.DataFrame, r: pd.DataFrame, path: Path) -> Path:
-    """(MoE - dense iso-FLOP) / dense, per seed (dots) and mean (line), against the budget (log axis)."""
+    """(MoE - dense) / dense against the budget (log axis), per seed (dots) and mean (line): left against the
+    iso-FLOP twin, right against the best dense model of no more FLOPs."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7.5, 4.5))
-    for i, (variant, g) in enumerate(r.sort_values("budget").groupby("variant", sort=False)):
-        color = f"C{i}"
-        ax.plot(g.budget, g.vs_iso_pct, "-o", color=color, label=variant)
-        runs = df[[label(row) == variant for row in df.itertuples()]]
-        ax.scatter(
-            runs.budget,
-            100 * (runs.val_loss - runs.dense_iso_val_loss) / runs.dense_iso_val_loss,
-            color=color,
-            s=12,
-            alpha=0.5,
-        )
-    ax.axhline(0, color="k", lw=0.8)
-    ax.set_xscale("log")
-    ax.set_xlabel("upcycling budget, share of the dense base's pretraining FLOPs")
-    ax.set_ylabel("(MoE − dense iso-FLOP) / dense, %  (below 0: MoE wins)")
-    ax.legend(fontsize=7)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
+    panels = (("iso", "dense_iso_val_loss", "dense iso-FLOP"), ("best", "best_dense_val_loss", "best dense ≤ FLOPs"))
+    for ax, (against, column, name) in zip(axes, panels):
+        for i, (variant, g) in enumerate(r.sort_values("budget").groupby("variant", sort=False)):
+            color = f"C{i}"
+            ax.plot(g.budget, g[f"vs_{against}_pct"], "-o", color=color, label=variant)
+            runs = df[[label(row) == variant for row in df.itertuples()]]
+            gap = 100 * (runs.val_loss - runs[column]) / runs[column]
+            ax.scatter(runs.budget, gap, color=color, s=12, alpha=0.5)
+        ax.axhline(0, color="k", lw=0.8)
+        ax.set_xscale("log")
+        ax.set_xlabel("upcycling budget, share of the dense base's pretraining FLOPs")
+        ax.set_title(f"MoE against {name}", fontsize=10)
+    axes[0].set_ylabel("(MoE − dense) / dense, %  (below 0: MoE wins)")
+    axes[0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -1,0 +1,51 @@
+"""The ladder's baselines: the best dense model within the MoE's FLOPs (analysis/ladder.py)."""
+
+import json
+
+import pytest
+
+from analysis.ladder import ladder_runs, rungs
+
+
+def _run(root, name, seed, share, flops, loss, iso, tokens, parent=2.0):
+    """One ladder run's results.json: iso and tokens are (cache_dir, train_flops, val_loss) of its twins."""
+    cfg = {
+        "seed": seed,
+        "train": {"pretrain_fraction": share},
+        "moe": {"num_experts": 8, "granularity": 1, "top_k": 2, "routing": "softmax_topk"},
+        "upcycle": {"weight_scaling": "exact", "router_start": "data", "drop_ratio": 0.0},
+    }
+    twin = lambda t: {"cache_dir": t[0], "train_flops": t[1], "val_loss": t[2]}  # noqa: E731
+    res = {
+        "status": "complete",
+        "method": "upcycle",
+        "config": cfg,
+        "pretrain_compute_share": share,
+        "tokens": 100,
+        "init_val_loss": parent,
+        "val_loss": loss,
+        "dense_parent_val_loss": parent,
+        "train_flops": flops,
+        "dense_iso": twin(iso),
+        "dense_tokens": twin(tokens),
+    }
+    (root / name).mkdir(parents=True)
+    (root / name / "results.json").write_text(json.dumps(res))
+
+
+def test_best_dense_is_the_lowest_dense_loss_of_the_seed_within_the_moe_flops(tmp_path):
+    # seed 0: dense training gets worse past 30 FLOPs (repeated data); the parent is worse than everything
+    _run(tmp_path, "a", 0, 0.3, 30, 1.90, iso=("i30", 30.1, 1.85), tokens=("t30", 18, 1.88))
+    _run(tmp_path, "b", 0, 0.6, 60, 1.86, iso=("i60", 60.2, 1.87), tokens=("t60", 36, 1.89))
+    # seed 1: every continuation is worse than the parent, and one of more FLOPs is better than all
+    _run(tmp_path, "c", 1, 0.3, 30, 1.95, iso=("j30", 30.1, 1.99), tokens=("u30", 18, 1.97), parent=1.93)
+    _run(tmp_path, "d", 1, 0.6, 60, 1.92, iso=("j60", 60.2, 1.80), tokens=("u60", 36, 1.96), parent=1.93)
+    df = ladder_runs(tmp_path).set_index(["seed", "budget"])
+    assert df.loc[(0, 0.3), "best_dense_val_loss"] == 1.85  # its own iso twin (a few FLOPs over: step rounding)
+    assert df.loc[(0, 0.6), "best_dense_val_loss"] == 1.85  # the shorter dense run beats the iso twin
+    assert df.loc[(1, 0.3), "best_dense_val_loss"] == 1.93  # the parent: no continuation helped yet
+    assert df.loc[(1, 0.6), "best_dense_val_loss"] == 1.80
+    r = rungs(ladder_runs(tmp_path)).set_index("budget")
+    assert r.loc[0.6, "vs_best"] == pytest.approx((1.86 - 1.85 + 1.92 - 1.80) / 2)
+    seed0 = df.loc[(0, 0.6)]  # beats its iso twin, not the best dense of no more FLOPs
+    assert seed0.dense_iso_val_loss > seed0.val_loss > seed0.best_dense_val_loss
