@@ -26,22 +26,12 @@ def tokens():
     return torch.randint(0, 97, (2, 16), generator=torch.Generator().manual_seed(1))
 
 
-def threads_per_worker() -> int | None:
-    """Under ``pytest -n N``: the CPU threads each worker (and each run it starts) may use, unless the user set
-    OMP_NUM_THREADS. N workers that each start torch's one-thread-per-core pools oversubscribe the cores N times."""
-    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
-    if workers <= 1 or "OMP_NUM_THREADS" in os.environ:
-        return None
-    return max(1, (os.cpu_count() or 1) // workers)
-
-
 @pytest.fixture(scope="session")
 def env(tmp_path_factory):
     """The environment of ``run.py`` started as a subprocess: this session's own cache (each xdist worker has its
     own), W&B offline, and no GPU: these runs test CPU numbers and console output, on a GPU box as in CI (and
     parallel workers do not all start on the one GPU)."""
     cache = tmp_path_factory.mktemp("cache")
-    threads = threads_per_worker()
     return {
         **os.environ,
         "UPCYCLE_CACHE": str(cache),
@@ -49,13 +39,17 @@ def env(tmp_path_factory):
         "WANDB_MODE": "offline",
         "WANDB_SILENT": "true",
         "PYTHONUNBUFFERED": "1",
-        **({"OMP_NUM_THREADS": str(threads)} if threads else {}),
     }
 
 
 def pytest_configure(config):
-    threads = threads_per_worker()
-    if threads:
+    """Under ``pytest -n N`` each worker, and every process its tests start, gets its share of the cores (unless
+    OMP_NUM_THREADS is set): N workers each running torch's one-thread-per-core pools would oversubscribe them N
+    times over, and the tests that wait for a run (deadlines, timeouts) would wait on the contention."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1 and "OMP_NUM_THREADS" not in os.environ:
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        os.environ["OMP_NUM_THREADS"] = str(threads)
         torch.set_num_threads(threads)
 
 
