@@ -275,3 +275,30 @@ def test_sigkill_mid_training_then_rerun_gives_the_uninterrupted_result(env, tmp
         results(tmp_path / "runs" / "straight" / "latest"),
     )
     assert killed["status"] == "complete" and killed["val_loss"] == straight["val_loss"]  # bitwise on CPU
+
+
+@pytest.mark.slow
+def test_the_parallel_launcher_runs_jobs_at_once_and_gives_the_basic_launchers_numbers(env, tmp_path):
+    from datetime import datetime
+
+    args = ["-m", "seed=0,1", "train.tokens=2000", "iso_flop_baseline=false"]
+    run_cli(env, tmp_path / "basic", *args)
+    run_cli(env, tmp_path / "parallel", *args, "hydra/launcher=parallel", "hydra.launcher.n_jobs=2")
+
+    def jobs(root):
+        return sorted((root / "multirun" / "default").glob("*/results.json"))
+
+    def stamp(line):
+        return datetime.strptime(line[1:24], "%Y-%m-%d %H:%M:%S,%f")
+
+    basic, parallel = jobs(tmp_path / "basic"), jobs(tmp_path / "parallel")
+    assert len(basic) == 2 and [p.parent.name for p in basic] == [p.parent.name for p in parallel]
+    # the same runs up to float summation order (joblib's workers each get a share of the CPU threads)
+    loss = [results(p.parent)["val_loss"] for p in basic]
+    assert [results(p.parent)["val_loss"] for p in parallel] == pytest.approx(loss, rel=1e-6)
+    spans = []
+    for p in parallel:
+        lines = [ln for ln in (p.parent / "run.log").read_text().splitlines() if ln.startswith("[20")]
+        spans.append((stamp(lines[0]), stamp(lines[-1])))
+    (a0, a1), (b0, b1) = spans
+    assert a0 < b1 and b0 < a1  # the two jobs were running at the same time
