@@ -7,8 +7,8 @@
 # 2. the table of step-0, final and best validation losses (smollm2.md; the curves are in each results.json);
 # 3. the best MoE that kept its checkpoint, exported with harness.export (to .cache/smollm2/export: 2.8 GB of
 #    fp32 weights stay out of the packed outputs) and checked with analysis.hf_check (hf_check.json).
-# SMOLLM2_OVERRIDES: extra run.py overrides, last (the tiny CPU check in results/README.md); SMOLLM2_SERIAL=1:
-# one stream after the other.
+# For the tiny CPU check in results/README.md: SMOLLM2_OVERRIDES, extra run.py overrides (last); SMOLLM2_BUDGETS,
+# "SMALL LARGE" train.tokens (SMALL a comma list); SMOLLM2_SERIAL=1, one stream after the other.
 set -uo pipefail
 export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True UPCYCLE_LOGS=${UPCYCLE_LOGS:-logs/study/S} UPCYCLE_CACHE=${UPCYCLE_CACHE:-.cache} PYTHONUNBUFFERED=1
 mkdir -p "$UPCYCLE_LOGS"
@@ -21,8 +21,16 @@ job() {  # job TAG ARGS...: one run.py command, its output in TAG.out (as in res
   if python run.py "$@" >"$UPCYCLE_LOGS/$tag.out" 2>&1; then say "done $tag"; else say "FAILED $tag (see $tag.out)"; fi
 }
 say "part S (SmolLM2-135M) on $(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1), git $(git rev-parse --short HEAD 2>/dev/null)"
+# Lightning writes last.ckpt at the end of every run that saves checkpoints: 8.3 GB per E8G1T2 run with Adam, too
+# many for the 64 GB disk beside the trunks. So each routing runs its two smaller budgets without checkpoints, then
+# its largest with one (the export's); all three still share the routing's trunk.
+read -r small large <<<"${SMOLLM2_BUDGETS:-983040,1966080 3932160}"
+stream() {
+  job "smollm2_$1" -m "${S[@]}" routing="$1" train.tokens="$small" train.save_checkpoints=false "${extra[@]}"
+  job "smollm2_${1}_ckpt" -m "${S[@]}" routing="$1" train.tokens="$large" train.save_checkpoints=true "${extra[@]}"
+}
 for routing in softmax_topk topk_softmax; do
-  job "smollm2_$routing" -m "${S[@]}" routing=$routing "${extra[@]}" &
+  stream "$routing" &
   [ "${SMOLLM2_SERIAL:-0}" = 1 ] && wait
 done
 wait
