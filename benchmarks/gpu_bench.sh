@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU figures of benchmarks/RESULTS.md (one H100): the MoE layer, then full train steps.
-#   bash benchmarks/gpu_bench.sh $OUT [part]   part: layer | step | all (default)
-# writes moe_layer.txt/json and train_step.jsonl under $OUT
+#   bash benchmarks/gpu_bench.sh $OUT [part [presets]]   part: layer | step | harness | all (= layer and step)
+# writes moe_layer.txt/json, train_step.jsonl and (harness) harness_overhead.csv under $OUT
 set -u
 out=${1:-bench_out}; part=${2:-all}; mkdir -p "$out"; export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 if [[ $part == all || $part == layer ]]; then
@@ -23,4 +23,9 @@ for line in open(sys.argv[1]):
           f"{r['params_total']/1e9:6.2f}B {r['params_active']/1e9:6.2f}B {r['tokens_per_s']:8.0f} "
           f"{r['mfu_808']:6.1%} {r['mfu_989']:6.1%} {r['peak_mem_gib']:5.1f}")
 PY
+fi
+if [[ $part == harness ]]; then  # run.py jobs against the bare step, alone and six at once (~4 min per preset)
+  presets=${3:-none,E8G1T2}         # a second call (machine still warm): E64G8T8; the base and corpus stay cached
+  timeout 570 python3 benchmarks/harness_overhead.py --moe "$presets" --out /tmp/harness_bench 2>&1 | tail -6
+  cp /tmp/harness_bench/harness_overhead.csv "$out/harness_overhead_${presets//,/_}.csv" 2>/dev/null
 fi

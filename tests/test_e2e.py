@@ -221,13 +221,25 @@ def test_failing_job_is_recorded_and_siblings_finish_and_reruns_skip(env, tmp_pa
 
 
 @pytest.mark.slow
-def test_a_bad_config_in_a_sweep_fails_that_job_only(env, tmp_path):
+def test_a_bad_config_in_a_sweep_is_named_before_any_job_and_fails_that_job_only(env, tmp_path):
     proc = run_cli(env, tmp_path, "-m", "moe.top_k=16,2", "iso_flop_baseline=false", "train.tokens=2000", check=False)
     assert proc.returncode != 0
     jobs = {p.parent.name: results(p.parent) for p in (tmp_path / "multirun" / "default").glob("*/results.json")}
     status = {name.split("moe.top_k=")[1].split(",")[0]: r for name, r in jobs.items()}
     assert status["2"]["status"] == "complete"  # ran after the bad job
     assert status["16"]["status"] == "failed" and "moe.top_k=16" in status["16"]["error"]
+    # named before any job computed, in one line
+    out = proc.stdout + proc.stderr
+    line = "config error in job moe.top_k=16: moe.top_k=16 > moe.num_experts=8"
+    assert out.count(line) == 1 and out.index(line) < out.index("Launching 2 jobs")
+    assert "1 of 2 jobs have a bad config" in out
+    # a sweep none of whose jobs can run stops there, in one line, and writes nothing
+    none = run_cli(env, tmp_path / "none", "-m", "moe.top_k=16,32", check=False)
+    assert none.returncode != 0 and "Traceback" not in none.stderr
+    assert (
+        none.stderr.strip().splitlines()[-1] == "config error: every job of the sweep has a bad config (2 named above)"
+    )
+    assert not (tmp_path / "none").exists()
 
 
 @pytest.mark.slow

@@ -1,0 +1,150 @@
+"""What a harness job loses against the bare training step, and what several jobs on one GPU gain.
+
+For each preset: tokens/s of ``benchmarks/train_step.py`` (the bare step: same model, loss, clipping and
+optimizer, no Lightning), of one ``run.py`` job alone (steady: the median of its logged ``perf/tokens_per_s``
+past the first fifth of the run; end to end: its tokens over the process's whole life, setup included), and of
+``--jobs`` such jobs started together on the same GPU (aggregate tokens over the span from the first start to
+the last end). The dense base is pretrained once, briefly, before anything is timed: speed does not depend on
+how well it is trained.
+
+    python benchmarks/harness_overhead.py --moe none,E8G1T2,E64G8T8 --jobs 6 --out bench_out     # one H100
+    python benchmarks/harness_overhead.py --model tiny --trainer cpu --seq 64 --batch 8 --steps 6 \\
+        --moe none,E8G1T2 --jobs 2 --corpus-bytes 1000000 --no-compile                            # CPU smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def bare(args, moe: str) -> float:
+    """tokens/s of the bare step at the harness job's shape."""
+    cmd = [sys.executable, "benchmarks/train_step.py", "--model", args.model, "--moe", moe]
+    cmd += ["--seq", str(args.seq), "--batch", str(args.batch), "--vocab", str(args.vocab), "--steps", "20"]
+    cmd += ["--compile"] if args.compile else []
+    cmd += ["--device", "cuda" if args.trainer == "gpu" else "cpu"]
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])["tokens_per_s"]
+
+
+def overrides(args, moe: str, seed: int, name: str) -> list[str]:
+    job = ["method=dense", "moe=E8G1T2"] if moe == "none" else ["method=upcycle", f"moe={moe}"]
+    return [
+        "+scale=study",
+        f"model={args.model}",
+        f"trainer={args.trainer}",
+        f"train.compile={str(args.compile).lower()}",
+        f"data.seq_len={args.seq}",
+        f"data.batch_size={args.batch}",
+        f"data.vocab_size={args.vocab}",
+        f"data.max_bytes={args.corpus_bytes}",
+        f"pretrain.tokens={args.pretrain_tokens}",
+        f"pretrain.batch_size={args.batch}",
+        f"train.tokens={args.steps * args.batch * args.seq}",
+        f"train.val_every={args.val_every}",
+        "iso_flop_baseline=false",
+        "logger=csv",
+        "trainer.enable_progress_bar=false",
+        f"seed={seed}",
+        f"name={name}",
+        *job,
+    ]
+
+
+def start(args, moe: str, seed: int, name: str) -> subprocess.Popen:
+    env = {**os.environ, "UPCYCLE_LOGS": str(args.out / "logs"), "UPCYCLE_CACHE": str(args.out / "cache")}
+    log = open(args.out / f"{name}_s{seed}.log", "w")
+    cmd = [sys.executable, "run.py", *overrides(args, moe, seed, f"{name}_s{seed}")]
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+
+def job_figures(args, name: str, seed: int) -> dict:
+    """Steady tokens/s (median past the first fifth), tokens, and the run's own wall times."""
+    run = (args.out / "logs" / "runs" / f"{name}_s{seed}" / "latest").resolve()
+    res = json.loads((run / "results.json").read_text())
+    m = pd.concat([pd.read_csv(f) for f in sorted(run.glob("csv/version_*/metrics.csv"))], ignore_index=True)
+    tps = m["perf/tokens_per_s"].dropna().tolist()
+    steady = statistics.median(tps[len(tps) // 5 :]) if tps else float("nan")
+    return {"steady": steady, "tokens": res["tokens"], "fit_wall_s": res["fit_wall_s"], "wall_s": res["wall_time_s"]}
+
+
+def harness(args, moe: str, jobs: int) -> dict:
+    """``jobs`` run.py jobs started together (seeds 1..jobs): per-job and aggregate figures."""
+    name = f"bench_{moe}_x{jobs}"
+    t0 = time.time()
+    procs = [start(args, moe, seed, name) for seed in range(1, jobs + 1)]
+    codes = [p.wait() for p in procs]
+    span = time.time() - t0
+    if any(codes):
+        raise SystemExit(f"a harness job failed (exit codes {codes}); see {args.out}/{name}_s*.log")
+    figs = [job_figures(args, name, seed) for seed in range(1, jobs + 1)]
+    return {
+        "steady": statistics.median(f["steady"] for f in figs),
+        "aggregate": sum(f["tokens"] for f in figs) / span,
+        "setup_s": statistics.median(f["wall_s"] - f["fit_wall_s"] for f in figs),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="base50m")
+    ap.add_argument("--moe", default="none,E8G1T2,E64G8T8", help="comma-separated presets; none = dense")
+    ap.add_argument("--trainer", default="gpu", choices=["gpu", "cpu"])
+    ap.add_argument("--seq", type=int, default=512)
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--vocab", type=int, default=16384)
+    ap.add_argument("--steps", type=int, default=200, help="optimizer steps per harness job")
+    ap.add_argument("--val-every", type=int, default=100, help="the study's cadence")
+    ap.add_argument("--jobs", type=int, default=6, help="jobs at once on the one GPU for the aggregate")
+    ap.add_argument("--pretrain-tokens", type=int, default=2_000_000)
+    ap.add_argument("--corpus-bytes", type=int, default=40_000_000)
+    ap.add_argument("--no-compile", dest="compile", action="store_false")
+    ap.add_argument("--out", type=Path, default=Path("bench_out"))
+    args = ap.parse_args()
+    args.out = args.out.resolve()
+    args.out.mkdir(parents=True, exist_ok=True)
+    presets = args.moe.split(",")
+    subprocess.run(  # the corpus and the dense base, once, untimed
+        [sys.executable, "run.py", *overrides(args, "none", 0, "bench_base"), "method=pretrain"],
+        cwd=ROOT,
+        env={**os.environ, "UPCYCLE_LOGS": str(args.out / "logs"), "UPCYCLE_CACHE": str(args.out / "cache")},
+        check=True,
+        capture_output=True,
+    )
+    rows = []
+    for moe in presets:
+        b = bare(args, moe)
+        one = harness(args, moe, 1)
+        many = harness(args, moe, args.jobs)
+        rows.append(
+            {
+                "preset": "dense" if moe == "none" else moe,
+                "bare_tok_s": b,
+                "job_steady_tok_s": one["steady"],
+                "job_vs_bare": one["steady"] / b,
+                "job_end_to_end_tok_s": one["aggregate"],
+                "job_setup_s": one["setup_s"],
+                f"x{args.jobs}_aggregate_tok_s": many["aggregate"],
+                f"x{args.jobs}_vs_one_job": many["aggregate"] / one["aggregate"],
+                f"x{args.jobs}_steady_per_job": many["steady"],
+            }
+        )
+        print(json.dumps(rows[-1]), flush=True)
+    table = pd.DataFrame(rows)
+    print(table.to_string(index=False, float_format=lambda x: f"{x:.3g}"))
+    table.to_csv(args.out / "harness_overhead.csv", index=False)
+
+
+if __name__ == "__main__":
+    main()

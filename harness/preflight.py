@@ -1,0 +1,62 @@
+"""Before a sweep computes anything: every job's config is built and checked, and each bad one is named in one
+line. Hydra itself stops a sweep whose jobs cannot be composed (``routing=bogus``); a value that composes but
+is invalid (``moe.top_k=16`` with 8 experts) is ours to catch. That job still fails on its own (recorded in its
+folder, the others run: a grid may hold invalid cells), but the user reads which and why at once, not after
+the other jobs have trained."""
+
+from __future__ import annotations
+
+import logging
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
+
+log = logging.getLogger("upcycle")
+
+
+def sweep_jobs(config: DictConfig) -> list[list[str]]:
+    """The override lists of every job a basic sweep of ``config`` launches (Hydra's own expansion)."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    params = [f"{k}={v}" for k, v in (config.hydra.sweeper.get("params") or {}).items()]
+    params += list(config.hydra.overrides.task)
+    parser = OverridesParser.create(config_loader=GlobalHydra.instance().config_loader())
+    return [list(job) for batch in BasicSweeper.split_arguments(parser.parse_overrides(params), None) for job in batch]
+
+
+class CheckSweep(Callback):
+    """Hydra callback (conf/hydra/default.yaml): names the sweep's invalid jobs before the first one starts."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        if not str(config.hydra.sweeper.get("_target_", "")).endswith("BasicSweeper"):
+            return  # Optuna & co. choose values as they go: each trial is checked when it starts
+        from hydra.core.global_hydra import GlobalHydra
+
+        from harness.errors import ConfigError
+        from harness.experiment import build_experiment
+
+        loader = GlobalHydra.instance().config_loader()
+        jobs = sweep_jobs(config)
+        swept = {o for job in jobs for o in job if sum(o in other for other in jobs) < len(jobs)}
+        bad = []
+        for overrides in jobs:
+            try:
+                build_experiment(loader.load_sweep_config(config, overrides))
+            except ConfigError as e:
+                name = ",".join(o for o in overrides if o in swept) or ",".join(overrides)
+                bad.append(f"config error in job {name}: {e}")
+            except Exception:  # composition errors are Hydra's to report; anything else surfaces in the job
+                continue
+        for line in bad:
+            log.error(line)
+        if bad and len(bad) == len(jobs):  # nothing would run: stop here, as a single run does
+            raise SystemExit(f"config error: every job of the sweep has a bad config ({len(jobs)} named above)")
+        if bad:
+            log.error(
+                "%d of %d jobs have a bad config: each fails and is recorded in its folder; the others run "
+                "(Ctrl-C now to fix the sweep first)",
+                len(bad),
+                len(jobs),
+            )
