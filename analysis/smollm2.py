@@ -23,8 +23,8 @@ def moe_runs(logs: str | Path) -> list[dict]:
 
 
 def best_exportable(logs: str | Path) -> str:
-    """The lowest final validation loss among the MoE runs that kept ``checkpoints/last.ckpt`` (the sweep keeps
-    it for its largest budget only: 8.3 GB each)."""
+    """The lowest final validation loss among the MoE runs that kept ``checkpoints/last.ckpt`` (run_leg.sh keeps
+    it for the larger budget of SMOLLM2_KEEP's routings only: 8.3 GB each)."""
     runs = [r for r in moe_runs(logs) if (Path(r["run_dir"]) / "checkpoints" / "last.ckpt").exists()]
     if not runs:
         raise SystemExit(f"no complete MoE run with checkpoints/last.ckpt under {logs}")
