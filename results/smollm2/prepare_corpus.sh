@@ -55,7 +55,7 @@ for f in sorted(kdoc.rglob("*")):
     text = f.read_bytes().decode("utf-8", errors="replace").replace("\ufffd", "")
     lines = [x.rstrip() for x in text.splitlines() if not underline.match(x) and "SPDX-License-Identifier" not in x]
     blocks = re.split(r"\n\s*\n", "\n".join(lines))
-    keep = [b.strip("\n") for b in blocks if b.strip() and 2 * sum(map(prose_line, b.splitlines())) >= len(b.splitlines())]
+    keep = [b.strip("\n") for b in blocks if b.strip() and 2 * sum(map(prose_line, (ls := b.splitlines()))) >= len(ls)]
     body = "\n\n".join(keep)
     if len(body) >= 500:
         docs.append(("kernel_docs", str(rel), body))
