@@ -2,12 +2,13 @@
 # One device call of the study: start (or find) `run_study.sh PART` as its own session, so it outlives
 # this call while the machine stays held; report progress for up to SECONDS; pack outputs into $OUT.
 #   bash results/lease.sh A 560
+# UPCYCLE_DRIVER names another driver script taking PART (results/smollm2/lease.sh sets it).
 part=${1:?part}; budget=${2:-560}
 export UPCYCLE_LOGS=logs/study/$part UPCYCLE_CACHE=.cache
 mkdir -p "$UPCYCLE_LOGS"
 if ! { [ -f "$UPCYCLE_LOGS/driver.pid" ] && kill -0 "$(cat "$UPCYCLE_LOGS/driver.pid")" 2>/dev/null; } \
    && ! grep -q "finished" "$UPCYCLE_LOGS/driver.log" 2>/dev/null; then
-  setsid nohup bash results/run_study.sh "$part" >"$UPCYCLE_LOGS/driver.out" 2>&1 < /dev/null &
+  setsid nohup bash "${UPCYCLE_DRIVER:-results/run_study.sh}" "$part" >"$UPCYCLE_LOGS/driver.out" 2>&1 < /dev/null &
   echo $! >"$UPCYCLE_LOGS/driver.pid"
   echo "started driver pid $(cat "$UPCYCLE_LOGS/driver.pid")"
 fi

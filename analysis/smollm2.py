@@ -1,0 +1,58 @@
+"""The SmolLM2-135M leg's record (results/smollm2/run_leg.sh): one row per MoE run with its step-0, final and
+best validation losses beside its dense twins, and the run to export.
+
+    python -m analysis.smollm2 table <logs>    # markdown table of every complete MoE run under <logs>
+    python -m analysis.smollm2 best <logs>     # the run folder of the best MoE that kept a checkpoint
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def moe_runs(logs: str | Path) -> list[dict]:
+    """Complete upcycled runs under ``logs``, smallest budget first, then by routing."""
+    runs = []
+    for path in Path(logs).rglob("results.json"):
+        res = json.loads(path.read_text())
+        if res.get("status") == "complete" and res.get("method") == "upcycle":
+            runs.append({**res, "run_dir": str(path.parent)})
+    return sorted(runs, key=lambda r: (r["tokens"], r.get("routing", "")))
+
+
+def best_exportable(logs: str | Path) -> str:
+    """The lowest final validation loss among the MoE runs that kept ``checkpoints/last.ckpt`` (run_leg.sh keeps
+    it for the larger budget of SMOLLM2_KEEP's routings only: 8.3 GB each)."""
+    runs = [r for r in moe_runs(logs) if (Path(r["run_dir"]) / "checkpoints" / "last.ckpt").exists()]
+    if not runs:
+        raise SystemExit(f"no complete MoE run with checkpoints/last.ckpt under {logs}")
+    return min(runs, key=lambda r: r["val_loss"])["run_dir"]
+
+
+def table(logs: str | Path) -> str:
+    rows = [
+        "| routing | MoE tokens | dense parent | MoE step 0 | MoE final (best) | dense iso-FLOP | dense same tokens |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in moe_runs(logs):
+        iso, tok = r.get("dense_iso", {}), r.get("dense_tokens", {})
+        rows.append(
+            f"| {r.get('routing')} | {r['tokens']:,} | {r['dense_parent_val_loss']:.4f} | {r['init_val_loss']:.4f} "
+            f"| {r['val_loss']:.4f} ({r['best_val_loss']:.4f}) | {iso.get('val_loss', float('nan')):.4f} "
+            f"| {tok.get('val_loss', float('nan')):.4f} |"
+        )
+    return "\n".join(rows)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("what", choices=("table", "best"))
+    ap.add_argument("logs")
+    args = ap.parse_args(argv)
+    print(table(args.logs) if args.what == "table" else best_exportable(args.logs))
+
+
+if __name__ == "__main__":
+    main()

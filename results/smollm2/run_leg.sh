@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# The SmolLM2-135M leg (issue 20, part 3) on one GPU; results/smollm2/lease.sh starts it on the device (as part S
+# of results/lease.sh) once the GGUF and the corpus are there:
+#   SMOLLM2_GGUF=/path/SmolLM2-135M-Instruct.Q4_1.gguf bash results/smollm2/run_leg.sh S
+# 1. +sweep=smollm2 for each routing (softmax_topk, topk_softmax), two parallel streams: E8G1T2 at two budgets,
+#    each beside its iso-FLOP and token-matched dense continuations (the streams share them through the cache);
+# 2. the table of step-0, final and best validation losses (smollm2.md; the curves are in each results.json);
+# 3. the best MoE that kept its checkpoint, exported with harness.export (to .cache/smollm2/export: 2.8 GB of
+#    fp32 weights stay out of the packed outputs) and checked with analysis.hf_check (hf_check.json).
+# For the tiny CPU check in results/README.md: SMOLLM2_OVERRIDES, extra run.py overrides (last); SMOLLM2_BUDGETS,
+# "SMALL LARGE" train.tokens (SMALL a comma list); SMOLLM2_SERIAL=1, one stream after the other; SMOLLM2_KEEP,
+# the routings whose large budget keeps last.ckpt (space-separated; default topk_softmax).
+set -uo pipefail
+export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True UPCYCLE_LOGS=${UPCYCLE_LOGS:-logs/study/S} UPCYCLE_CACHE=${UPCYCLE_CACHE:-.cache} PYTHONUNBUFFERED=1
+mkdir -p "$UPCYCLE_LOGS" && touch "$UPCYCLE_LOGS/.started"
+read -r -a extra <<<"${SMOLLM2_OVERRIDES:-}"
+S=(+sweep=smollm2 trainer.enable_progress_bar=false print_config=false)
+say() { echo "[$(date -u +%FT%TZ)] $*" | tee -a "$UPCYCLE_LOGS/driver.log"; }
+job() {  # job TAG ARGS...: one run.py command, its output in TAG.out (as in results/run_study.sh)
+  local tag=$1; shift
+  say "start $tag: python run.py $*"
+  if python run.py "$@" >"$UPCYCLE_LOGS/$tag.out" 2>&1; then say "done $tag"; else say "FAILED $tag (see $tag.out)"; fi
+}
+say "part S (SmolLM2-135M) on $(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1), git $(git rev-parse --short HEAD 2>/dev/null)"
+# Lightning writes last.ckpt at the end of every run that saves checkpoints: 8.3 GB per E8G1T2 run with Adam. At
+# the end of its 768-step run a routing also holds its trunk at step 614 and, hard-linked until the run ends, the
+# step-204 trunk it branched from. Three such per routing, beside the dense trunks, come too close to the 64 GB
+# disk; so each routing runs its small budget without checkpoints, then its large one with a checkpoint only for
+# the routings in SMOLLM2_KEEP (default topk_softmax: the export, as MixtralForCausalLM). Both budgets of a routing
+# still share its trunk. Its trunk checkpoints are removed once both streams are done (the export needs none).
+read -r small large <<<"${SMOLLM2_BUDGETS:-4194304 12582912}"
+keep=" ${SMOLLM2_KEEP:-topk_softmax} "
+stream() {
+  local save=false
+  [[ "$keep" == *" $1 "* ]] && save=true
+  job "smollm2_$1" -m "${S[@]}" routing="$1" train.tokens="$small" train.save_checkpoints=false "${extra[@]}"
+  job "smollm2_${1}_large" -m "${S[@]}" routing="$1" train.tokens="$large" train.save_checkpoints=$save "${extra[@]}"
+}
+for routing in softmax_topk topk_softmax; do
+  stream "$routing" &
+  [ "${SMOLLM2_SERIAL:-0}" = 1 ] && wait
+done
+wait
+# this leg's trunk checkpoints (~17 GB for the MoEs): room for the export
+find "$UPCYCLE_CACHE/trunks" -name "step_*.ckpt" -newer "$UPCYCLE_LOGS/.started" -delete 2>/dev/null
+python -m analysis.smollm2 table "$UPCYCLE_LOGS" | tee "$UPCYCLE_LOGS/smollm2.md"
+export_dir=$UPCYCLE_CACHE/smollm2/export
+if best=$(python -m analysis.smollm2 best "$UPCYCLE_LOGS"); then
+  say "export $best -> $export_dir"
+  rm -rf "$export_dir"
+  if python -m harness.export "$best" "$export_dir" >"$UPCYCLE_LOGS/export.out" 2>&1; then
+    cp "$export_dir/config.json" "$UPCYCLE_LOGS/export_config.json"
+    if python -m analysis.hf_check "$best" "$export_dir" --out "$UPCYCLE_LOGS/hf_check.json" >"$UPCYCLE_LOGS/hf_check.out" 2>&1
+    then say "hf_check passed: $(grep -h _val_loss "$UPCYCLE_LOGS/hf_check.json" | tr -d ' \n')"
+    else say "hf_check FAILED (see hf_check.out)"; fi
+  else say "export FAILED (see export.out)"; fi
+else say "no MoE run kept a checkpoint: nothing to export"; fi
+say "part S finished"
