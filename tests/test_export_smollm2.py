@@ -63,18 +63,18 @@ def test_relu2_has_no_hf_class(tmp_path):
         export_model(model, MoEConfig(num_experts=4, top_k=2), tmp_path)
 
 
+def _module(env, module, *args):
+    """``python -m module args...`` from the repository root, output captured."""
+    cmd = [sys.executable, "-m", module, *map(str, args)]
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+
+
 @pytest.mark.slow
 def test_export_cli_on_a_finished_run(env, tmp_path):
     run_cli(env, tmp_path, "routing=topk_softmax", "iso_flop_baseline=false", "train.tokens=3200")
     run_dir, out = tmp_path / "runs" / "default" / "latest", tmp_path / "hf"
-    proc = subprocess.run(
-        [sys.executable, "-m", "harness.export", str(run_dir), str(out)],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        check=True,
-    )
+    proc = _module(env, "harness.export", run_dir, out)
+    assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout.strip().splitlines()[-1])["class"] == "MixtralForCausalLM"
     model, _, _ = load_run(run_dir)
     hf = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
@@ -82,13 +82,7 @@ def test_export_cli_on_a_finished_run(env, tmp_path):
     x = torch.tensor([tok("def main():\n    return 0\n")["input_ids"][:32]])
     with torch.no_grad():
         torch.testing.assert_close(hf(x).logits, model(x).logits, rtol=1e-4, atol=1e-5)
-    check = subprocess.run(
-        [sys.executable, "-m", "analysis.hf_check", str(run_dir), str(out)],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-    )
+    check = _module(env, "analysis.hf_check", run_dir, out)
     assert check.returncode == 0, check.stdout + check.stderr
     assert json.loads(check.stdout)["abs_diff"] < 1e-4  # transformers computes results.json's val_loss
     shifted = tmp_path / "shifted"  # the same run claiming another loss: the check fails
@@ -96,17 +90,9 @@ def test_export_cli_on_a_finished_run(env, tmp_path):
     (shifted / "config_resolved.yaml").write_text((run_dir / "config_resolved.yaml").read_text())
     res = json.loads((run_dir / "results.json").read_text())
     (shifted / "results.json").write_text(json.dumps({**res, "val_loss": res["val_loss"] + 0.01}))
-    wrong = subprocess.run(
-        [sys.executable, "-m", "analysis.hf_check", str(shifted), str(out)], cwd=ROOT, env=env, capture_output=True
-    )
+    wrong = _module(env, "analysis.hf_check", shifted, out)
     assert wrong.returncode == 1
-    bad = subprocess.run(
-        [sys.executable, "-m", "harness.export", str(tmp_path / "nope"), str(out)],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-    )
+    bad = _module(env, "harness.export", tmp_path / "nope", out)
     assert bad.returncode != 0 and "export error:" in bad.stderr and "Traceback" not in bad.stderr
 
 
