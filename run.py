@@ -20,7 +20,7 @@ def main(cfg: DictConfig) -> float:
         from hydra.types import RunMode
 
         if HydraConfig.get().mode == RunMode.MULTIRUN:  # an ordinary job failure: the sweep's other jobs go on
-            raise
+            raise type(e)(str(e)) from None  # named before the sweep began (harness/preflight.py): one frame
         kind = "config error" if isinstance(e, ConfigError) else "error"
         raise SystemExit(f"{kind}: {e}") from None  # one line naming the bad key or file, no traceback
 

@@ -1,8 +1,11 @@
 """End-to-end through the real entry point (run.py under Hydra, as a subprocess)."""
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from harness import flops
 from harness.model import ModelConfig
@@ -302,3 +305,18 @@ def test_the_parallel_launcher_runs_jobs_at_once_and_gives_the_basic_launchers_n
         spans.append((stamp(lines[0]), stamp(lines[-1])))
     (a0, a1), (b0, b1) = spans
     assert a0 < b1 and b0 < a1  # the two jobs were running at the same time
+
+
+def test_named_scales_and_sweeps_are_found_from_any_working_directory(env, tmp_path):
+    for extra in ("+scale=cpu", "+sweep=routing"):
+        proc = subprocess.run(
+            [sys.executable, str(ROOT / "run.py"), extra, "--cfg", "job"],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+        )
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        cfg = yaml.safe_load(proc.stdout)
+        assert "scale" not in cfg and "sweep" not in cfg  # composed as configs, not stray keys
+    assert cfg["name"] == "sweep_routing"
