@@ -68,14 +68,21 @@ def _set_aside(path: Path) -> bool:
 
 
 def collect(*roots: str | Path) -> pd.DataFrame:
-    """One row per results.json under ``roots`` (failed runs included, with their status and error)."""
-    rows = [
-        load_run(p)
-        for root in roots
-        for p in sorted(Path(root).rglob("results.json"))
-        if "dense_continuation" not in p.parts and not _set_aside(p)
-    ]
-    return pd.DataFrame(rows)
+    """One row per run under ``roots`` (failed runs included, with their status and error). A run counts once:
+    a ``latest`` link is not a second run, nor is the same config (same hash) run again in the same sweep under
+    another spelling of its overrides (it would count as one more seed)."""
+    runs: dict = {}
+    for root in roots:
+        for p in sorted(Path(root).rglob("results.json")):
+            if "dense_continuation" in p.parts or _set_aside(p):
+                continue
+            folder = p.resolve().parent
+            config_hash = json.loads(p.read_text()).get("config_hash")
+            key = (folder.parent, config_hash) if config_hash else folder
+            row = load_run(p)
+            if key not in runs or (runs[key]["status"] != "complete" and row["status"] == "complete"):
+                runs[key] = row
+    return pd.DataFrame(list(runs.values()))
 
 
 def curves(df: pd.DataFrame) -> pd.DataFrame:
