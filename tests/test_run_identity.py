@@ -175,9 +175,12 @@ def _wandb_runs(folder: Path) -> dict[str, dict]:
     """W&B offline runs under ``folder/wandb`` by run id: job type, config keys, summary keys, file count."""
     runs = {}
     for d in sorted((folder / "wandb").glob("offline-run-*")):
-        info = runs.setdefault(d.name.rsplit("-", 1)[1], {"files": 0, "config": set(), "summary": set()})
+        records = _wandb_records(next(d.glob("*.wandb")))
+        # the id from the run record: a reopening within the same second gets a folder "...-<id>-1"
+        run_id = next(r.run.run_id for r in records if r.WhichOneof("record_type") == "run")
+        info = runs.setdefault(run_id, {"files": 0, "config": set(), "summary": set()})
         info["files"] += 1
-        for r in _wandb_records(next(d.glob("*.wandb"))):
+        for r in records:
             kind = r.WhichOneof("record_type")
             if kind == "run":
                 info["job_type"], info["group"] = r.run.job_type, r.run.run_group
