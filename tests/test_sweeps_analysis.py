@@ -140,3 +140,42 @@ def test_table_counts_stay_integers_when_every_axis_is_numeric():
     md = to_markdown(summarize(df, ["lr"]), ["lr"])
     assert "| 0.0003 | **1.8200 ± 0.0100** | — | 2.0000 | 3 | 0 |" in md
     assert "| 0.001 | 1.9050 ± 0.0071 | — | 2.0000 | 2 | 1 |" in md
+
+
+def test_each_ladder_variant_sets_its_recipe_and_nothing_else():
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from harness.identity import experiment_config
+    from harness.resolvers import register
+
+    register()
+    want = {
+        "exact_start": {},
+        "topk_softmax": {("moe", "routing"): "topk_softmax"},
+        "megatron_start": {
+            ("upcycle", "weight_scaling"): "paper",
+            ("upcycle", "router_start"): "fixed",
+            ("upcycle", "router_logit_std"): None,  # a fixed router std (moe.router_init_std) instead
+        },
+        "drop_upcycling": {("upcycle", "router_init"): "random", ("upcycle", "drop_ratio"): 0.5},
+    }
+    assert sorted(p.stem for p in (ROOT / "sweeps" / "variant").glob("*.yaml")) == sorted(want)
+
+    def flat(cfg) -> dict:
+        return dict(_flatten(OmegaConf.to_container(OmegaConf.create(experiment_config(cfg)))))
+
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        base = flat(compose("config", overrides=["+sweep=ladder"]))
+        for name, changes in want.items():
+            got = flat(compose("config", overrides=["+sweep=ladder", f"+variant={name}"]))
+            diff = {k: got.get(k) for k in got.keys() | base.keys() if got.get(k) != base.get(k)}
+            assert diff == changes, name
+
+
+def _flatten(d: dict, prefix: tuple = ()):
+    for k, v in d.items():
+        if isinstance(v, dict):
+            yield from _flatten(v, prefix + (k,))
+        else:
+            yield prefix + (k,), v
