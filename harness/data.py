@@ -329,6 +329,9 @@ class TokenDataModule(L.LightningDataModule):
         self.micro_batch_size = None if micro_batch_size is None else int(micro_batch_size)
         self.total_steps = 0
         self.world_size = 1  # set by the trainer setup (see ``split_batch``)
+        # set by the fit for GPU trainers: a batch in pinned host memory is copied to the GPU without the stream
+        # sync that a pageable copy makes, so the host can queue the next step while the GPU runs this one
+        self.pin_memory = False
         self.shard_dir: Path | None = None
         if self.seq_len < 2 or self.batch_size < 1:
             raise ConfigError(f"data.seq_len={seq_len} / data.batch_size={batch_size} must be >= 2 / >= 1")
@@ -402,11 +405,14 @@ class TokenDataModule(L.LightningDataModule):
             sampler=self._rank_sampler(ds),
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
+            pin_memory=self.pin_memory,
         )
 
     def val_dataloader(self) -> DataLoader:
         ds = FixedWindows(self.shard("val"), self.seq_len, self.val_batches * self.batch_size)
-        return DataLoader(ds, batch_size=self.loader_batch, sampler=self._rank_sampler(ds), num_workers=0)
+        return DataLoader(
+            ds, batch_size=self.loader_batch, sampler=self._rank_sampler(ds), num_workers=0, pin_memory=self.pin_memory
+        )
 
     def _rank_sampler(self, ds: Dataset) -> Sampler | None:
         """Rank r of W takes samples r, r+W, ...: each optimizer step consumes the same global samples

@@ -163,6 +163,7 @@ def fit_in_process(
     )
     world = launch.world_size(cfg.trainer)
     exp.data.total_steps, exp.data.world_size = steps, world
+    exp.data.pin_memory = eval_device(cfg).type == "cuda"
     _, accumulate = exp.data.split_batch(world)
     ckpt_dir = out_dir / "checkpoints"
     curve = ValCurve(tokens_per_step, fpt)

@@ -76,10 +76,14 @@ class LitLM(L.LightningModule):
         collapse_steps: int = 100,
     ):
         super().__init__()
-        # numerical guards: a pre-clip gradient norm above max_grad_norm (or non-finite) stops the run;
-        # one expert taking more than collapse_share of the tokens for collapse_steps steps is a warning
+        # numerical guards: a non-finite loss, or a pre-clip gradient norm above max_grad_norm (or non-finite),
+        # stops the run before the update; one expert taking more than collapse_share of the tokens for
+        # collapse_steps steps is a warning. They are read on the host once per optimizer step, together
+        # (``_check_step``): every other host sync would stall a small model's GPU between kernels.
         self.max_grad_norm, self.collapse_share, self.collapse_steps = max_grad_norm, collapse_share, collapse_steps
-        self._collapsed_for = 0
+        self._loss_ok: torch.Tensor | None = None  # all losses of this optimizer step finite (on the device)
+        self._collapsed_for: torch.Tensor | None = None  # consecutive collapsed micro-batches (on the device)
+        self._collapse_warned = False
         self.model, self.optim, self.total_steps = model, optim, total_steps
         self.tokens_per_step = tokens_per_step  # global tokens per optimizer step (None: one micro-batch x world)
         # decided before any wrapping: FSDP (use_orig_params) flattens the parameters it shards
@@ -94,11 +98,8 @@ class LitLM(L.LightningModule):
         x, y = batch
         out = self.model(x, y)
         loss = out.loss + (out.aux_loss if out.aux_loss is not None else 0.0)
-        if not torch.isfinite(loss).item():  # one tiny sync a step; a NaN must not reach the weights
-            raise FloatingPointError(
-                f"non-finite training loss ({loss.item()}) at step {self.global_step}: stopping before the update; "
-                f"{self._last_good()}(lower optim.lr or raise optim.warmup_steps)"
-            )
+        finite = torch.isfinite(loss.detach())  # checked before the update, in _check_step (no sync here)
+        self._loss_ok = finite if self._loss_ok is None else self._loss_ok & finite
         tokens = (self.global_step + 1) * (self.tokens_per_step or x.numel() * self.trainer.world_size)
         self.log_dict(
             {
@@ -139,16 +140,14 @@ class LitLM(L.LightningModule):
         self.log_dict(metrics)
 
     def _watch_collapse(self, router, tokens: int) -> None:
+        """Counts, on the device, consecutive micro-batches in which one expert takes more than collapse_share
+        of the tokens; ``_check_step`` warns once the count reaches collapse_steps."""
         if self.collapse_share >= 1.0:
             return
-        share = max(float(r.tokens_per_expert.max()) for r in router) / tokens  # fraction of tokens, not copies
-        self._collapsed_for = self._collapsed_for + 1 if share > self.collapse_share else 0
-        self.log("moe/router_collapse", float(self._collapsed_for >= self.collapse_steps))
-        if self._collapsed_for == self.collapse_steps:
-            warnings.warn(
-                f"router collapse: one expert has taken > {self.collapse_share:.0%} of the tokens for "
-                f"{self.collapse_steps} steps (step {self.global_step}); consider a larger moe.aux_loss_coef"
-            )
+        share = torch.stack([r.tokens_per_expert.max() for r in router]).max() / tokens  # of tokens, not copies
+        before = self._collapsed_for if self._collapsed_for is not None else torch.zeros_like(share)
+        self._collapsed_for = torch.where(share > self.collapse_share, before + 1, torch.zeros_like(before))
+        self.log("moe/router_collapse", (self._collapsed_for >= self.collapse_steps).float())
 
     def validation_step(self, batch, batch_idx):
         x, y = batch
@@ -177,13 +176,28 @@ class LitLM(L.LightningModule):
         else:
             norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
         self.log("train/grad_norm", norm)
-        value = float(norm)
+        self._check_step(norm)
+
+    def _check_step(self, norm: torch.Tensor) -> None:
+        """The step's one host sync: the guards, read together before the update."""
+        loss_ok = self._loss_ok if self._loss_ok is not None else torch.ones((), dtype=torch.bool, device=norm.device)
+        collapsed = self._collapsed_for if self._collapsed_for is not None else torch.zeros((), device=norm.device)
+        value, finite, streak = torch.stack([norm.float(), loss_ok.float(), collapsed.float()]).tolist()
+        self._loss_ok = None
+        hint = f"stopping before the update; {self._last_good()}(lower optim.lr or raise optim.warmup_steps)"
+        if not finite:
+            raise FloatingPointError(f"non-finite training loss at step {self.global_step}: {hint}")
         if not math.isfinite(value) or (self.max_grad_norm is not None and value > self.max_grad_norm):
             raise FloatingPointError(
                 f"gradient norm {value:.4g} at step {self.global_step} is not finite or exceeds "
-                f"train.max_grad_norm={self.max_grad_norm}: stopping before the update; {self._last_good()}"
-                "(lower optim.lr or raise optim.warmup_steps)"
+                f"train.max_grad_norm={self.max_grad_norm}: {hint}"
             )
+        if streak >= self.collapse_steps and not self._collapse_warned:
+            warnings.warn(
+                f"router collapse: one expert has taken > {self.collapse_share:.0%} of the tokens for "
+                f"{self.collapse_steps} steps (step {self.global_step}); consider a larger moe.aux_loss_coef"
+            )
+        self._collapse_warned = streak >= self.collapse_steps
 
     def _last_good(self) -> str:
         """Names the checkpoint to go back to only when there is one."""
