@@ -1,5 +1,7 @@
 """One MoE layer fwd+bwd (router, permutation, grouped experts, un-permutation, aux loss) against a
-dense MLP of the same active FLOPs, in bf16 on CUDA. Also checks grouped_mm == per-expert loop.
+dense MLP of the same active FLOPs, in bf16 on CUDA. Also checks grouped_mm == per-expert loop, and
+times Hugging Face transformers' own MoE block (``MixtralSparseMoeBlock`` with its grouped_mm experts)
+holding the same weights, after checking that it computes our output.
 
     python benchmarks/moe_layer.py            # d=2048, f=8192, 16k tokens; prints a table
 """
@@ -11,8 +13,9 @@ import json
 
 import torch
 
+from harness.export import mixtral_moe_block
 from harness.mlp import MLP
-from harness.moe import MoE, MoEConfig
+from harness.moe import MoE, MoEConfig, route, router_logits
 
 
 def fresh_grads(*modules) -> None:
@@ -119,6 +122,21 @@ def rel(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
+def hf_check(moe: MoE, hf, x: torch.Tensor) -> tuple[float, float]:
+    """(rel err of our output against the HF block's, on the tokens both route to the same experts; the
+    fraction of tokens routed differently). No aux loss: HF's block has none. HF's router rounds its logits
+    to bf16 before the softmax where ours keeps them fp32, so where the T-th and (T+1)-th logits nearly
+    tie, it can pick another expert: such a token differs by a whole expert's output, a rounding and
+    not a mapping error, so it is counted instead of compared."""
+    with torch.no_grad():
+        y, _ = moe(x)
+        y_hf = hf(x.unsqueeze(0)).squeeze(0)
+        logits = router_logits(x, moe.router.weight, moe.cfg.router_precision)
+        ids = route(logits, moe.cfg.top_k, moe.cfg.routing)[1]
+        same = (ids.sort(-1).values == hf.gate(x)[2].sort(-1).values).all(-1)
+    return rel(y_hf[same], y[same]), 1 - same.float().mean().item()
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--d", type=int, default=2048)
@@ -136,9 +154,13 @@ def main():
     rows = []
     for e, g, t in [(8, 1, 2), (64, 8, 8)]:
         torch.manual_seed(0)
-        cfg = MoEConfig(num_experts=e, granularity=g, top_k=t, router_init_std=0.02, aux_loss_coef=0.01)
+        # Mixtral's routing, which HF's block computes (the routing mode costs one top-k either way)
+        cfg = MoEConfig(
+            num_experts=e, granularity=g, top_k=t, routing="topk_softmax", router_init_std=0.02, aux_loss_coef=0.01
+        )
         moe = MoE(args.d, args.f, "swiglu", cfg).to(dev, dt)
         moe.experts.backend = "grouped_mm"
+        hf = mixtral_moe_block(moe, "grouped_mm")  # a copy of moe's weights, bf16 on CUDA
         x = torch.randn(args.tokens, args.d, device=dev, dtype=dt, requires_grad=True)
         # correctness: grouped vs loop, forward and grads
         y_g, aux = moe(x)
@@ -147,16 +169,18 @@ def main():
         y_l, aux_l = moe(x)
         gx_l, gw_l = torch.autograd.grad((y_l.float().square().mean() + aux_l.loss), [x, moe.experts.w1])
         err = max(rel(y_g, y_l), rel(gx_g, gx_l), rel(gw_g, gw_l))
+        moe.experts.backend = "grouped_mm"
+        err_hf, hf_rerouted = hf_check(moe, hf, x.detach())
         active_ff = args.f * t // g
         dense = MLP(args.d, active_ff, "swiglu").to(dev, dt)
         flops = 6 * 3 * args.d * active_ff * args.tokens  # fwd+bwd of the expert matmuls (router excluded)
 
-        def step(layer, backend=None):
+        def step(layer, backend=None, batched=False):
             fresh_grads(layer)
             x.grad = None
             if backend:
                 moe.experts.backend = backend
-            out = layer(x)
+            out = layer(x.unsqueeze(0) if batched else x)  # HF's block takes [batch, seq, d]
             loss = (
                 out[0].float().square().mean() + out[1].loss if isinstance(out, tuple) else out.float().square().mean()
             )
@@ -166,9 +190,14 @@ def main():
         t_grouped = bench(lambda: step(moe, "grouped_mm"))
         t_loop = bench(lambda: step(moe, "loop"))
         moe.experts.backend = "grouped_mm"
-        dense_c, moe_c = torch.compile(dense), torch.compile(moe)
-        timed = interleaved({"dense": lambda: step(dense_c), "moe": lambda: step(moe_c)}, args.rounds)
+        # ours against HF's block: ours also computes and backpropagates its aux loss (HF's leaves that to the model)
+        dense_c, moe_c, hf_c = torch.compile(dense), torch.compile(moe), torch.compile(hf)
+        timed = interleaved(
+            {"dense": lambda: step(dense_c), "moe": lambda: step(moe_c), "hf": lambda: step(hf_c, batched=True)},
+            args.rounds,
+        )
         (t_dense_c, t_dense_steady), (t_grouped_c, t_grouped_steady) = timed["dense"], timed["moe"]
+        t_hf_c, t_hf_steady = timed["hf"]
         if args.profile:
             profile(lambda: step(moe_c), f"E{e}G{g}T{t} compiled")
         # the v3 router (both operands cast to fp32) for comparison, compiled
@@ -199,6 +228,8 @@ def main():
             dict(
                 shape=f"E{e}G{g}T{t}",
                 rel_err_grouped_vs_loop=err,
+                rel_err_vs_hf=err_hf,
+                hf_rerouted_fraction=hf_rerouted,
                 dense_tflops=flops / t_dense / 1e12,
                 grouped_tflops=flops / t_grouped / 1e12,
                 loop_tflops=flops / t_loop / 1e12,
@@ -214,6 +245,11 @@ def main():
                 ms_dense_steady=t_dense_steady * 1e3,
                 ms_grouped_steady=t_grouped_steady * 1e3,
                 ratio_steady=t_dense_steady / t_grouped_steady,
+                hf_compiled_tflops=flops / t_hf_c / 1e12,
+                ms_hf_compiled=t_hf_c * 1e3,
+                ms_hf_steady=t_hf_steady * 1e3,
+                ratio_ours_over_hf_compiled=t_hf_c / t_grouped_c,
+                ratio_ours_over_hf_steady=t_hf_steady / t_grouped_steady,
                 ratio_best=min(t_dense, t_dense_c) / min(t_grouped, t_grouped_c),
                 grouped_compiled_fp32_router_tflops=flops / t_fp32_router_c / 1e12,
                 dense_autocast_tflops=flops / t_dense_amp / 1e12,
@@ -226,12 +262,15 @@ def main():
     print(
         f"{'shape':10} {'rel_err':>9} {'dense':>6} {'grouped':>8} {'loop':>6} {'ratio':>6} "
         f"{'dense_c':>8} {'grouped_c':>9} {'ratio_c':>7} {'best/best':>9} {'fp32rt_c':>8} "
-        f"{'dense_amp':>9} {'moe_amp':>7} {'ratio_amp':>9} | "
-        f"{'ms_dense_st':>11} {'ms_moe_st':>9} {'ratio_steady':>12} {'ratio_amp_st':>12}"
+        f"{'dense_amp':>9} {'moe_amp':>7} {'ratio_amp':>9} {'hf_c':>5} | "
+        f"{'ms_dense_st':>11} {'ms_moe_st':>9} {'ratio_steady':>12} {'ratio_amp_st':>12} {'ms_hf_st':>8} "
+        f"{'ours/hf_st':>10} | {'err_vs_hf':>9} {'rerouted':>8}"
     )
     print(
         "  (TF/s; _c = torch.compile; fp32rt = the v3 fp32 router; _amp = fp32 weights under bf16 autocast, compiled;"
-        " _st = compiled, steps issued back to back, ms)"
+        " hf = transformers' MixtralSparseMoeBlock, grouped_mm experts, same weights; _st = compiled, steps issued"
+        " back to back, ms; ours/hf > 1: ours faster; err_vs_hf on the tokens both route alike, rerouted: the"
+        " fraction HF's bf16 router logits send elsewhere)"
     )
     for r in rows:
         print(
@@ -239,8 +278,10 @@ def main():
             f"{r['grouped_tflops']:8.0f} {r['loop_tflops']:6.0f} {r['ratio_grouped_over_dense']:6.2f} "
             f"{r['dense_compiled_tflops']:8.0f} {r['grouped_compiled_tflops']:9.0f} {r['ratio_compiled']:7.2f} "
             f"{r['ratio_best']:9.2f} {r['grouped_compiled_fp32_router_tflops']:8.0f} {r['dense_autocast_tflops']:9.0f} "
-            f"{r['moe_autocast_tflops']:7.0f} {r['ratio_autocast']:9.2f} | {r['ms_dense_steady']:11.2f} "
-            f"{r['ms_grouped_steady']:9.2f} {r['ratio_steady']:12.3f} {r['ratio_autocast_steady']:12.3f}"
+            f"{r['moe_autocast_tflops']:7.0f} {r['ratio_autocast']:9.2f} {r['hf_compiled_tflops']:5.0f} | "
+            f"{r['ms_dense_steady']:11.2f} {r['ms_grouped_steady']:9.2f} {r['ratio_steady']:12.3f} "
+            f"{r['ratio_autocast_steady']:12.3f} {r['ms_hf_steady']:8.2f} {r['ratio_ours_over_hf_steady']:10.3f} | "
+            f"{r['rel_err_vs_hf']:9.2e} {r['hf_rerouted_fraction']:8.2%}"
         )
     if args.json:
         with open(args.json, "w") as fh:

@@ -26,7 +26,11 @@ import torch
 
 from harness.errors import ConfigError
 from harness.model import Decoder
-from harness.moe import MoEConfig
+from harness.moe import MoE, MoEConfig
+
+# one MoE layer's parameters: ours -> HF's sparse MoE blocks' (Mixtral's, Qwen2-MoE's); both store each expert's
+# nn.Linear weights stacked ([gate; up] rows, then down), so the tensors map as they are
+MOE_TO_HF = {"router.weight": "gate.weight", "experts.w1": "experts.gate_up_proj", "experts.w2": "experts.down_proj"}
 
 
 def hf_class(model: Decoder, moe: MoEConfig | None) -> str:
@@ -72,13 +76,7 @@ def hf_config(model: Decoder, moe: MoEConfig | None):
     kw = _base_config(model)
     layers = list(getattr(model, "moe_layers", []) or [])
     if name == "MixtralForCausalLM":
-        kw.update(
-            num_local_experts=moe.num_experts,
-            num_experts_per_tok=moe.top_k,
-            sliding_window=None,
-            router_aux_loss_coef=moe.aux_loss_coef,
-            intermediate_size=model.cfg.d_ff // moe.granularity,
-        )
+        kw.update(_mixtral_moe_kwargs(moe, model.cfg.d_ff), sliding_window=None)
         return name, transformers.MixtralConfig(**kw)
     if name == "Qwen2MoeForCausalLM":
         kw.update(
@@ -97,6 +95,50 @@ def hf_config(model: Decoder, moe: MoEConfig | None):
     if name == "Qwen2ForCausalLM":
         return name, transformers.Qwen2Config(**kw, use_sliding_window=False)
     return name, transformers.LlamaConfig(**kw, attention_bias=False, mlp_bias=False)
+
+
+def _mixtral_moe_kwargs(moe: MoEConfig, d_ff: int) -> dict:
+    return dict(
+        num_local_experts=moe.num_experts,
+        num_experts_per_tok=moe.top_k,
+        router_aux_loss_coef=moe.aux_loss_coef,
+        intermediate_size=d_ff // moe.granularity,
+    )
+
+
+def hf_moe_state_dict(sd: dict[str, torch.Tensor], src: str = "", dst: str = "") -> dict[str, torch.Tensor]:
+    """One MoE layer's weights (keys ``src`` + ours) under the HF block's names (``dst`` + theirs)."""
+    return {dst + theirs: sd[src + ours] for ours, theirs in MOE_TO_HF.items()}
+
+
+def mixtral_moe_block(layer: MoE, experts_implementation: str = "grouped_mm"):
+    """transformers' ``MixtralSparseMoeBlock`` holding a copy of ``layer``'s weights (same device and dtype).
+
+    It computes ``layer``'s output when ``layer`` routes ``topk_softmax`` (Mixtral's router: softmax over all
+    experts, top-T, renormalised) for any granularity: G only sets the expert width. Its router has no aux
+    loss and takes [batch, seq, d] input. ``experts_implementation`` picks the experts' forward (transformers'
+    ``ExpertsInterface``, read from its config at each call: "eager" loops over the experts, "grouped_mm" is one
+    grouped GEMM per projection; under torch.compile it falls back to a loop unless the weights are bf16)."""
+    import transformers
+    from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
+
+    if layer.activation != "swiglu" or layer.cfg.routing != "topk_softmax":
+        raise ConfigError(
+            f"activation={layer.activation!r}, routing={layer.cfg.routing!r}: Mixtral's block computes only "
+            "swiglu experts routed topk_softmax"
+        )
+    ex = layer.experts
+    config = transformers.MixtralConfig(
+        hidden_size=ex.d_model,
+        hidden_act="silu",
+        experts_implementation=experts_implementation,
+        **_mixtral_moe_kwargs(layer.cfg, ex.d_expert * layer.cfg.granularity),
+    )
+    w = layer.router.weight
+    with torch.device(w.device):
+        block = MixtralSparseMoeBlock(config).to(w.dtype)
+    block.load_state_dict(hf_moe_state_dict(layer.state_dict()), strict=True)
+    return block
 
 
 def hf_state_dict(model: Decoder, name: str) -> dict[str, torch.Tensor]:
@@ -118,9 +160,7 @@ def hf_state_dict(model: Decoder, name: str) -> dict[str, torch.Tensor]:
                 w = sd[src + f"attn.{p}_proj.weight"]
                 out[dst + f"self_attn.{p}_proj.bias"] = sd.get(src + f"attn.{p}_proj.bias", torch.zeros(w.shape[0]))
         if i in layers:
-            out[dst + "mlp.gate.weight"] = sd[src + "mlp.router.weight"]
-            out[dst + "mlp.experts.gate_up_proj"] = sd[src + "mlp.experts.w1"]
-            out[dst + "mlp.experts.down_proj"] = sd[src + "mlp.experts.w2"]
+            out.update(hf_moe_state_dict(sd, src + "mlp.", dst + "mlp."))
             if name == "Qwen2MoeForCausalLM":  # its shared expert, zeroed: adds nothing
                 d = model.cfg.d_model
                 for proj, shape in (("gate_proj", (1, d)), ("up_proj", (1, d)), ("down_proj", (d, 1))):
