@@ -51,6 +51,23 @@ def world_size(trainer_cfg: DictConfig) -> int:
     return max(n, 1) * nodes
 
 
+def check_devices(trainer_cfg: DictConfig) -> None:
+    """A GPU trainer where no GPU is visible fails in one line before any compute. Checked in the job itself,
+    not in a sweep's preflight: a SLURM sweep is submitted from a login node that has no GPU."""
+    accelerator = str(trainer_cfg.get("accelerator", "auto"))
+    if accelerator not in ("gpu", "cuda"):
+        return
+    have = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if have == 0:
+        raise ConfigError(
+            f"trainer.accelerator={accelerator} (trainer=gpu, ddp or fsdp, or a +scale that picks one) but no CUDA "
+            "GPU is visible here: use trainer=cpu"
+        )
+    devices = trainer_cfg.get("devices", 1)
+    if isinstance(devices, int) and devices > have:
+        raise ConfigError(f"trainer.devices={devices} but {have} CUDA GPU(s) are visible here")
+
+
 def in_worker() -> bool:
     return WORKER_ENV in os.environ
 

@@ -36,14 +36,20 @@ class CheckSweep(Callback):
 
         from harness.errors import ConfigError
         from harness.experiment import build_experiment
+        from harness.launch import check_devices
 
+        launcher = str(config.hydra.launcher.get("_target_", ""))
+        local = launcher.endswith(("BasicLauncher", "JoblibLauncher"))  # not SLURM: its login node has no GPU
         loader = GlobalHydra.instance().config_loader()
         jobs = sweep_jobs(config)
         swept = {o for job in jobs for o in job if sum(o in other for other in jobs) < len(jobs)}
         bad = []
         for overrides in jobs:
             try:
-                build_experiment(loader.load_sweep_config(config, overrides))
+                job = loader.load_sweep_config(config, overrides)
+                build_experiment(job)
+                if local:
+                    check_devices(job.trainer)
             except ConfigError as e:
                 name = ",".join(o for o in overrides if o in swept) or ",".join(overrides)
                 bad.append(f"config error in job {name}: {e}")

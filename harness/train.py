@@ -42,6 +42,7 @@ def main(cfg: DictConfig) -> float:
     out_dir = Path(cfg.paths.output_dir)
     try:
         exp = build_experiment(cfg)  # raises ConfigError before any compute
+        launch.check_devices(cfg.trainer)
     except Exception as e:
         if _multirun():  # recorded in the job's own folder, so the sweep's report counts it
             results.record_unstarted(cfg, out_dir, e)

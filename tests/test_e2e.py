@@ -100,6 +100,7 @@ def test_resume_continues_the_same_curve(env, tmp_path):
         ("upcycle.drop_ratio=2.0", "upcycle.drop_ratio=2.0"),
         ("method=distill", "method='distill'"),
         ("moe=E64G8T8 model.d_ff=100", "model.d_ff=100 is not divisible by moe.granularity=8"),
+        ("trainer=gpu", "trainer.accelerator=gpu (trainer=gpu, ddp or fsdp"),  # the tests' CLI sees no GPU
     ],
 )
 def test_bad_config_fails_fast_with_one_line(env, tmp_path, override, needle):
