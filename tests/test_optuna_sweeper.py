@@ -120,3 +120,16 @@ def test_long_override_lists_give_short_stable_job_folders():
     long = ",".join(f"key{i}=value{i}" for i in range(40))
     name = short_dirname(long)
     assert len(name) <= MAX_DIRNAME and name == short_dirname(long) and name != short_dirname(long + "x")
+
+
+@pytest.mark.slow
+def test_a_study_name_reused_under_another_config_stops_before_any_trial(env, tmp_path):
+    one = [*SEARCH, "hydra.sweeper.n_trials=1", "iso_flop_baseline=false"]
+    run_cli(env, tmp_path, *one, "train.tokens=1000")
+    proc = run_cli(env, tmp_path, *one, "train.tokens=2000", check=False)
+    last = proc.stderr.strip().splitlines()[-1]
+    assert proc.returncode != 0 and last.startswith("config error: optuna study 'optuna_lr'"), proc.stderr[-2000:]
+    assert "holds trials of another config" in last and "Traceback" not in proc.stderr
+    assert len(_study(tmp_path).trials) == 1  # nothing was asked or run under the other config
+    again = run_cli(env, tmp_path, *one, "train.tokens=1000")  # the study's own config still continues it
+    assert "1/1 trials used" in again.stdout + again.stderr

@@ -151,9 +151,25 @@ class OptunaSweeper(Sweeper):
             pruner=_build(self.pruner_cfg),
             load_if_exists=True,
         )
+        self._check_owner(study)
         if storage is not None:
             fail_stale_trials(study)  # trials of a killed worker: FAIL, params re-enqueued
         return study
+
+    def _check_owner(self, study: optuna.Study) -> None:
+        """A study holds the trials of one experiment config (its fixed part: scale, model, budget, seed...);
+        the same name under another config would mix their losses, so it stops here with one line."""
+        from harness.identity import config_hash
+
+        key, stored = config_hash(self.config), study.user_attrs.get("config_hash")
+        if stored is None:
+            study.set_user_attr("config_hash", key)
+        elif stored != key:
+            raise SystemExit(
+                f"config error: optuna study {study.study_name!r} in {self.storage_url} holds trials of another "
+                f"config (cfg={stored}; this one is cfg={key}): give this search its own name=..., or delete "
+                "that storage to start over"
+            )
 
     @staticmethod
     def _used(study: optuna.Study) -> int:
