@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
+import types
+import typing
 from dataclasses import dataclass, field
 
 import torch
 from hydra.errors import InstantiationException
-from hydra.utils import instantiate
+from hydra.utils import get_object, instantiate
 from omegaconf import DictConfig
+from omegaconf.errors import MissingMandatoryValue
 
 from harness import launch
 from harness.data import TokenDataModule
@@ -119,14 +123,54 @@ def config_key(obj) -> str:
 
 
 def build(node, **kw):
-    """``hydra.utils.instantiate`` that lets our ConfigError through unwrapped (one clear line)."""
+    """``hydra.utils.instantiate`` that names a bad value in one ConfigError line: ours raised by the class, a
+    value of the wrong type for its field, or a mandatory value (``???``) left unset."""
     try:
+        check_types(node)
         return instantiate(node, **kw)
+    except MissingMandatoryValue as e:
+        raise ConfigError(f"{e.full_key} must be set ({e.full_key}=...)") from None
     except InstantiationException as e:
         cause = e.__cause__ or e.__context__
         if isinstance(cause, ConfigError):
             raise cause from None
+        if isinstance(cause, MissingMandatoryValue):
+            raise ConfigError(f"{cause.full_key} must be set ({cause.full_key}=...)") from None
         raise
+
+
+_SCALARS = (bool, int, float, str, type(None))
+
+
+def check_types(node: DictConfig) -> None:
+    """Each scalar argument of the node's ``_target_`` against its annotation (``train.tokens=abc`` is not an
+    int), where the annotation is a plain scalar type or a union of them; integral floats pass for ints
+    (``1e6`` reads as a float)."""
+    try:
+        target = get_object(node._target_)
+        if not isinstance(target, type):
+            return
+        hints = typing.get_type_hints(target if dataclasses.is_dataclass(target) else target.__init__)
+    except Exception:  # not a class, or annotations we cannot resolve: instantiate reports what it finds
+        return
+    prefix = node._get_full_key(None)
+    for key, hint in hints.items():
+        allowed = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+        if key not in node or not all(t in _SCALARS for t in allowed):
+            continue
+        value = node[key]
+        fits = (
+            (value is None and type(None) in allowed)
+            or (isinstance(value, bool) and bool in allowed)
+            or (type(value) is int and (int in allowed or float in allowed))
+            or (isinstance(value, float) and (float in allowed or (int in allowed and value.is_integer())))
+            or (isinstance(value, str) and str in allowed)
+        )
+        if not fits:
+            names = " or ".join("null" if t is type(None) else t.__name__ for t in allowed)
+            child = node._get_node(key)
+            origin = f" (it reads {child._value()})" if child._is_interpolation() else ""
+            raise ConfigError(f"{prefix}.{key}={value!r} is not {names}{origin}")
 
 
 def build_experiment(cfg: DictConfig) -> Experiment:

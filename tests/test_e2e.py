@@ -101,6 +101,9 @@ def test_resume_continues_the_same_curve(env, tmp_path):
         ("method=distill", "method='distill'"),
         ("moe=E64G8T8 model.d_ff=100", "model.d_ff=100 is not divisible by moe.granularity=8"),
         ("trainer=gpu", "trainer.accelerator=gpu (trainer=gpu, ddp or fsdp"),  # the tests' CLI sees no GPU
+        ("train.tokens=abc", "train.tokens='abc' is not int"),
+        ("data.seq_len=1.5", "model.max_seq_len=1.5 is not int (it reads ${data.seq_len})"),
+        ("model=hf", "model.hf_path must be set (model.hf_path=...)"),
     ],
 )
 def test_bad_config_fails_fast_with_one_line(env, tmp_path, override, needle):
