@@ -32,7 +32,7 @@ def report(roots: list[str], out: str | Path) -> dict[str, Path]:
     files["tex"].write_text(tables.to_latex(table, by))
     plots.loss_vs_flops(df, by, files["loss"])
     if plots.expert_load(df, by, files["load"]) is None:
-        files.pop("load")
+        files.pop("load").unlink(missing_ok=True)  # no stale plot from an earlier report into this folder
     return files
 
 
@@ -44,6 +44,8 @@ def main() -> None:
     files = report(args.roots, args.out)
     print((Path(args.out) / "table.md").read_text())
     print("wrote", ", ".join(str(p) for p in files.values()))
+    if "load" not in files:
+        print("expert_load.png: not drawn (no run logged moe/expert_load_cv: dense runs only)")
 
 
 if __name__ == "__main__":
