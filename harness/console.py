@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
+import time
 import warnings
 
 from lightning.pytorch.callbacks import Callback, TQDMProgressBar
@@ -47,6 +49,11 @@ class StepProgressBar(TQDMProgressBar):
     """``train 40/94 [loss, val/loss]``: optimizer steps done of the fit's max_steps. Lightning's own bar
     counts batches of an epoch and prints ``Epoch 0/-2`` for a step-bounded run."""
 
+    def __init__(self):
+        super().__init__()
+        self.interval = 0.5 if sys.stderr.isatty() else 30.0  # seconds between redraws; a log file wants few
+        self._shown_at = 0.0
+
     def on_train_epoch_start(self, trainer, *_):
         bar = self.train_progress_bar
         bar.reset(total=trainer.max_steps)
@@ -55,10 +62,16 @@ class StepProgressBar(TQDMProgressBar):
         bar.refresh()
 
     def on_train_batch_end(self, trainer, pl_module, *_):
+        """Redrawn at most every ``interval`` seconds (and at the last step): reading the metrics waits for the
+        GPU, which a small model's step must not do every time, and a log file gets a line per redraw."""
         bar = self.train_progress_bar
-        if trainer.global_step != bar.n and not bar.disable:
-            bar.n = trainer.global_step
-            bar.set_postfix(self.get_metrics(trainer, pl_module))
+        if trainer.global_step == bar.n or bar.disable:
+            return
+        bar.n = trainer.global_step
+        now = time.monotonic()
+        if now - self._shown_at >= self.interval or bar.n >= (bar.total or float("inf")):
+            self._shown_at = now
+            bar.set_postfix(self.get_metrics(trainer, pl_module), refresh=False)
             bar.refresh()
 
     def init_validation_tqdm(self):
