@@ -337,6 +337,10 @@ class TokenDataModule(L.LightningDataModule):
             raise ConfigError(f"data.seq_len={seq_len} / data.batch_size={batch_size} must be >= 2 / >= 1")
         if self.micro_batch_size is not None and self.micro_batch_size < 1:
             raise ConfigError(f"data.micro_batch_size={micro_batch_size} must be >= 1 (or null)")
+        if not 0 < self.val_fraction < 0.5:
+            raise ConfigError(f"data.val_fraction={val_fraction} must be in (0, 0.5)")
+        if self.val_batches < 1:
+            raise ConfigError(f"data.val_batches={val_batches} must be >= 1")
 
     def split_batch(self, world: int) -> tuple[int, int]:
         """(micro-batch per device, gradient-accumulation steps) for the global batch on ``world`` devices."""

@@ -176,6 +176,10 @@ def check_types(node: DictConfig) -> None:
 def build_experiment(cfg: DictConfig) -> Experiment:
     if cfg.method not in METHODS:
         raise ConfigError(f"method={cfg.method!r} is not one of {METHODS}")
+    seed = cfg.get("seed")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ConfigError(f"seed={seed!r} must be an integer >= 0")
+    data = build(cfg.data)  # before the model: its max_seq_len and vocab_size read data.*
     train = build(cfg.train)
     pretrain = build(cfg.pretrain)
     model = build(cfg.model)
@@ -186,7 +190,6 @@ def build_experiment(cfg: DictConfig) -> Experiment:
     optim = build(cfg.optim)
     optim.validate()
     train.validate(optim, hf_base=bool(cfg.model.get("hf_path")))
-    data = build(cfg.data)
     data.check_source()  # a user corpus: exists, is text, is large enough
     if data.seq_len > model.max_seq_len:
         raise ConfigError(f"data.seq_len={data.seq_len} > model.max_seq_len={model.max_seq_len}")

@@ -35,6 +35,15 @@ def finished(out_dir: Path, config_hash: str) -> dict | None:
     return None
 
 
+def finished_elsewhere(out_dir: Path, config_hash: str) -> Path | None:
+    """A sibling folder holding this config's complete run under another spelling of its overrides
+    (``routing=softmax_topk`` is the default written out): the same ``cfg=<hash>``, so the same experiment."""
+    for other in sorted(out_dir.parent.glob(f"*cfg={config_hash}")):
+        if other != out_dir and other.is_dir() and not other.is_symlink() and finished(other, config_hash):
+            return other
+    return None
+
+
 def write(out_dir: Path, res: dict) -> None:
     atomic_write_json(out_dir / "results.json", res)
 

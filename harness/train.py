@@ -63,6 +63,17 @@ def main(cfg: DictConfig) -> float:
     if old is not None:
         log.info("%s is complete for this config: skipping (force=true re-runs)", results_path)
         return float(old["val_loss"])
+    twin = None if cfg.force else results.finished_elsewhere(out_dir, config_hash)
+    if twin is not None:
+        log.info(
+            "%s holds this config's complete run (cfg=%s, its overrides spelled another way): skipping "
+            "(force=true trains it again here)",
+            twin / "results.json",
+            config_hash,
+        )
+        if not _multirun():
+            identity.point_latest(twin)
+        return float(results.finished(twin, config_hash)["val_loss"])
     if cfg.print_config:
         from harness.config_tree import print_config_tree
 

@@ -102,8 +102,11 @@ def test_resume_continues_the_same_curve(env, tmp_path):
         ("moe=E64G8T8 model.d_ff=100", "model.d_ff=100 is not divisible by moe.granularity=8"),
         ("trainer=gpu", "trainer.accelerator=gpu (trainer=gpu, ddp or fsdp"),  # the tests' CLI sees no GPU
         ("train.tokens=abc", "train.tokens='abc' is not int"),
-        ("data.seq_len=1.5", "model.max_seq_len=1.5 is not int (it reads ${data.seq_len})"),
+        ("data.seq_len=1.5", "data.seq_len=1.5 is not int"),
         ("model=hf", "model.hf_path must be set (model.hf_path=...)"),
+        ("seed=-1", "seed=-1 must be an integer >= 0"),
+        ("data.val_fraction=0.9", "data.val_fraction=0.9 must be in (0, 0.5)"),
+        ("data.batch_size=1.5", "data.batch_size=1.5 is not int"),
     ],
 )
 def test_bad_config_fails_fast_with_one_line(env, tmp_path, override, needle):

@@ -77,6 +77,11 @@ def test_two_configs_in_a_row_each_equal_a_clean_run_and_bad_input_touches_neith
     assert snapshot(logs, skip=hydra_own) == {
         k: v for k, v in before.items() if not set(Path(k).parts) & set(hydra_own)
     }
+    # the same config spelled another way (the default routing written out) finds its finished run
+    again = run_cli(env, logs, "train.tokens=2000", "routing=softmax_topk")
+    assert f"{a / 'results.json'} holds this config's complete run" in again.stdout + again.stderr
+    assert (logs / "runs" / "default" / "latest").resolve() == a.resolve()
+    assert not (only_dir(logs, "routing=softmax_topk") / "results.json").exists()
 
 
 @pytest.mark.slow
