@@ -272,6 +272,10 @@ def main() -> None:
     ap.add_argument("root", help="a ladder sweep's folder, e.g. logs/multirun/sweep_ladder")
     ap.add_argument("--out", default="report")
     args = ap.parse_args()
+    if ladder_runs(args.root).empty and not cut_off_markdown(args.root):
+        raise SystemExit(
+            f"no ladder run under {args.root} (runs with train.pretrain_fraction set: python run.py -m +sweep=ladder)"
+        )
     files = ladder(args.root, args.out)
     print(files["ladder_md"].read_text())
     print("wrote", ", ".join(str(p) for p in files.values()))

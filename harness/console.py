@@ -42,7 +42,12 @@ def quiet_libraries() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
     for pattern in QUIET_WARNINGS:
         warnings.filterwarnings("ignore", message=pattern)
+    warnings.formatwarning = _one_line  # a warning reads as one line, not with the source line that raised it
     os.environ.setdefault("WANDB_SILENT", "true")
+
+
+def _one_line(message, category, filename, lineno, line=None) -> str:
+    return f"{category.__name__}: {message}\n"
 
 
 class StepProgressBar(TQDMProgressBar):

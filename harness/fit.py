@@ -164,6 +164,14 @@ def fit_in_process(
     world = launch.world_size(cfg.trainer)
     exp.data.total_steps, exp.data.world_size = steps, world
     exp.data.pin_memory = eval_device(cfg).type == "cuda"
+    if exp.optim.warmup_steps >= steps and not launch.in_worker():
+        log.warning(
+            "warmup of %d steps >= this stage's %d steps: its LR never reaches its peak %g (optim.warmup_steps, "
+            "or pretrain.optim.warmup_steps for the dense base)",
+            exp.optim.warmup_steps,
+            steps,
+            exp.optim.lr,
+        )
     _, accumulate = exp.data.split_batch(world)
     ckpt_dir = out_dir / "checkpoints"
     curve = ValCurve(tokens_per_step, fpt)

@@ -7,6 +7,7 @@ the other jobs have trained."""
 from __future__ import annotations
 
 import logging
+import shutil
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
@@ -30,6 +31,12 @@ class CheckSweep(Callback):
     """Hydra callback (conf/hydra/default.yaml): names the sweep's invalid jobs before the first one starts."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        launcher = str(config.hydra.launcher.get("_target_", ""))
+        if launcher.endswith("SlurmLauncher") and shutil.which("sbatch") is None:
+            raise SystemExit(
+                "config error: hydra/launcher=slurm submits with SLURM's sbatch, which is not on PATH here: run the "
+                "sweep from a SLURM login node, or use hydra/launcher=basic or parallel"
+            )
         if not str(config.hydra.sweeper.get("_target_", "")).endswith("BasicSweeper"):
             return  # Optuna & co. choose values as they go: each trial is checked when it starts
         from hydra.core.global_hydra import GlobalHydra
@@ -38,7 +45,6 @@ class CheckSweep(Callback):
         from harness.experiment import build_experiment
         from harness.launch import check_devices
 
-        launcher = str(config.hydra.launcher.get("_target_", ""))
         local = launcher.endswith(("BasicLauncher", "JoblibLauncher"))  # not SLURM: its login node has no GPU
         loader = GlobalHydra.instance().config_loader()
         jobs = sweep_jobs(config)

@@ -3,6 +3,7 @@ run, and the summary table printed at the end."""
 
 from __future__ import annotations
 
+import logging
 import traceback
 from pathlib import Path
 
@@ -10,6 +11,8 @@ from omegaconf import DictConfig
 
 from harness import identity
 from harness.io import atomic_write_json, read_json
+
+log = logging.getLogger("upcycle")
 
 
 def record_unstarted(cfg: DictConfig, out_dir: Path, error: Exception) -> None:
@@ -60,7 +63,8 @@ def print_summary(res: dict, out_dir: Path) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    t = Table(title=f"{res['method']} {res.get('moe', '')} {res.get('routing', '')} [{res['status']}]")
+    what = res["method"] if res["method"] != "upcycle" else f"upcycle {res.get('moe', '')} {res.get('routing', '')}"
+    t = Table(title=f"{what} [{res['status']}]")
     for c in ("model", "tokens", "train FLOPs", "val loss"):
         t.add_column(c)
     t.add_row("dense parent", "-", "-", f"{res['dense_parent_val_loss']:.4f}")
@@ -72,6 +76,10 @@ def print_summary(res: dict, out_dir: Path) -> None:
     if "dense_tokens" in res:
         d = res["dense_tokens"]
         t.add_row("dense, same tokens", f"{d['tokens']:,}", f"{d['train_flops']:.3e}", f"{d['val_loss']:.4f}")
+    parts = [f"{res['method']} {res['val_loss']:.4f}", f"step 0 {res['init_val_loss']:.4f}"]
+    parts += [f"dense parent {res['dense_parent_val_loss']:.4f}"]
+    parts += [f"{k} {res[k]['val_loss']:.4f}" for k in ("dense_iso", "dense_tokens") if k in res]
+    log.info("val loss: %s -> %s", ", ".join(parts), out_dir / "results.json")  # run.log keeps the table's numbers
     console = Console()
     console.print(t)
     console.print(f"results: {out_dir / 'results.json'}", soft_wrap=True)

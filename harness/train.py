@@ -59,6 +59,10 @@ def main(cfg: DictConfig) -> float:
     identity.claim(out_dir, config_hash)  # RunFolderError if the folder holds another config's run
     if not _multirun():
         identity.point_latest(out_dir)
+    if cfg.print_config:
+        from harness.config_tree import print_config_tree
+
+        print_config_tree(cfg)
     old = results.finished(out_dir, config_hash)
     if old is not None:
         log.info("%s is complete for this config: skipping (force=true re-runs)", results_path)
@@ -74,10 +78,6 @@ def main(cfg: DictConfig) -> float:
         if not _multirun():
             identity.point_latest(twin)
         return float(results.finished(twin, config_hash)["val_loss"])
-    if cfg.print_config:
-        from harness.config_tree import print_config_tree
-
-        print_config_tree(cfg)
     OmegaConf.save(cfg, out_dir / "config_resolved.yaml", resolve=True)
     resolved = OmegaConf.to_container(cfg, resolve=True)
     base = {"config": resolved, "config_hash": config_hash, "run_dir": str(out_dir)}

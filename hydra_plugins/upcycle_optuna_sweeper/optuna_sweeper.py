@@ -133,6 +133,8 @@ class OptunaSweeper(Sweeper):
             Path(url[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
         storage = None
         warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # heartbeat/retry
+        # we record heartbeats ourselves (``_heartbeat``), outside Study.optimize, which the warning assumes
+        warnings.filterwarnings("ignore", message=".*Heartbeat of storage is supposed to be used.*")
         if url:
             retry = RetryHeartbeatStaleTrialCallback(max_retry=self.max_retry)
             storage = _open_storage(
