@@ -9,6 +9,7 @@ import time
 import warnings
 
 from lightning.pytorch.callbacks import Callback, TQDMProgressBar
+from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
 
 # Lightning lines that say nothing about this run (device inventory, tips, "max_steps reached")
 QUIET_LOGGERS = (
@@ -80,9 +81,9 @@ class StepProgressBar(TQDMProgressBar):
             bar.refresh()
 
     def init_validation_tqdm(self):
-        bar = super().init_validation_tqdm()
-        bar.disable = True  # validation is a pause in the train bar, which then shows val/loss
-        return bar
+        """Validation is a pause in the train bar, which then shows val/loss: a bar made disabled draws nothing
+        (one disabled after it is made has already drawn its first line)."""
+        return Tqdm(disable=True)
 
     def get_metrics(self, trainer, pl_module):
         metrics = super().get_metrics(trainer, pl_module)
