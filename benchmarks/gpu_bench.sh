@@ -1,25 +1,34 @@
 #!/usr/bin/env bash
 # The GPU figures of benchmarks/RESULTS.md (one H100): the MoE layer, then full train steps.
-#   bash benchmarks/gpu_bench.sh $OUT [part [presets]]   part: layer | step | harness | all (= layer and step)
+#   bash benchmarks/gpu_bench.sh $OUT [part [presets]]   part: layer | step | large | harness | all (= layer, step)
+#   large (issue 22, target 2; an H200): large1b upcycled to E8G1T2 in every layer beside its dense parent, batch 8
 # writes moe_layer.txt/json, train_step.jsonl and (harness) harness_overhead.csv under $OUT
 set -u
 out=${1:-bench_out}; part=${2:-all}; mkdir -p "$out"; export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 if [[ $part == all || $part == layer ]]; then
   timeout 420 python3 benchmarks/moe_layer.py --profile --json "$out/moe_layer.json" 2>&1 | tee "$out/moe_layer.txt" | grep -v "^-\|^ \|^Self\|^Name\|^=" | tail -8
 fi
-if [[ $part == all || $part == step ]]; then
-  ts() { timeout 150 python3 benchmarks/train_step.py --json "$out/train_step.jsonl" "$@" 2>>"$out/train_step.err" | tail -1 >/dev/null; }
+ts() { timeout 150 python3 benchmarks/train_step.py --json "$out/train_step.jsonl" "$@" 2>>"$out/train_step.err" | tail -1 >/dev/null; }
+if [[ $part == large ]]; then  # selective recompute instead of full: which fits, and at what MFU
+  ts --model large1b --moe none --batch 8 --compile
+  ts --model large1b --moe E8G1T2 --batch 8 --compile --ckpt mlp
+  ts --model large1b --moe E8G1T2 --batch 8 --compile --ckpt selective
+  ts --model large1b --moe E8G1T2 --batch 4 --compile --ckpt full
+fi
+if [[ $part == all || $part == step || $part == large ]]; then
+  if [[ $part != large ]]; then
   ts --model large1b --moe none --batch 4 --compile
   ts --model large1b --moe E8G1T2 --moe-layers every_4 --batch 4 --compile
   ts --model large1b --moe E8G1T2 --moe-layers every_4 --batch 4 --compile --ckpt
   ts --model medium350m --moe none --compile
   ts --model medium350m --moe E8G1T2 --compile
+  fi
   python3 - "$out/train_step.jsonl" <<'PY'
 import json, sys
 print(f"{'model':11} {'moe':7} {'layers':8} {'comp':4} {'ckpt':4} {'batch':>5} {'total':>7} {'active':>7} {'tok/s':>8} {'MFU808':>6} {'MFU989':>6} {'GiB':>5}")
 for line in open(sys.argv[1]):
     r = json.loads(line)
-    print(f"{r['model']:11} {r['moe']:7} {r['moe_layers']:8} {str(r['compile'])[0]:4} {str(r['ckpt'])[0]:4} {r['batch']:5} "
+    print(f"{r['model']:11} {r['moe']:7} {r['moe_layers']:8} {str(r['compile'])[0]:4} {str(r['ckpt'] or '-')[:4]:4} {r['batch']:5} "
           f"{r['params_total']/1e9:6.2f}B {r['params_active']/1e9:6.2f}B {r['tokens_per_s']:8.0f} "
           f"{r['mfu_808']:6.1%} {r['mfu_989']:6.1%} {r['peak_mem_gib']:5.1f}")
 PY

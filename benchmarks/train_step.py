@@ -57,7 +57,14 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--compile", action="store_true")
-    ap.add_argument("--ckpt", action="store_true", help="activation checkpointing")
+    ap.add_argument(
+        "--ckpt",
+        nargs="?",
+        const="full",
+        default=None,
+        choices=["full", "mlp", "selective"],
+        help="activation checkpointing (--ckpt alone: full; mlp: the MLP/MoE layer only; selective: all but matmuls)",
+    )
     ap.add_argument("--json", default=None)
     ap.add_argument("--device", default="cuda")
     args = ap.parse_args()

@@ -25,6 +25,7 @@ from harness.moe import MoEConfig
 from harness.upcycle import Recipe, resolve_moe_layers
 
 METHODS = ("upcycle", "dense", "pretrain")  # pretrain: only the (cached) dense base
+CHECKPOINTING = (False, True, "full", "mlp", "selective")  # train.activation_checkpointing
 
 
 @dataclass
@@ -40,7 +41,9 @@ class TrainConfig:
     peak_tflops: float | None = None  # hardware peak for perf/mfu
     stop_after_steps: int | None = None  # stop early as a crash would (tests resume)
     compile: bool | str = "auto"  # torch.compile each block: auto = on for GPU trainers (1.75x on H100), off on CPU
-    activation_checkpointing: bool = False  # recompute blocks in backward: less memory, ~1/3 more compute
+    # recompute in backward for memory: false | full (whole blocks, ~1/3 more compute) | mlp (the MLP/MoE layer
+    # only) | selective (all but matmul and attention outputs); true means full
+    activation_checkpointing: bool | str = False
     max_grad_norm: float | None = 1000.0  # a pre-clip gradient norm above this (or NaN/Inf) stops the run
     collapse_share: float = 0.9  # one expert taking more than this share of the tokens ...
     collapse_steps: int = 100  # ... for this many steps in a row: moe/router_collapse=1 and a warning
@@ -54,6 +57,11 @@ class TrainConfig:
             raise ConfigError(f"train.max_grad_norm={mgn!r} must be > 0 (or null)")
         if not (isinstance(share, (int, float)) and 0 < share <= 1) or int(self.collapse_steps) < 1:
             raise ConfigError(f"train.collapse_share={share!r} / train.collapse_steps must be in (0, 1] / >= 1")
+        if self.activation_checkpointing not in CHECKPOINTING:
+            raise ConfigError(
+                f"train.activation_checkpointing={self.activation_checkpointing!r} is not one of false, true, "
+                "full, mlp, selective"
+            )
         if not (isinstance(self.compile, bool) or self.compile == "auto"):
             raise ConfigError(f"train.compile={self.compile!r} is not one of true, false, auto")
 

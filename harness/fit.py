@@ -145,7 +145,7 @@ def fit_in_process(
     seq = exp.data.seq_len
     fpt = flops.count_model(model, seq).train_per_token
     train = exp.train
-    model.activation_checkpointing = bool(train.activation_checkpointing)
+    model.activation_checkpointing = train.activation_checkpointing
     if compile_enabled(train, cfg.trainer):
         model.compile_blocks()
     peak = float(train.peak_tflops) * 1e12 if train.peak_tflops else None

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from harness.errors import ConfigError
 from harness.mlp import MLP
@@ -116,13 +116,52 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.mlp: nn.Module = MLP(cfg.d_model, cfg.d_ff, cfg.activation)
 
-    def forward(self, x, cos, sin):
+    def forward(self, x, cos, sin, recompute: str | None = None):
+        """``recompute`` (activation checkpointing inside the block, so that torch.compile of the block traces
+        it): ``mlp`` keeps attention's activations and recomputes the MLP or MoE layer in backward (its hidden
+        activations are the block's largest); ``selective`` keeps every matmul and attention output and
+        recomputes the cheap elementwise work between them (norms, RoPE, activations, routing glue)."""
+        if recompute == "selective":
+            return checkpoint(self._body, x, cos, sin, False, use_reentrant=False, context_fn=_selective_context)
+        return self._body(x, cos, sin, recompute == "mlp")
+
+    def _body(self, x, cos, sin, recompute_mlp: bool):
         x = x + self.attn(self.attn_norm(x), cos, sin)
-        h = self.mlp(self.mlp_norm(x))
+        h = checkpoint(self._mlp, x, use_reentrant=False) if recompute_mlp else self._mlp(x)
         aux = None
         if isinstance(h, tuple):  # MoE returns (output, RouterAux)
             h, aux = h
         return x + h, aux
+
+    def _mlp(self, x):
+        return self.mlp(self.mlp_norm(x))
+
+
+def _saved_ops() -> set:
+    """The ops whose outputs selective checkpointing keeps: matmuls and attention (costly to recompute)."""
+    aten = torch.ops.aten
+    names = (
+        "mm",
+        "addmm",
+        "bmm",
+        "_grouped_mm",
+        "_scaled_dot_product_flash_attention",
+        "_scaled_dot_product_efficient_attention",
+        "_scaled_dot_product_cudnn_attention",
+        "_scaled_dot_product_flash_attention_for_cpu",
+    )
+    return {getattr(aten, n).default for n in names if hasattr(aten, n)}
+
+
+_SAVED_OPS = _saved_ops()
+
+
+def _selective_policy(ctx, op, *args, **kwargs):
+    return CheckpointPolicy.MUST_SAVE if op in _SAVED_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def _selective_context():
+    return create_selective_checkpoint_contexts(_selective_policy)
 
 
 @dataclass
@@ -148,7 +187,8 @@ class Decoder(nn.Module):
         cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
-        self.activation_checkpointing = False  # recompute each block in backward (memory for compute)
+        # activation checkpointing: None | "full" (whole blocks) | "mlp" | "selective" (see Block.forward)
+        self.activation_checkpointing: str | bool | None = None
         self.reset_parameters()
 
     def compile_blocks(self, **kwargs) -> None:
@@ -182,11 +222,13 @@ class Decoder(nn.Module):
         cos, sin = self.rope_cos[:t], self.rope_sin[:t]
         x = self.embed(idx)
         router, aux_loss = [], None
+        mode = self.activation_checkpointing if self.training and torch.is_grad_enabled() else None
+        mode = "full" if mode is True else mode or None
         for block in self.blocks:
-            if self.activation_checkpointing and self.training and torch.is_grad_enabled():
+            if mode == "full":  # the whole block recomputed in backward: least memory, ~1/3 more compute
                 x, aux = checkpoint(block, x, cos, sin, use_reentrant=False)
             else:
-                x, aux = block(x, cos, sin)
+                x, aux = block(x, cos, sin, mode)
             if aux is not None:
                 router.append(aux)
                 aux_loss = aux.loss if aux_loss is None else aux_loss + aux.loss

@@ -107,6 +107,7 @@ def test_resume_continues_the_same_curve(env, tmp_path):
         ("seed=-1", "seed=-1 must be an integer >= 0"),
         ("data.val_fraction=0.9", "data.val_fraction=0.9 must be in (0, 0.5)"),
         ("data.batch_size=1.5", "data.batch_size=1.5 is not int"),
+        ("train.activation_checkpointing=bogus", "train.activation_checkpointing='bogus' is not one of false"),
     ],
 )
 def test_bad_config_fails_fast_with_one_line(env, tmp_path, override, needle):
