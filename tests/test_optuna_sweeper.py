@@ -1,5 +1,6 @@
 """The Optuna Hydra sweeper: search space parsing, resume after SIGKILL, pruning from validation."""
 
+import multiprocessing
 import os
 import signal
 import subprocess
@@ -10,10 +11,10 @@ import optuna
 import pytest
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
-from optuna.storages import RetryHeartbeatStaleTrialCallback
+from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 
-from hydra_plugins.upcycle_optuna_sweeper.optuna_sweeper import to_distribution
+from hydra_plugins.upcycle_optuna_sweeper.optuna_sweeper import _open_storage, to_distribution
 
 from helpers.e2e import FAST, ROOT, results, run_cli
 
@@ -39,6 +40,25 @@ SEARCH = [
 )
 def test_hydra_sweep_syntax_maps_to_optuna_distributions(line, expected):
     assert to_distribution(OverridesParser.create().parse_overrides([line])[0]) == expected
+
+
+def _open_at(url: str, start: float) -> str:
+    while time.time() < start:  # every process opens the storage at the same instant
+        pass
+    try:
+        _open_storage(lambda: RDBStorage(url))
+        return "ok"
+    except Exception as e:
+        return repr(e)[:200]
+
+
+def test_processes_opening_a_new_study_database_at_once_all_get_it(tmp_path):
+    """A sweep and whatever polls its study (a dashboard, a second worker) create a new SQLite study
+    together: the losers of the table/version race must retry, not crash the sweep (CI saw one die)."""
+    with multiprocessing.get_context("spawn").Pool(6) as pool:
+        for rep in range(3):
+            url, start = f"sqlite:///{tmp_path}/race{rep}.db", time.time() + 1.5
+            assert pool.starmap(_open_at, [(url, start)] * 6) == ["ok"] * 6
 
 
 def _study(logs):

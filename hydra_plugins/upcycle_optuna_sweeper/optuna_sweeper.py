@@ -68,14 +68,15 @@ def _format(value: Any) -> str:
 
 def _open_storage(make, attempts: int = 5):
     """Open the study's RDB storage, retrying briefly: when several processes (parallel sweep workers,
-    a dashboard) open a new SQLite study at once, all of them try to create its tables, and the
-    losers get an OperationalError ("table ... already exists" / "database is locked")."""
-    from sqlalchemy.exc import OperationalError
+    a dashboard, a test polling it) open a new SQLite study at once, all of them try to create its
+    tables and stamp its schema version, and the losers get an OperationalError ("table ... already
+    exists" / "database is locked") or an IntegrityError (the version row is already there)."""
+    from sqlalchemy.exc import IntegrityError, OperationalError
 
     for i in range(attempts):
         try:
             return make()
-        except OperationalError:
+        except (OperationalError, IntegrityError):
             if i == attempts - 1:
                 raise
             time.sleep(0.5 * (i + 1))
