@@ -26,6 +26,9 @@ AXES = {
     "pretrain_fraction": ("train", "pretrain_fraction"),  # a budget ladder's rung (train.tokens is then unused)
     "seed": ("seed",),
 }
+# axes that only an upcycled run has: a dense continuation keeps ``moe`` (the preset whose FLOPs it matches),
+# a pretraining run has none of them
+RECIPE = ("routing", "router_init", "drop_ratio", "weight_scaling", "router_start")
 
 
 def _get(cfg: dict, path: tuple):
@@ -42,6 +45,10 @@ def load_run(path: Path) -> dict:
     row = {name: _get(cfg, keys) for name, keys in AXES.items()}
     if row["moe"] is not None:
         row["moe"] = f"E{row['moe']}G{row['granularity']}T{row['top_k']}"
+    if row["method"] in ("dense", "pretrain"):  # its config still holds these blocks; they changed nothing
+        row.update(dict.fromkeys(RECIPE))
+        if row["method"] == "pretrain":
+            row.update(moe=None, granularity=None, top_k=None)
     iso = res.get("dense_iso") or {}
     row.update(
         status=res.get("status"),

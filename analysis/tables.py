@@ -8,8 +8,9 @@ from analysis.collect import AXES
 
 
 def varying_axes(df: pd.DataFrame) -> list[str]:
-    """The ablation axes that take more than one value among the runs (seed excluded)."""
-    return [a for a in AXES if a != "seed" and a in df and df[a].astype(str).nunique() > 1]
+    """The ablation axes that take more than one value among the runs (seed excluded; a blank, e.g. a dense
+    run's routing, is not a value)."""
+    return [a for a in AXES if a != "seed" and a in df and df[a].dropna().astype(str).nunique() > 1]
 
 
 def summarize(df: pd.DataFrame, by: list[str] | None = None) -> pd.DataFrame:
@@ -48,7 +49,7 @@ def _rows(table: pd.DataFrame, by: list[str], bold) -> tuple[list[str], list[lis
     for _, r in table.iterrows():
         loss = _pm(r.val_loss, r.val_loss_std)
         rows.append(
-            [str(r[a]) for a in by]
+            ["—" if pd.isna(r[a]) else str(r[a]) for a in by]
             + [
                 bold(loss) if r.val_loss == best else loss,
                 _pm(r.dense_iso_val_loss, r.dense_iso_std),

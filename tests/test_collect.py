@@ -3,6 +3,7 @@
 import json
 
 from analysis.collect import collect
+from analysis.tables import summarize, to_markdown, varying_axes
 
 
 def _run(folder, config_hash, seed, status="complete", loss=2.0):
@@ -22,3 +23,28 @@ def test_a_config_counts_once_per_sweep_whatever_its_spelling_and_links(tmp_path
     df = collect(tmp_path)
     assert len(df) == 3
     assert sorted(df.status) == ["complete"] * 3  # the complete one of the two spellings is kept
+
+
+def _method_run(folder, method, routing, loss):
+    folder.mkdir(parents=True)
+    cfg = {"method": method, "seed": 0, "moe": {"num_experts": 8, "granularity": 1, "top_k": 2, "routing": routing}}
+    res = {"status": "complete", "config": cfg, "config_hash": folder.name, "val_loss": loss, "method": method}
+    (folder / "results.json").write_text(json.dumps(res))
+
+
+def test_a_dense_run_has_no_routing_and_does_not_make_routing_an_axis(tmp_path):
+    """``method=dense moe=E8G1T2`` keeps the moe block (the preset whose FLOPs it matches) but trains no router:
+    its routing is blank, and an upcycle-vs-dense sweep of one routing gets no routing column."""
+    _method_run(tmp_path / "m=upcycle", "upcycle", "softmax_topk", 2.0)
+    _method_run(tmp_path / "m=dense", "dense", "softmax_topk", 2.1)
+    df = collect(tmp_path)
+    assert df.set_index("method").loc["dense", "moe"] == "E8G1T2"
+    assert df.set_index("method").loc["dense", ["routing", "weight_scaling", "router_start"]].isna().all()
+    assert varying_axes(df) == ["method"]
+
+    _method_run(tmp_path / "m=upcycle,r=topk", "upcycle", "topk_softmax", 1.9)
+    df = collect(tmp_path)
+    by = varying_axes(df)
+    assert by == ["method", "routing"]
+    table = to_markdown(summarize(df, by), by)
+    assert "| dense | — | 2.1000 |" in table and "| upcycle | topk_softmax | **1.9000** |" in table
