@@ -101,21 +101,31 @@ def fit_and_evaluate(
     csv_only=False,
     evaluate_after: bool = True,
     trunk_dir: Path | None = None,
+    scored: bool = False,
 ) -> dict:
     """Train ``model`` in place for ``steps`` steps (resuming from ``out_dir/checkpoints/last.ckpt``, else
     from the WSD trunk in ``trunk_dir``), in this process or, when the trainer asks for several devices, in
     one worker per device; then evaluate it here on the full validation set. ``evaluate_after=False``
-    (throughput benchmarks): no final evaluation, and multi-device workers do not hand the weights back."""
+    (throughput benchmarks): no final evaluation, and multi-device workers do not hand the weights back.
+    ``scored``: this is the stage an Optuna trial is scored on, so its validation losses go to the trial, which
+    may prune it; the dense base and the dense baselines are caches that other trials share, never pruned."""
     if trunk_dir is not None and launch.needs_launch(cfg.trainer):
         raise ConfigError("train.share_trunk=true runs on one device for now (trainer.devices=1)")
     if launch.needs_launch(cfg.trainer):
         res = launch.fit_in_workers(
-            model, exp.optim, cfg, out_dir, steps, csv_only, _sweeper_pruner_node(), hand_back=evaluate_after
+            model,
+            exp.optim,
+            cfg,
+            out_dir,
+            steps,
+            csv_only,
+            _sweeper_pruner_node() if scored else None,
+            hand_back=evaluate_after,
+            scored=scored,
         )
     else:
-        res, _ = fit_in_process(
-            model, exp, cfg, out_dir, steps, csv_only, extra_callbacks=pruning_callbacks(cfg), trunk_dir=trunk_dir
-        )
+        pruning = pruning_callbacks(cfg) if scored else []
+        res, _ = fit_in_process(model, exp, cfg, out_dir, steps, csv_only, extra_callbacks=pruning, trunk_dir=trunk_dir)
     done = res["status"] == "complete" and evaluate_after
     val = evaluate(model, exp.data.val_dataloader(), eval_device(cfg)) if done else float("nan")
     model.to("cpu")

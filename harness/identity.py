@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 import shutil
 import time
 from pathlib import Path
@@ -87,10 +88,20 @@ def short_dirname(name: str) -> str:
     return f"{name[: MAX_DIRNAME - 13]}.._{digest}"
 
 
+# a value that is a float with more digits than a reader uses (an Optuna trial's 0.0012345678901234567)
+_LONG_FLOAT = re.compile(r"(?<==)-?\d*\.\d{7,}(?:[eE][-+]?\d+)?(?=,|$)")
+
+
+def readable_overrides(overrides: str) -> str:
+    """The overrides as a folder-name label: long floats to 6 significant digits (the cfg hash beside the
+    label tells configs apart, not the label), ``/`` out of paths so data.path=/a/b does not nest folders."""
+    return _LONG_FLOAT.sub(lambda m: f"{float(m.group()):.6g}", overrides).replace("/", "_")
+
+
 def run_dirname(overrides: str, *, _root_: DictConfig) -> str:
     """``${run_dirname:${hydra.job.override_dirname}}``: readable overrides + the experiment hash."""
     tag = f"cfg={config_hash(_root_)}"
-    readable = short_dirname(overrides.replace("/", "_"))  # data.path=/a/b must not nest folders
+    readable = short_dirname(readable_overrides(overrides))
     return f"{readable},{tag}" if overrides else tag
 
 

@@ -149,11 +149,13 @@ def fit_in_workers(
     csv_only: bool,
     pruner: dict | None,
     hand_back: bool = True,
+    scored: bool = False,
 ) -> dict:
     """Train ``model`` in place on ``world_size(cfg.trainer)`` processes; returns the fit summary.
 
     ``hand_back=False`` leaves ``model`` untrained here (the checkpoints hold the result): for
-    throughput benchmarks of models whose full-state gather to rank 0 would take minutes."""
+    throughput benchmarks of models whose full-state gather to rank 0 would take minutes. ``scored``: the
+    workers report to the job's Optuna trial (``fit.fit_and_evaluate``)."""
     folder = out_dir / "launch"
     folder.mkdir(parents=True, exist_ok=True)
     for stale in list(folder.glob("error_rank*.txt")) + [folder / "result.json", folder / "final.pt"]:
@@ -162,7 +164,14 @@ def fit_in_workers(
     OmegaConf.save(cfg, folder / "config.yaml", resolve=True)
     (folder / "args.json").write_text(
         json.dumps(
-            {"out_dir": str(out_dir), "steps": steps, "csv_only": csv_only, "pruner": pruner, "hand_back": hand_back}
+            {
+                "out_dir": str(out_dir),
+                "steps": steps,
+                "csv_only": csv_only,
+                "pruner": pruner,
+                "hand_back": hand_back,
+                "scored": scored,
+            }
         )
     )
     commands, envs = worker_command(folder, cfg.trainer)

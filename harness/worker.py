@@ -33,7 +33,7 @@ def worker_main(folder: Path) -> None:
             Path(args["out_dir"]),
             args["steps"],
             args["csv_only"],
-            extra_callbacks=pruning_callbacks(cfg, args["pruner"]),
+            extra_callbacks=pruning_callbacks(cfg, args["pruner"]) if args.get("scored") else [],
         )
         hand_back = args.get("hand_back", True)
         # a collective under FSDP: every rank calls it

@@ -115,8 +115,11 @@ def test_killed_study_restarts_and_continues_the_same_study(env, tmp_path):
 
 @pytest.mark.slow
 def test_trials_are_pruned_from_the_validation_loop(env, tmp_path):
+    """With a cold cache: the first trial pretrains the dense base, which is a cache every trial shares, so it
+    is never pruned (it was: the trials reported the base's pretraining losses and never upcycled)."""
+    cold = {**env, "UPCYCLE_CACHE": str(tmp_path / "cache")}
     run_cli(
-        env,
+        cold,
         tmp_path,
         *SEARCH,
         "train.tokens=48000",  # prune as soon as val/loss > 0: every trial
@@ -128,8 +131,42 @@ def test_trials_are_pruned_from_the_validation_loop(env, tmp_path):
     study = _study(tmp_path)
     assert [t.state for t in study.trials] == [TrialState.PRUNED] * 3
     assert all(list(t.intermediate_values) == [10] for t in study.trials)  # reported at step 10 (val_every)
+    assert list((tmp_path / "cache" / "dense").glob("*/meta.json"))  # the base finished
     jobs = [p.parent for p in (tmp_path / "multirun" / "optuna_lr").glob("*/results.json")]
     assert len(jobs) == 3 and all(results(j)["status"] == "pruned" for j in jobs)
+    # each job ran its trial's exact value; its folder shows it to 6 digits (the cfg hash tells runs apart)
+    assert sorted(results(j)["config"]["optim"]["lr"] for j in jobs) == sorted(
+        t.params["optim.lr"] for t in study.trials
+    )
+    for j in jobs:
+        lr = next(part for part in j.name.split(",") if part.startswith("optim.lr="))[len("optim.lr=") :]
+        assert float(lr) == float(f"{results(j)['config']['optim']['lr']:.6g}") and len(lr) <= 12, j.name
+        assert "training the MoE" in (j / "run.log").read_text()  # the trial upcycled: the pruned stage is the MoE's
+
+
+@pytest.mark.slow
+def test_the_dense_baselines_after_a_trial_are_not_pruned(env, tmp_path):
+    """A trial is scored on its MoE run (47 steps here); the iso-FLOP dense continuation after it runs longer
+    and must neither report to the trial nor be pruned by it (a pruner that starts at step 48 would)."""
+    run_cli(
+        env,
+        tmp_path,
+        *SEARCH,
+        "hydra.sweeper.n_trials=1",
+        "train.tokens=48000",
+        "iso_flop_baseline=true",
+        "hydra.sweeper.pruner._target_=optuna.pruners.ThresholdPruner",
+        "~hydra.sweeper.pruner.n_startup_trials",
+        "hydra.sweeper.pruner.n_warmup_steps=48",
+        "+hydra.sweeper.pruner.upper=0.0",
+    )
+    (trial,) = _study(tmp_path).trials
+    (job,) = [p.parent for p in (tmp_path / "multirun" / "optuna_lr").glob("*/results.json")]
+    res = results(job)
+    assert trial.state == TrialState.COMPLETE and res["status"] == "complete", res.get("error")
+    assert res["steps"] == 47 and list(trial.intermediate_values) == [10, 20, 30, 40]
+    assert res["dense_iso"]["tokens"] > res["tokens"]  # the continuation ran past step 48, unpruned
+    assert trial.value == pytest.approx(res["val_loss"])
 
 
 def test_long_override_lists_give_short_stable_job_folders():
