@@ -52,11 +52,13 @@ def write(out_dir: Path, res: dict) -> None:
 
 
 def record_failure(out_dir: Path, base: dict, error: BaseException) -> None:
-    status = "pruned" if type(error).__name__ == "TrialPruned" else "failed"
-    atomic_write_json(
-        out_dir / "results.json",
-        {**base, "status": status, "error": f"{type(error).__name__}: {error}", "traceback": traceback.format_exc()},
-    )
+    """A failed run's record names the error with its traceback; a pruned trial's only the step and loss it was
+    pruned at (an outcome of the search, not an error in the code)."""
+    pruned = type(error).__name__ == "TrialPruned"
+    record = {**base, "status": "pruned" if pruned else "failed", "error": f"{type(error).__name__}: {error}"}
+    if not pruned:
+        record["traceback"] = traceback.format_exc()
+    atomic_write_json(out_dir / "results.json", record)
 
 
 def print_summary(res: dict, out_dir: Path) -> None:

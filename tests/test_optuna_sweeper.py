@@ -134,6 +134,8 @@ def test_trials_are_pruned_from_the_validation_loop(env, tmp_path):
     assert list((tmp_path / "cache" / "dense").glob("*/meta.json"))  # the base finished
     jobs = [p.parent for p in (tmp_path / "multirun" / "optuna_lr").glob("*/results.json")]
     assert len(jobs) == 3 and all(results(j)["status"] == "pruned" for j in jobs)
+    assert all(results(j)["error"].startswith("TrialPruned: pruned at step 10") for j in jobs)
+    assert not any("traceback" in results(j) for j in jobs)  # an outcome of the search, not a crash
     # each job ran its trial's exact value; its folder shows it to 6 digits (the cfg hash tells runs apart)
     assert sorted(results(j)["config"]["optim"]["lr"] for j in jobs) == sorted(
         t.params["optim.lr"] for t in study.trials
