@@ -76,8 +76,9 @@ def _set_aside(path: Path) -> bool:
 
 def collect(*roots: str | Path) -> pd.DataFrame:
     """One row per run under ``roots`` (failed runs included, with their status and error). A run counts once:
-    a ``latest`` link is not a second run, nor is the same config (same hash) run again in the same sweep under
-    another spelling of its overrides (it would count as one more seed)."""
+    a ``latest`` link is not a second run, nor is the same config (same hash: the seed is part of it) run again
+    under another spelling of its overrides, in another sweep or under another ``name`` (it would count as one
+    more seed, with a spread of zero)."""
     runs: dict = {}
     for root in roots:
         for p in sorted(Path(root).rglob("results.json")):
@@ -85,7 +86,7 @@ def collect(*roots: str | Path) -> pd.DataFrame:
                 continue
             folder = p.resolve().parent
             config_hash = json.loads(p.read_text()).get("config_hash")
-            key = (folder.parent, config_hash) if config_hash else folder
+            key = config_hash or folder
             row = load_run(p)
             if key not in runs or (runs[key]["status"] != "complete" and row["status"] == "complete"):
                 runs[key] = row

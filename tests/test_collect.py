@@ -1,4 +1,4 @@
-"""Collecting runs for the report (analysis/collect.py): each run counts once, so seeds are not inflated."""
+"""Collecting runs for the report (analysis/collect.py): each config counts once, so seeds are not inflated."""
 
 import json
 
@@ -19,9 +19,11 @@ def test_a_config_counts_once_per_sweep_whatever_its_spelling_and_links(tmp_path
     _run(sweep / "seed=0,cfg=aaaa", "aaaa", 0)  # the same config again under another spelling: complete this time
     _run(sweep / "seed=1,cfg=bbbb", "bbbb", 1)
     (sweep.parent / "latest").symlink_to(sweep)  # a link to the sweep is not more runs
-    _run(tmp_path / "B" / "multirun" / "sweep_routing" / "seed=0,cfg=aaaa", "aaaa", 0)  # another part: its own run
+    _run(tmp_path / "B" / "multirun" / "sweep_routing" / "seed=0,cfg=aaaa", "aaaa", 0)  # a second sweep: same run
+    _run(tmp_path / "runs" / "default" / "cfg=bbbb", "bbbb", 1)  # the single run of a sweep's job: same run
+    _run(tmp_path / "runs" / "default" / "seed=2,cfg=cccc", "cccc", 2)
     df = collect(tmp_path)
-    assert len(df) == 3
+    assert sorted(df.seed) == [0, 1, 2]  # three configs, three seeds: not five
     assert sorted(df.status) == ["complete"] * 3  # the complete one of the two spellings is kept
 
 
