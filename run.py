@@ -1,8 +1,11 @@
 """Hydra entry point: compose the config, run the experiment, return the objective (val loss)."""
 
+import sys
+
 import hydra
 from omegaconf import DictConfig
 
+from harness.preflight import check_presets
 from harness.resolvers import register
 
 register()
@@ -26,4 +29,5 @@ def main(cfg: DictConfig) -> float:
 
 
 if __name__ == "__main__":
+    check_presets(sys.argv[1:])  # a misspelled preset: one line, before Hydra composes anything
     main()

@@ -7,12 +7,41 @@ the other jobs have trained."""
 from __future__ import annotations
 
 import logging
+import re
 import shutil
+from pathlib import Path
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 log = logging.getLogger("upcycle")
+
+ROOT = Path(__file__).resolve().parents[1]
+PRESET_DIRS = (ROOT / "conf", ROOT / "sweeps")  # the config search path (hydra_plugins/upcycle_searchpath)
+_CHOICE = re.compile(r"^\+{0,2}([a-z_][\w/]*)=([\w.,-]+)$")  # group=name or a sweep group=a,b (no functions)
+
+
+def check_presets(argv: list[str]) -> None:
+    """A preset name that does not exist (``routing=softmax``, ``+sweep=rouitng``) stops in one line naming it
+    and the group's presets; Hydra's own message is eleven lines with its search path. Anything this cannot
+    read for sure (config keys, sweep functions, another config dir) is left to Hydra."""
+    if any(a.startswith(("--config-dir", "-cd", "--config-path", "-cp", "hydra.searchpath")) for a in argv):
+        return
+    for arg in argv:
+        m = _CHOICE.match(arg)
+        if not m or m.group(1).startswith("hydra/"):
+            continue
+        group, names = m.groups()
+        typed = arg.split("=", 1)[0]  # +sweep as the user wrote it
+        dirs = [d / group for d in PRESET_DIRS if (d / group).is_dir()]
+        if not dirs:
+            continue  # a config key (seed=1, method=dense): checked when the config is built
+        presets = sorted({p.stem for d in dirs for p in d.glob("*.yaml")})
+        for name in names.split(","):
+            if name not in presets and name != "null":
+                raise SystemExit(
+                    f"config error: {typed}={name} is not a {group} preset (presets: {', '.join(presets)})"
+                )
 
 
 def sweep_jobs(config: DictConfig) -> list[list[str]]:

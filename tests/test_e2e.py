@@ -108,6 +108,9 @@ def test_resume_continues_the_same_curve(env, tmp_path):
         ("data.val_fraction=0.9", "data.val_fraction=0.9 must be in (0, 0.5)"),
         ("data.batch_size=1.5", "data.batch_size=1.5 is not int"),
         ("train.activation_checkpointing=bogus", "train.activation_checkpointing='bogus' is not one of false"),
+        ("routing=softmax", "routing=softmax is not a routing preset (presets: softmax_topk, topk_softmax)"),
+        ("-m moe=E8G1T2,E8G1T3", "moe=E8G1T3 is not a moe preset (presets: E16G2T2"),
+        ("-m +sweep=rouitng", "+sweep=rouitng is not a sweep preset (presets: batch_size,"),
     ],
 )
 def test_bad_config_fails_fast_with_one_line(env, tmp_path, override, needle):
