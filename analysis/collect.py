@@ -19,6 +19,9 @@ AXES = {
     "weight_scaling": ("upcycle", "weight_scaling"),
     "router_start": ("upcycle", "router_start"),
     "lr": ("optim", "lr"),
+    "warmup_steps": ("optim", "warmup_steps"),
+    "aux_loss_coef": ("moe", "aux_loss_coef"),
+    "z_loss_coef": ("moe", "z_loss_coef"),
     "schedule": ("optim", "schedule"),
     "batch_size": ("data", "batch_size"),
     "model": ("model", "name"),
@@ -28,7 +31,7 @@ AXES = {
 }
 # axes that only an upcycled run has: a dense continuation keeps ``moe`` (the preset whose FLOPs it matches),
 # a pretraining run has none of them
-RECIPE = ("routing", "router_init", "drop_ratio", "weight_scaling", "router_start")
+RECIPE = ("routing", "router_init", "drop_ratio", "weight_scaling", "router_start", "aux_loss_coef", "z_loss_coef")
 
 
 def _get(cfg: dict, path: tuple):

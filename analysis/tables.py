@@ -42,6 +42,13 @@ def _pm(mean, std) -> str:
     return f"{mean:.4f}" if pd.isna(std) else f"{mean:.4f} ± {std:.4f}"
 
 
+def _cell(value) -> str:
+    """An axis value as a reader wants it: blank as —, a searched float (0.0022505863330860372) to 4 digits."""
+    if pd.isna(value):
+        return "—"
+    return f"{value:.4g}" if isinstance(value, float) and len(str(value)) > 8 else str(value)
+
+
 def _rows(table: pd.DataFrame, by: list[str], bold) -> tuple[list[str], list[list[str]]]:
     header = by + ["val loss", "iso-FLOP dense", "step-0 loss", "seeds", "failed"]
     best = table.val_loss.min()
@@ -49,7 +56,7 @@ def _rows(table: pd.DataFrame, by: list[str], bold) -> tuple[list[str], list[lis
     for _, r in table.iterrows():
         loss = _pm(r.val_loss, r.val_loss_std)
         rows.append(
-            ["—" if pd.isna(r[a]) else str(r[a]) for a in by]
+            [_cell(r[a]) for a in by]
             + [
                 bold(loss) if r.val_loss == best else loss,
                 _pm(r.dense_iso_val_loss, r.dense_iso_std),
