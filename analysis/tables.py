@@ -14,7 +14,7 @@ def varying_axes(df: pd.DataFrame) -> list[str]:
 
 
 def summarize(df: pd.DataFrame, by: list[str] | None = None) -> pd.DataFrame:
-    """Per variant: val loss mean/std/n over seeds, the iso-FLOP dense continuation's, and failures."""
+    """Per variant: val loss mean/std/n over seeds, the iso-FLOP dense continuation's, failed and pruned runs."""
     by = by if by is not None else varying_axes(df)
     ok = df[df.status == "complete"]
     if not by:
@@ -29,9 +29,10 @@ def summarize(df: pd.DataFrame, by: list[str] | None = None) -> pd.DataFrame:
         dense_iso_std=("dense_iso_val_loss", "std"),
         train_flops=("train_flops", "mean"),
     ).reset_index()
-    failed = df[df.status != "complete"].groupby(by, dropna=False).size().rename("failed").reset_index()
-    out = out.merge(failed, on=by, how="outer").fillna({"failed": 0, "seeds": 0})
-    out["failed"] = out["failed"].astype(int)
+    for col, rows in (("failed", df[~df.status.isin(["complete", "pruned"])]), ("pruned", df[df.status == "pruned"])):
+        counts = rows.groupby(by, dropna=False).size().rename(col).reset_index()
+        out = out.merge(counts, on=by, how="outer")
+    out = out.fillna({"failed": 0, "pruned": 0, "seeds": 0}).astype({"failed": int, "pruned": int})
     out["seeds"] = out["seeds"].astype(int)
     return out.sort_values("val_loss", na_position="last").reset_index(drop=True)
 
@@ -50,7 +51,8 @@ def _cell(value) -> str:
 
 
 def _rows(table: pd.DataFrame, by: list[str], bold) -> tuple[list[str], list[list[str]]]:
-    header = by + ["val loss", "iso-FLOP dense", "step-0 loss", "seeds", "failed"]
+    pruned = bool(table.pruned.sum())  # an Optuna study's: stopped early by the pruner, not failed
+    header = by + ["val loss", "iso-FLOP dense", "step-0 loss", "seeds", "failed"] + (["pruned"] if pruned else [])
     best = table.val_loss.min()
     rows = []
     for _, r in table.iterrows():
@@ -64,6 +66,7 @@ def _rows(table: pd.DataFrame, by: list[str], bold) -> tuple[list[str], list[lis
                 str(int(r.seeds)),
                 str(int(r.failed)),
             ]
+            + ([str(int(r.pruned))] if pruned else [])
         )  # iterrows upcasts an all-numeric row to float
     return header, rows
 

@@ -54,14 +54,17 @@ def test_a_dense_run_has_no_routing_and_does_not_make_routing_an_axis(tmp_path):
 
 def test_searched_knobs_are_axes_and_searched_floats_read_short(tmp_path):
     """An Optuna study varies lr, warmup and the aux-loss coefficient: each is a column, its floats 4 digits."""
-    for i, (lr, warmup, aux) in enumerate([(0.0022505863330860372, 40, 0.07780155576901421), (0.001, 20, 0.01)]):
+    trials = [(0.0022505863330860372, 40, 0.07780155576901421), (0.001, 20, 0.01), (0.03, 0, 0.1)]
+    for i, (lr, warmup, aux) in enumerate(trials):
         folder = tmp_path / f"trial{i}"
         folder.mkdir()
         cfg = {"seed": 0, "optim": {"lr": lr, "warmup_steps": warmup}, "moe": {"aux_loss_coef": aux}}
-        res = {"status": "complete", "config": cfg, "config_hash": str(i), "val_loss": 2.0 + i, "method": "upcycle"}
+        status = "pruned" if i == 2 else "complete"
+        res = {"status": status, "config": cfg, "config_hash": str(i), "val_loss": 2.0 + i, "method": "upcycle"}
         (folder / "results.json").write_text(json.dumps(res))
     df = collect(tmp_path)
     by = varying_axes(df)
     assert by == ["lr", "warmup_steps", "aux_loss_coef"]
     table = to_markdown(summarize(df, by), by)
     assert "| 0.002251 | 40 | 0.0778 | **2.0000** |" in table and "| 0.001 | 20 | 0.01 | 3.0000 |" in table
+    assert "| seeds | failed | pruned |" in table and table.endswith("| 0.03 | 0 | 0.1 | — | — | — | 0 | 0 | 1 |\n")
