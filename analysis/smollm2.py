@@ -19,7 +19,7 @@ def moe_runs(logs: str | Path) -> list[dict]:
         res = json.loads(path.read_text())
         if res.get("status") == "complete" and res.get("method") == "upcycle":
             runs.append({**res, "run_dir": str(path.parent)})
-    return sorted(runs, key=lambda r: (r["tokens"], r.get("routing", "")))
+    return sorted(runs, key=lambda r: (r["tokens"], r.get("routing", ""), r["config"].get("seed", 0)))
 
 
 def best_exportable(logs: str | Path) -> str:
@@ -33,13 +33,15 @@ def best_exportable(logs: str | Path) -> str:
 
 def table(logs: str | Path) -> str:
     rows = [
-        "| routing | MoE tokens | dense parent | MoE step 0 | MoE final (best) | dense iso-FLOP | dense same tokens |",
-        "|---|---|---|---|---|---|---|",
+        "| routing | seed | MoE tokens | dense parent | MoE step 0 | MoE final (best) | dense iso-FLOP "
+        "| dense same tokens |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in moe_runs(logs):
         iso, tok = r.get("dense_iso", {}), r.get("dense_tokens", {})
         rows.append(
-            f"| {r.get('routing')} | {r['tokens']:,} | {r['dense_parent_val_loss']:.4f} | {r['init_val_loss']:.4f} "
+            f"| {r.get('routing')} | {r['config'].get('seed')} | {r['tokens']:,} | {r['dense_parent_val_loss']:.4f} "
+            f"| {r['init_val_loss']:.4f} "
             f"| {r['val_loss']:.4f} ({r['best_val_loss']:.4f}) | {iso.get('val_loss', float('nan')):.4f} "
             f"| {tok.get('val_loss', float('nan')):.4f} |"
         )

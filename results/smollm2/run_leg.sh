@@ -9,7 +9,9 @@
 #    fp32 weights stay out of the packed outputs) and checked with analysis.hf_check (hf_check.json).
 # For the tiny CPU check in results/README.md: SMOLLM2_OVERRIDES, extra run.py overrides (last); SMOLLM2_BUDGETS,
 # "SMALL LARGE" train.tokens (SMALL a comma list); SMOLLM2_SERIAL=1, one stream after the other; SMOLLM2_KEEP,
-# the routings whose large budget keeps last.ckpt (space-separated; default topk_softmax).
+# the routings whose large budget keeps last.ckpt at the first seed (space-separated; default topk_softmax);
+# SMOLLM2_SEEDS, the seeds (default "0"), one after the other: every budget of a seed, the table (after the first
+# seed also the export), then the next seed, so a lease cut short still holds whole seeds.
 set -uo pipefail
 export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True UPCYCLE_LOGS=${UPCYCLE_LOGS:-logs/study/S} UPCYCLE_CACHE=${UPCYCLE_CACHE:-.cache} PYTHONUNBUFFERED=1
 mkdir -p "$UPCYCLE_LOGS" && touch "$UPCYCLE_LOGS/.started"
@@ -30,29 +32,40 @@ say "part S (SmolLM2-135M) on $(nvidia-smi --query-gpu=name --format=csv,noheade
 # still share its trunk. Its trunk checkpoints are removed once both streams are done (the export needs none).
 read -r small large <<<"${SMOLLM2_BUDGETS:-4194304 12582912}"
 keep=" ${SMOLLM2_KEEP:-topk_softmax} "
-stream() {
-  local save=false
-  [[ "$keep" == *" $1 "* ]] && save=true
-  job "smollm2_$1" -m "${S[@]}" routing="$1" train.tokens="$small" train.save_checkpoints=false "${extra[@]}"
-  job "smollm2_${1}_large" -m "${S[@]}" routing="$1" train.tokens="$large" train.save_checkpoints=$save "${extra[@]}"
+read -r -a seeds <<<"${SMOLLM2_SEEDS:-0}"
+stream() {  # stream ROUTING SEED FIRST: the small budgets, then the large one, of one routing at one seed
+  local save=false tag="$1_s$2"
+  [ "$3" = true ] && [[ "$keep" == *" $1 "* ]] && save=true
+  job "smollm2_$tag" -m "${S[@]}" routing="$1" seed="$2" train.tokens="$small" train.save_checkpoints=false "${extra[@]}"
+  job "smollm2_${tag}_large" -m "${S[@]}" routing="$1" seed="$2" train.tokens="$large" \
+    train.save_checkpoints=$save "${extra[@]}"
 }
-for routing in softmax_topk topk_softmax; do
-  stream "$routing" &
-  [ "${SMOLLM2_SERIAL:-0}" = 1 ] && wait
+export_best() {  # the best MoE that kept its checkpoint, exported and checked in transformers
+  local export_dir=$UPCYCLE_CACHE/smollm2/export best
+  if best=$(python -m analysis.smollm2 best "$UPCYCLE_LOGS"); then
+    say "export $best -> $export_dir"
+    rm -rf "$export_dir"
+    if python -m harness.export "$best" "$export_dir" >"$UPCYCLE_LOGS/export.out" 2>&1; then
+      cp "$export_dir/config.json" "$UPCYCLE_LOGS/export_config.json"
+      if python -m analysis.hf_check "$best" "$export_dir" --out "$UPCYCLE_LOGS/hf_check.json" \
+        >"$UPCYCLE_LOGS/hf_check.out" 2>&1
+      then say "hf_check passed: $(grep -h _val_loss "$UPCYCLE_LOGS/hf_check.json" | tr -d ' \n')"
+      else say "hf_check FAILED (see hf_check.out)"; fi
+    else say "export FAILED (see export.out)"; fi
+  else say "no MoE run kept a checkpoint: nothing to export"; fi
+}
+first=true
+for seed in "${seeds[@]}"; do
+  say "seed $seed"
+  for routing in softmax_topk topk_softmax; do
+    stream "$routing" "$seed" "$first" &
+    [ "${SMOLLM2_SERIAL:-0}" = 1 ] && wait
+  done
+  wait
+  # this seed's trunk checkpoints (~17 GB for the MoEs): room for the export and the next seed
+  find "$UPCYCLE_CACHE/trunks" -name "step_*.ckpt" -newer "$UPCYCLE_LOGS/.started" -delete 2>/dev/null
+  python -m analysis.smollm2 table "$UPCYCLE_LOGS" | tee "$UPCYCLE_LOGS/smollm2.md"
+  $first && export_best
+  first=false
 done
-wait
-# this leg's trunk checkpoints (~17 GB for the MoEs): room for the export
-find "$UPCYCLE_CACHE/trunks" -name "step_*.ckpt" -newer "$UPCYCLE_LOGS/.started" -delete 2>/dev/null
-python -m analysis.smollm2 table "$UPCYCLE_LOGS" | tee "$UPCYCLE_LOGS/smollm2.md"
-export_dir=$UPCYCLE_CACHE/smollm2/export
-if best=$(python -m analysis.smollm2 best "$UPCYCLE_LOGS"); then
-  say "export $best -> $export_dir"
-  rm -rf "$export_dir"
-  if python -m harness.export "$best" "$export_dir" >"$UPCYCLE_LOGS/export.out" 2>&1; then
-    cp "$export_dir/config.json" "$UPCYCLE_LOGS/export_config.json"
-    if python -m analysis.hf_check "$best" "$export_dir" --out "$UPCYCLE_LOGS/hf_check.json" >"$UPCYCLE_LOGS/hf_check.out" 2>&1
-    then say "hf_check passed: $(grep -h _val_loss "$UPCYCLE_LOGS/hf_check.json" | tr -d ' \n')"
-    else say "hf_check FAILED (see hf_check.out)"; fi
-  else say "export FAILED (see export.out)"; fi
-else say "no MoE run kept a checkpoint: nothing to export"; fi
 say "part S finished"
