@@ -108,7 +108,7 @@ def verdict(diffs: Iterable[float]) -> str:
     if s.n == 0:
         return "not run"
     if s.n < MIN_SEEDS:
-        return f"{s.n} seed{'s' if s.n > 1 else ''}: CI {s.ci()}" if s.n > 1 else "1 seed: no CI"
+        return "1 seed: no CI" if s.n == 1 else f"{s.n} seeds: CI {s.ci()}"
     if s.lo > 0:
         return "agrees"
     if s.hi < 0:

@@ -4,8 +4,10 @@ built from real results.json folders: no verdict below 3 seeds, one run per (bas
 import json
 import math
 
+import pandas as pd
 import pytest
 
+from analysis.collect import collect
 from analysis.stats import betainc, paired, t_quantile, t_sf2, verdict
 from analysis.study import findings, study
 
@@ -64,14 +66,8 @@ def _run(root, part, name, seed, loss, routing="softmax_topk", config_hash=None)
 
 def _routing_rows(tmp_path):
     study([str(tmp_path)], tmp_path / "out")
-    f = findings_table(tmp_path / "out")
+    f = pd.read_csv(tmp_path / "out" / "findings.csv")
     return f[f.finding == "softmax->topK beats topK->softmax"]
-
-
-def findings_table(out):
-    import pandas as pd
-
-    return pd.read_csv(out / "findings.csv")
 
 
 def test_a_two_seed_finding_shows_its_ci_and_no_verdict(tmp_path):
@@ -102,8 +98,6 @@ def test_two_runs_of_one_variant_at_one_base_and_seed_stop_the_table(tmp_path):
     _run(tmp_path, "A", "fav0", 0, 1.80)
     _run(tmp_path, "A", "fav0_again", 0, 1.81)  # another config (hash) that selects the same
     _run(tmp_path, "A", "oth0", 0, 1.82, routing="topk_softmax")
-    from analysis.collect import collect
-
     df = collect(tmp_path)
     df["part"] = [p.split("/")[-3] for p in df.run_dir]
     with pytest.raises(ValueError, match="2 runs match .* at one \\(part, seed\\).*fav0_again"):
