@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from harness.moe import preset_name
+
 # config keys that identify a variant: the ablation axes of arXiv 2410.07524 and Drop-Upcycling
 AXES = {
     "method": ("method",),
@@ -34,10 +36,11 @@ AXES = {
 RECIPE = ("routing", "router_init", "drop_ratio", "weight_scaling", "router_start", "aux_loss_coef", "z_loss_coef")
 
 
-def _get(cfg: dict, path: tuple):
-    for key in path:
+def get(cfg: dict, *keys, default=None):
+    """cfg[k1][k2]..., or ``default`` where a key is missing (runs written before a key existed)."""
+    for key in keys:
         if not isinstance(cfg, dict) or key not in cfg:
-            return None
+            return default
         cfg = cfg[key]
     return cfg
 
@@ -45,9 +48,9 @@ def _get(cfg: dict, path: tuple):
 def load_run(path: Path) -> dict:
     res = json.loads(path.read_text())
     cfg = res.get("config", {})
-    row = {name: _get(cfg, keys) for name, keys in AXES.items()}
+    row = {name: get(cfg, *keys) for name, keys in AXES.items()}
     if row["moe"] is not None:
-        row["moe"] = f"E{row['moe']}G{row['granularity']}T{row['top_k']}"
+        row["moe"] = preset_name(row["moe"], row["granularity"], row["top_k"])
     if row["method"] in ("dense", "pretrain"):  # its config still holds these blocks; they changed nothing
         row.update(dict.fromkeys(RECIPE))
         if row["method"] == "pretrain":
@@ -110,8 +113,9 @@ def curves(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def metrics(run_dir: str | Path) -> pd.DataFrame:
-    """The CSV logger's metrics of one run (all versions, i.e. across resumes), one row per step."""
-    files = sorted(Path(run_dir).glob("csv/version_*/metrics.csv"))
+    """The CSV logger's metrics of one run (all versions, i.e. across resumes, or a lone ``metrics.csv`` copied
+    beside its config), one row per step."""
+    files = sorted(Path(run_dir).glob("csv/version_*/metrics.csv")) or sorted(Path(run_dir).glob("metrics.csv"))
     if not files:
         return pd.DataFrame()
     df = pd.concat([pd.read_csv(f) for f in files], ignore_index=True)

@@ -6,10 +6,11 @@ compute, and where (if anywhere) it crosses the iso-FLOP dense continuation.
 A variant is one upcycling recipe (preset, routing, weight scaling, router start, Drop-Upcycling ratio); a rung
 is one budget (``train.pretrain_fraction``). At each rung the MoE is paired by seed with the dense continuation
 that got the same training FLOPs (iso-FLOP) and with the one that saw the same tokens; the verdict uses the rule
-of :func:`analysis.study.verdict` on those paired differences. A third baseline is the best dense model the
-same seed's ladder holds within the MoE's training FLOPs (the parent itself, or any dense continuation of no more
+of :func:`analysis.stats.verdict` on those paired differences. A third baseline is the best dense model the
+same base and seed hold within the MoE's training FLOPs (the parent itself, or any dense continuation of no more
 FLOPs): when repeated data or a re-warmed learning rate makes longer dense training worse, beating the iso-FLOP
-twin is not enough to say that upcycling paid off.
+twin is not enough to say that upcycling paid off. Rungs are grouped by the whole recipe and the dense base
+(``dense_base``, the base's cache key): seeds on different bases are never pooled.
 """
 
 from __future__ import annotations
@@ -20,18 +21,22 @@ from pathlib import Path
 
 import pandas as pd
 
-VARIANT = ["moe", "routing", "weight_scaling", "router_start", "drop_ratio"]
+from analysis.collect import get as _get
+from analysis.collect import metrics
+from analysis.stats import paired, verdict
+from harness.moe import preset_name
+
+# a rung's recipe: every knob the ladder varies, the LR, and the dense base it upcycles
+VARIANT = ["moe", "routing", "weight_scaling", "router_start", "router_init", "drop_ratio", "lr", "base"]
 
 
-def _get(cfg: dict, *keys, default=None):
-    for key in keys:
-        if not isinstance(cfg, dict) or key not in cfg:
-            return default
-        cfg = cfg[key]
-    return cfg
-
-
-ISO_FLOP_SLACK = 1.005  # an iso-FLOP twin rounds its steps up: it may hold a few more FLOPs than its MoE
+def _step_flops(twin: dict, cfg: dict) -> float:
+    """Training FLOPs of one step of a dense continuation: its FLOPs per token times the tokens of a step.
+    The iso-FLOP twin trains ceil(iso tokens / step tokens) steps (harness/flops.py: iso_flop_tokens,
+    harness/experiment.py: steps), so it holds up to one such step more than its MoE: a dense run counts as
+    "no more FLOPs" when it exceeds the MoE's by less than one of its own steps."""
+    step_tokens = _get(cfg, "data", "batch_size", default=0) * _get(cfg, "data", "seq_len", default=0)
+    return twin["train_flops"] / twin["tokens"] * step_tokens if twin.get("tokens") else 0.0
 
 
 def ladder_runs(root: str | Path) -> pd.DataFrame:
@@ -45,13 +50,17 @@ def ladder_runs(root: str | Path) -> pd.DataFrame:
         if res.get("status") != "complete" or res.get("method") != "upcycle" or share is None:
             continue
         moe = cfg["moe"]
+        base = res.get("dense_base") or "-"
         rows.append(
             {
-                "moe": f"E{moe['num_experts']}G{moe['granularity']}T{moe['top_k']}",
+                "moe": preset_name(moe["num_experts"], moe["granularity"], moe["top_k"]),
                 "routing": moe["routing"],
                 "weight_scaling": _get(cfg, "upcycle", "weight_scaling"),
                 "router_start": _get(cfg, "upcycle", "router_start", default="fixed"),
+                "router_init": _get(cfg, "upcycle", "router_init", default="-"),
                 "drop_ratio": float(_get(cfg, "upcycle", "drop_ratio", default=0.0)),
+                "lr": float(_get(cfg, "optim", "lr", default=math.nan)),
+                "base": base,
                 "budget": float(share),
                 "compute_share": res.get("pretrain_compute_share"),
                 "seed": cfg["seed"],
@@ -66,15 +75,17 @@ def ladder_runs(root: str | Path) -> pd.DataFrame:
             }
         )
         seed = cfg["seed"]
-        dense[(seed, "parent")] = (0, res["dense_parent_val_loss"])
+        dense[(base, seed, "parent")] = (0, 0.0, res["dense_parent_val_loss"])
         for twin in ("dense_iso", "dense_tokens"):
             if res.get(twin):
-                dense[(seed, res[twin]["cache_dir"])] = (res[twin]["train_flops"], res[twin]["val_loss"])
+                t = res[twin]
+                dense[(base, seed, t["cache_dir"])] = (t["train_flops"], _step_flops(t, cfg), t["val_loss"])
     for row in rows:
         within = [
             loss
-            for (seed, _), (flops, loss) in dense.items()
-            if seed == row["seed"] and flops <= row["train_flops"] * ISO_FLOP_SLACK
+            for (base, seed, _), (flops, step, loss) in dense.items()
+            # no step size recorded: an exact comparison (FLOPs are integers)
+            if (base, seed) == (row["base"], row["seed"]) and flops < row["train_flops"] + max(step, 1.0)
         ]
         row["best_dense_val_loss"] = min(within)
     return pd.DataFrame(rows)
@@ -84,18 +95,24 @@ def label(row) -> str:
     """A variant in the words of the README's knobs."""
     start = "" if row.routing == "topk_softmax" else f", {row.weight_scaling} scaling, {row.router_start} router"
     drop = f", Drop-Upcycling r={row.drop_ratio:g}" if row.drop_ratio else ""
-    return f"{row.moe} {row.routing}{start}{drop}"
+    init = "" if row.router_init in ("-", "random", None) else f", {row.router_init} router init"
+    base = "" if row.base == "-" else f", base {str(row.base)[:8]}"
+    return f"{row.moe} {row.routing}{start}{init}{drop}, lr {row.lr:g}{base}"
 
 
 def rungs(df: pd.DataFrame) -> pd.DataFrame:
-    """Per (variant, budget): means over seeds and the paired MoE - dense differences with their verdicts."""
-    from analysis.study import verdict
-
+    """Per (recipe and base, budget): means over seeds and the paired MoE - dense differences with their 95%
+    CIs and verdicts."""
     out = []
     for key, g in df.groupby(VARIANT + ["budget"], sort=True, dropna=False):
         iso = (g.val_loss - g.dense_iso_val_loss).dropna()
         tok = (g.val_loss - g.dense_tokens_val_loss).dropna()
         best = g.val_loss - g.best_dense_val_loss
+        ci = {
+            f"vs_{k}_ci_{e}": getattr(paired(d), e)
+            for k, d in (("iso", iso), ("tokens", tok), ("best", best))
+            for e in ("lo", "hi")
+        }
         out.append(
             {
                 **dict(zip(VARIANT + ["budget"], key)),
@@ -117,6 +134,7 @@ def rungs(df: pd.DataFrame) -> pd.DataFrame:
                 "vs_iso_verdict": verdict(-iso),
                 "vs_tokens_verdict": verdict(-tok),
                 "vs_best_verdict": verdict(-best),
+                **ci,
             }
         )
     return pd.DataFrame(out)
@@ -132,11 +150,10 @@ def crossover(r: pd.DataFrame, against: str = "iso", twin: str = "its iso-FLOP d
         gap = g[f"vs_{against}_pct"].tolist()
         first = next((i for i in range(len(g)) if all(wins[i:])), None)
         if first is not None:
-            said[variant] = (
-                f"below {twin} beyond the seed spread from {g.budget.iloc[first]:.0%} of pretraining compute on"
-            )
+            said[variant] = f"below {twin} (95% CI below 0) from {g.budget.iloc[first]:.0%} of pretraining compute on"
         elif below[-1]:
-            seeds = "1 seed" if g.seeds.iloc[-1] == 1 else "on the mean, not beyond the seed spread"
+            n = g.seeds.iloc[-1]
+            seeds = f"{n} seed{'s' if n > 1 else ''}, no verdict" if n < 3 else "on the mean, CI holds 0"
             said[variant] = f"below {twin} at {g.budget.iloc[-1]:.0%} ({gap[-1]:+.2f}%, {seeds})"
         else:
             trend = "narrowing" if abs(gap[-1]) < abs(gap[0]) else "not narrowing"
@@ -151,22 +168,29 @@ def ladder_markdown(r: pd.DataFrame) -> str:
     def num(x, std=math.nan):
         return "-" if x != x else f"{x:.4f}" + ("" if std != std else f" ± {std:.4f}")
 
+    def diff(row, k):
+        mean, lo, hi = getattr(row, f"vs_{k}"), getattr(row, f"vs_{k}_ci_lo"), getattr(row, f"vs_{k}_ci_hi")
+        return "-" if mean != mean else f"{mean:+.4f} " + ("[-]" if lo != lo else f"[{lo:+.4f}, {hi:+.4f}]")
+
     lines = [
         "| variant | budget (of pretraining FLOPs) | MoE tokens | seeds | step 0 | MoE | dense iso-FLOP | "
-        "dense same tokens | best dense ≤ FLOPs | MoE − iso | vs iso | vs same tokens | MoE − best | vs best |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "dense same tokens | best dense ≤ FLOPs | MoE − iso: mean [95% CI] | MoE − iso | vs iso | "
+        "MoE − same tokens: mean [95% CI] | vs same tokens | MoE − best: mean [95% CI] | MoE − best | vs best |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in r.itertuples():
         lines.append(
             f"| {row.variant} | {row.budget:.0%} | {row.tokens:,} | {row.seeds} | "
             f"{num(row.init_val_loss)} | {num(row.val_loss, row.val_loss_std)} | {num(row.dense_iso_val_loss)} | "
-            f"{num(row.dense_tokens_val_loss)} | {num(row.best_dense_val_loss)} | {row.vs_iso_pct:+.2f}% | "
-            f"**{row.vs_iso_verdict}** | {row.vs_tokens_verdict} | {row.vs_best_pct:+.2f}% | {row.vs_best_verdict} |"
+            f"{num(row.dense_tokens_val_loss)} | {num(row.best_dense_val_loss)} | {diff(row, 'iso')} | "
+            f"{row.vs_iso_pct:+.2f}% | **{row.vs_iso_verdict}** | {diff(row, 'tokens')} | {row.vs_tokens_verdict} | "
+            f"{diff(row, 'best')} | {row.vs_best_pct:+.2f}% | {row.vs_best_verdict} |"
         )
     lines += [
         "",
-        "Best dense ≤ FLOPs: the lowest loss among the same seed's dense parent and dense continuations that used "
-        "no more training FLOPs than the MoE.",
+        "Seeds pair within one dense base (the variant names it). Best dense ≤ FLOPs: the lowest loss among the same "
+        "base and seed's dense parent and dense continuations that used no more training FLOPs than the MoE (less "
+        "than one dense step over it: the iso-FLOP twin rounds its steps up).",
         "",
         "Where each variant crosses its iso-FLOP dense twin:",
         "",
@@ -226,15 +250,18 @@ def cut_off_markdown(root: str | Path) -> str:
         ]
         for d in runs:
             cfg = yaml.safe_load((d / "config_resolved.yaml").read_text())
-            m = pd.concat([pd.read_csv(f) for f in sorted(d.glob("csv/version_*/metrics.csv"))], ignore_index=True)
+            m = metrics(d)
             val = m.dropna(subset=["val/loss"])
             row = pd.Series(
                 {
-                    "moe": f"E{cfg['moe']['num_experts']}G{cfg['moe']['granularity']}T{cfg['moe']['top_k']}",
+                    "moe": preset_name(cfg["moe"]["num_experts"], cfg["moe"]["granularity"], cfg["moe"]["top_k"]),
                     "routing": cfg["moe"]["routing"],
                     "weight_scaling": cfg["upcycle"]["weight_scaling"],
                     "router_start": cfg["upcycle"].get("router_start", "fixed"),
+                    "router_init": cfg["upcycle"].get("router_init", "-"),
                     "drop_ratio": float(cfg["upcycle"]["drop_ratio"]),
+                    "lr": float(cfg["optim"]["lr"]),
+                    "base": "-",
                 }
             )
             last = f"{int(val.step.iloc[-1]) + 1}, {val['val/loss'].iloc[-1]:.4f}" if len(val) else "-"

@@ -3,8 +3,10 @@
     python -m analysis.study results/runs --partial results/partial --out results
 
 Each finding of arXiv 2410.07524 / 2502.19261 is a comparison of two variants *on the same dense base*
-(one study part, results/runs/<part>), paired by seed; the row gives both means, the seed spread and a
-verdict from a fixed rule (below), so regenerating gives the same words as well as the same numbers.
+(one study part, results/runs/<part>), paired by seed; the row gives both means, the seed spread, the mean
+paired difference with its 95% CI and a verdict from a fixed rule (analysis/stats.py), so regenerating gives the
+same words as well as the same numbers. A finding run on several bases gets one row per base: seeds of
+different bases are different experiments, never pooled into one count.
 """
 
 from __future__ import annotations
@@ -16,9 +18,10 @@ from pathlib import Path
 
 import pandas as pd
 
-from analysis.collect import collect
+from analysis.collect import collect, metrics
 from analysis.ladder import ladder
 from analysis.report import report
+from analysis.stats import paired, verdict
 
 # selection of the variant rows, by collect()'s columns; base recipe: E8G1T2, softmax_topk, paper scaling, lr 1e-3
 BASE = {"method": "upcycle", "drop_ratio": 0.0, "weight_scaling": "paper", "lr": 1e-3, "routing": "softmax_topk"}
@@ -84,10 +87,17 @@ FINDINGS = [
 
 
 def _select(df: pd.DataFrame, sel: dict) -> pd.DataFrame:
+    """The complete runs matching ``sel``: at most one per (part, seed), else pairing by seed would make
+    cartesian pairs out of the duplicates."""
     rows = df[(df.status == "complete")]
     for key, value in sel.items():
         col = rows[key]
         rows = rows[(col - value).abs() < 1e-12] if isinstance(value, float) else rows[col == value]
+    dup = rows[rows.duplicated(["part", "seed"], keep=False)]
+    if len(dup):
+        raise ValueError(
+            f"{len(dup)} runs match {sel} at one (part, seed): " + ", ".join(sorted(dup.run_dir)) + " (keep one)"
+        )
     return rows
 
 
@@ -98,51 +108,47 @@ def _side(df: pd.DataFrame, sel, favoured: pd.DataFrame) -> pd.Series:
     return _select(df, sel).set_index(["part", "seed"]).val_loss
 
 
-def verdict(diffs: pd.Series) -> str:
-    """diffs = other - favoured, one per seed (positive: the paper's direction). Rule: 'agrees' when the
-    mean paired difference is more than 2 standard errors above 0, 'disagrees' when more than 2 below,
-    else 'within noise'; one seed cannot give a standard error ('1 seed: ...')."""
-    n = len(diffs)
-    if n == 0:
-        return "not run"
-    mean = diffs.mean()
-    if n == 1:
-        return "1 seed: " + ("same direction" if mean > 0 else "opposite direction")
-    se = diffs.std(ddof=1) / math.sqrt(n)
-    if mean > 2 * se:
-        return "agrees"
-    if mean < -2 * se:
-        return "disagrees"
-    return "within noise"
+def _row(name, claim, fav_label, oth_label, fav: pd.Series, oth: pd.Series, base: str) -> dict:
+    diffs = (oth - fav).sort_index()
+    n, s = len(diffs), paired(diffs)
+    return {
+        "finding": name,
+        "paper": claim,
+        "favoured": fav_label,
+        "other": oth_label,
+        "part": base,
+        "seeds": n,
+        "favoured_loss": fav.mean() if n else math.nan,
+        "favoured_std": fav.std(ddof=1) if n > 1 else math.nan,
+        "other_loss": oth.mean() if n else math.nan,
+        "other_std": oth.std(ddof=1) if n > 1 else math.nan,
+        "delta_pct": 100 * (diffs / oth).mean() if n else math.nan,
+        "diff_mean": s.mean,
+        "diff_ci_lo": s.lo,
+        "diff_ci_hi": s.hi,
+        "p_value": s.p,
+        "diff_min": diffs.min() if n else math.nan,
+        "diff_max": diffs.max() if n else math.nan,
+        "verdict": verdict(diffs),
+    }
 
 
 def findings(df: pd.DataFrame) -> pd.DataFrame:
+    """One row per finding and base (part): pairs are by seed within one base; a finding run on several bases
+    gets a row per base, its ``part`` naming the others (``B (of A,B)``)."""
     out = []
     for name, claim, (fav_label, fav_sel), (oth_label, oth_sel) in FINDINGS:
         fav_rows = _select(df, fav_sel)
         fav = fav_rows.set_index(["part", "seed"]).val_loss
         oth = _side(df, oth_sel, fav_rows)
         both = fav.index.intersection(oth.index)
-        diffs = (oth[both] - fav[both]).sort_index()
         parts = sorted({p for p, _ in both})
-        out.append(
-            {
-                "finding": name,
-                "paper": claim,
-                "favoured": fav_label,
-                "other": oth_label,
-                "part": ",".join(parts) or "-",
-                "seeds": len(both),
-                "favoured_loss": fav[both].mean() if len(both) else float("nan"),
-                "favoured_std": fav[both].std(ddof=1) if len(both) > 1 else float("nan"),
-                "other_loss": oth[both].mean() if len(both) else float("nan"),
-                "other_std": oth[both].std(ddof=1) if len(both) > 1 else float("nan"),
-                "delta_pct": 100 * (diffs / oth[both]).mean() if len(both) else float("nan"),
-                "diff_min": diffs.min() if len(both) else float("nan"),
-                "diff_max": diffs.max() if len(both) else float("nan"),
-                "verdict": verdict(diffs),
-            }
-        )
+        if not parts:
+            out.append(_row(name, claim, fav_label, oth_label, fav[both], oth[both], "-"))
+        for part in parts:
+            idx = [k for k in both if k[0] == part]
+            base = part if len(parts) == 1 else f"{part} (of {','.join(parts)})"
+            out.append(_row(name, claim, fav_label, oth_label, fav[idx], oth[idx], base))
     return pd.DataFrame(out)
 
 
@@ -152,17 +158,22 @@ def _fmt(x: float, std: float = float("nan")) -> str:
     return f"{x:.4f}" + ("" if std != std else f" ± {std:.4f}")
 
 
+def _ci(lo: float, hi: float) -> str:
+    return "[-]" if lo != lo else f"[{lo:+.4f}, {hi:+.4f}]"
+
+
 def findings_markdown(f: pd.DataFrame) -> str:
     head = (
-        "| finding | paper | ours: favoured | ours: other | Δ (other−fav)/other | paired diff range "
-        "| seeds | base | verdict |\n"
-        "|---|---|---|---|---|---|---|---|---|\n"
+        "| finding | paper | ours: favoured | ours: other | Δ (other−fav)/other | paired diff (other−fav): mean "
+        "[95% CI] | p | seeds | base | verdict |\n"
+        "|---|---|---|---|---|---|---|---|---|---|\n"
     )
     rows = [
         f"| {r.finding} | {r.paper} | {r.favoured}: {_fmt(r.favoured_loss, r.favoured_std)} | "
         f"{r.other}: {_fmt(r.other_loss, r.other_std)} | "
         f"{'-' if r.delta_pct != r.delta_pct else f'{r.delta_pct:+.2f}%'} | "
-        f"{'-' if r.diff_min != r.diff_min else f'{r.diff_min:+.4f} .. {r.diff_max:+.4f}'} | {r.seeds} | {r.part} | "
+        f"{'-' if r.diff_mean != r.diff_mean else f'{r.diff_mean:+.4f} {_ci(r.diff_ci_lo, r.diff_ci_hi)}'} | "
+        f"{'-' if r.p_value != r.p_value else f'{r.p_value:.2g}'} | {r.seeds} | {r.part} | "
         f"**{r.verdict}** |"
         for r in f.itertuples()
     ]
@@ -213,7 +224,7 @@ def partial_markdown(root: Path) -> str:
             cfg = yaml.safe_load((run / "config_resolved.yaml").read_text())
             per_step = cfg["data"]["batch_size"] * cfg["data"]["seq_len"]
             planned = math.ceil(cfg["train"]["tokens"] / per_step)
-            vals = pd.read_csv(run / "metrics.csv").dropna(subset=["val/loss"])
+            vals = metrics(run).dropna(subset=["val/loss"])
             curves[(cfg["upcycle"]["drop_ratio"], cfg["seed"])] = (
                 planned,
                 dict(zip(vals.step, vals["val/loss"])),

@@ -30,6 +30,11 @@ EXPERT_BACKENDS = ("auto", "loop", "grouped_mm")
 ROUTER_PRECISIONS = ("mixed", "fp32")
 
 
+def preset_name(num_experts: int, granularity: int, top_k: int) -> str:
+    """The paper's name of an MoE shape, E{E}G{G}T{T} (e.g. E8G1T2)."""
+    return f"E{num_experts}G{granularity}T{top_k}"
+
+
 @dataclass
 class MoEConfig:
     """An MoE layer: E experts of width f/G, top-T per token (E{E}G{G}T{T})."""
@@ -46,7 +51,7 @@ class MoEConfig:
 
     @property
     def name(self) -> str:
-        return f"E{self.num_experts}G{self.granularity}T{self.top_k}"
+        return preset_name(self.num_experts, self.granularity, self.top_k)
 
     def validate(self, d_ff: int | None = None) -> None:
         e, t, g = self.num_experts, self.top_k, self.granularity

@@ -7,16 +7,20 @@ import pytest
 from analysis.ladder import ladder_runs, rungs
 
 
-def _run(root, name, seed, share, flops, loss, iso, tokens, parent=2.0):
-    """One ladder run's results.json: iso and tokens are (cache_dir, train_flops, val_loss) of its twins."""
+def _run(root, name, seed, share, flops, loss, iso, tokens, parent=2.0, base="b0"):
+    """One ladder run's results.json: iso and tokens are (cache_dir, train_flops, val_loss) of its twins, each
+    trained on 100 tokens in steps of one token (so one dense step is 1% of a twin's FLOPs)."""
     cfg = {
         "seed": seed,
+        "data": {"batch_size": 1, "seq_len": 1},
+        "optim": {"lr": 3e-4},
         "train": {"pretrain_fraction": share},
         "moe": {"num_experts": 8, "granularity": 1, "top_k": 2, "routing": "softmax_topk"},
         "upcycle": {"weight_scaling": "exact", "router_start": "data", "drop_ratio": 0.0},
     }
-    twin = lambda t: {"cache_dir": t[0], "train_flops": t[1], "val_loss": t[2]}  # noqa: E731
+    twin = lambda t: {"cache_dir": t[0], "train_flops": t[1], "val_loss": t[2], "tokens": 100}  # noqa: E731
     res = {
+        "dense_base": base,
         "status": "complete",
         "method": "upcycle",
         "config": cfg,
@@ -49,3 +53,37 @@ def test_best_dense_is_the_lowest_dense_loss_of_the_seed_within_the_moe_flops(tm
     assert r.loc[0.6, "vs_best"] == pytest.approx((1.86 - 1.85 + 1.92 - 1.80) / 2)
     seed0 = df.loc[(0, 0.6)]  # beats its iso twin, not the best dense of no more FLOPs
     assert seed0.dense_iso_val_loss > seed0.val_loss > seed0.best_dense_val_loss
+
+
+def test_a_dense_run_counts_within_the_moe_flops_up_to_one_of_its_own_steps(tmp_path):
+    # the iso twin rounds its steps up: 0.6% over (less than its 1% step) still counts, where a fixed 0.5% slack
+    # dropped it (one dense step is ~0.54% at the 5% rung); a tokens twin 1.2% over (more than a step) does not
+    _run(tmp_path, "a", 0, 0.05, 1000, 1.90, iso=("i", 1006, 1.85), tokens=("t", 1012, 1.70), parent=1.95)
+    (row,) = ladder_runs(tmp_path).itertuples()
+    assert row.best_dense_val_loss == 1.85
+
+
+def test_the_best_dense_pool_and_the_rungs_keep_bases_apart(tmp_path):
+    # the same seed and recipe on two dense bases: b2's parent and continuations are far better than b1's
+    _run(tmp_path, "a", 0, 0.3, 30, 1.90, iso=("i30", 30.1, 1.85), tokens=("t30", 18, 1.88), base="b1")
+    _run(tmp_path, "b", 0, 0.3, 30, 1.55, iso=("k30", 30.1, 1.50), tokens=("v30", 18, 1.52), parent=1.6, base="b2")
+    df = ladder_runs(tmp_path).set_index("base")
+    assert df.loc["b1", "best_dense_val_loss"] == 1.85  # not b2's 1.50
+    assert df.loc["b2", "best_dense_val_loss"] == 1.50
+    r = rungs(ladder_runs(tmp_path)).set_index("base")
+    assert list(r.seeds) == [1, 1]  # one seed on each base, not "2 seeds"
+    assert r.loc["b1", "vs_iso"] == pytest.approx(0.05) and r.loc["b2", "vs_iso"] == pytest.approx(0.05)
+    assert r.loc["b1", "vs_iso_verdict"] == "1 seed: no CI"
+    assert r.loc["b1", "variant"] != r.loc["b2", "variant"]
+
+
+def test_rungs_part_by_router_init_and_lr(tmp_path):
+    for name, edit in (("a", {}), ("b", {"lr": 1e-3}), ("c", {"router_init": "virtual_group"})):
+        _run(tmp_path, name, 0, 0.3, 30, 1.90, iso=("i30", 30.1, 1.85), tokens=("t30", 18, 1.88))
+        path = tmp_path / name / "results.json"
+        res = json.loads(path.read_text())
+        res["config"]["optim"]["lr"] = edit.get("lr", 3e-4)
+        res["config"]["upcycle"]["router_init"] = edit.get("router_init", "random")
+        path.write_text(json.dumps(res))
+    r = rungs(ladder_runs(tmp_path))
+    assert len(r) == 3 and list(r.seeds) == [1, 1, 1]
