@@ -215,7 +215,7 @@ def test_wandb_offline_runs_hold_the_config_every_stage_and_continue_after_a_res
     by_type = {r["job_type"]: r for r in runs.values()}
     assert sorted(by_type) == ["dense_iso", "pretrain", "upcycle"] and len(runs) == 3
     assert by_type["pretrain"]["files"] == 1  # the crash stopped the MoE, never the shared dense base
-    assert by_type["upcycle"]["files"] == 2  # the resumed MoE continued its W&B run
+    assert by_type["upcycle"]["files"] == 4  # one W&B run: training and its summary, before and after the resume
     moe = runs[(folder / "wandb_id").read_text()]
     assert moe is by_type["upcycle"] and moe["group"] == "default"
     assert {"model", "moe", "upcycle", "optim", "data", "train", "seed"} <= moe["config"]  # the resolved config
