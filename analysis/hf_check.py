@@ -35,14 +35,15 @@ def validation_loader(run_dir: Path):
 def hf_val_loss(hf_dir: Path, loader, device: torch.device) -> float:
     from transformers import AutoModelForCausalLM
 
+    from harness.lit import mean_loss
+
     model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).to(device).eval()
-    total, n = 0.0, 0
-    with torch.no_grad():
-        for x, y in loader:
-            logits = model(x.to(device)).logits.float()
-            total += F.cross_entropy(logits.view(-1, logits.shape[-1]), y.to(device).reshape(-1)).item()
-            n += 1
-    return total / max(n, 1)
+
+    def batch_loss(x, y):  # transformers' logits, our targets (shifted already): the same loss as Decoder's
+        logits = model(x).logits.float()
+        return F.cross_entropy(logits.view(-1, logits.shape[-1]), y.reshape(-1)).item()
+
+    return mean_loss(batch_loss, loader, device)
 
 
 def check(run_dir: str | Path, hf_dir: str | Path, tol: float = 1e-3) -> dict:

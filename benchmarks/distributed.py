@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from hydra import compose, initialize_config_dir
 
+from harness import flops
 from harness.experiment import build_experiment
 from harness.fit import fit_and_evaluate
 from harness.model import Decoder
@@ -115,7 +116,9 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=8)
     ap.add_argument("--ckpt", action="store_true", help="activation checkpointing")
     ap.add_argument("--compile", default="auto", choices=["auto", "true", "false"])
-    ap.add_argument("--peak", type=float, default=989.0, help="peak bf16 TFLOP/s per GPU for MFU")
+    ap.add_argument(
+        "--peak", type=float, default=flops.H100_BF16_PEAK_DATASHEET / 1e12, help="peak bf16 TFLOP/s per GPU for MFU"
+    )
     ap.add_argument("--out", default="bench_out/distributed")
     ap.add_argument("--evaluate", action="store_true", help="hand the weights back and report the val loss")
     ap.add_argument("--json", default=None, help="append one JSON line per trainer")

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import logging
 import os
 import time
@@ -14,7 +16,7 @@ import torch
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.plugins.environments import LightningEnvironment
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from harness import flops, launch, tracking, trunk
 from harness.errors import ConfigError
@@ -102,13 +104,22 @@ def fit_and_evaluate(
     evaluate_after: bool = True,
     trunk_dir: Path | None = None,
     scored: bool = False,
+    own_stage: bool = False,
 ) -> dict:
     """Train ``model`` in place for ``steps`` steps (resuming from ``out_dir/checkpoints/last.ckpt``, else
     from the WSD trunk in ``trunk_dir``), in this process or, when the trainer asks for several devices, in
     one worker per device; then evaluate it here on the full validation set. ``evaluate_after=False``
     (throughput benchmarks): no final evaluation, and multi-device workers do not hand the weights back.
     ``scored``: this is the stage an Optuna trial is scored on, so its validation losses go to the trial, which
-    may prune it; the dense base and the dense baselines are caches that other trials share, never pruned."""
+    may prune it; the dense base and the dense baselines are caches that other trials share, never pruned.
+    ``own_stage``: this is the stage the run's ``method`` names (the MoE for upcycle, the dense run for dense, the
+    base for pretrain), the only one ``train.stop_after_steps`` stops; the caches it shares with other runs
+    (the base, the dense baselines) always train to the end, so a simulated crash never half-trains them."""
+    if not own_stage and exp.train.stop_after_steps is not None:
+        exp = dataclasses.replace(exp, train=dataclasses.replace(exp.train, stop_after_steps=None))
+        cfg = copy.deepcopy(cfg)
+        with open_dict(cfg):
+            cfg.train.stop_after_steps = None
     if trunk_dir is not None and launch.needs_launch(cfg.trainer):
         raise ConfigError("train.share_trunk=true runs on one device for now (trainer.devices=1)")
     if launch.needs_launch(cfg.trainer):

@@ -14,6 +14,7 @@ from typing import Sequence
 from harness.model import Decoder, ModelConfig
 from harness.moe import MoE, MoEConfig
 
+# the MFU denominators of the benchmarks: bf16 dense (no sparsity) FLOP/s of an H100 SXM
 H100_BF16_PEAK_DATASHEET = 989e12
 H100_BF16_PEAK_MEASURED = 808e12  # bf16 dense matmul measured on an H100 (benchmarks/RESULTS.md)
 
@@ -63,7 +64,8 @@ def count_model(model: Decoder, seq_len: int) -> FlopCount:
     layers = model.moe_layers
     moe = model.blocks[layers[0]].mlp.cfg if layers else None
     for i in layers:
-        assert isinstance(model.blocks[i].mlp, MoE) and model.blocks[i].mlp.cfg == moe
+        if not (isinstance(model.blocks[i].mlp, MoE) and model.blocks[i].mlp.cfg == moe):
+            raise ValueError(f"block {i} is listed as an MoE layer but its MLP is not the MoE of block {layers[0]}")
     return count(model.cfg, seq_len, moe, layers)
 
 

@@ -215,15 +215,23 @@ def _clean(name: str) -> str:
 
 
 @torch.no_grad()
+def mean_loss(batch_loss, loader, device: torch.device | str = "cpu") -> float:
+    """The validation loss as results.json reports it: ``batch_loss(x, y)`` (a batch's mean token loss) averaged
+    over the loader's batches, without gradients, on ``device``. One definition, so the harness's numbers and an
+    outside model's check of them (``analysis/hf_check.py``) average the same way."""
+    total, n = 0.0, 0
+    with torch.no_grad():
+        for x, y in loader:
+            total += float(batch_loss(x.to(device), y.to(device)))
+            n += 1
+    return total / max(n, 1)
+
+
 def evaluate(model: Decoder, loader, device: torch.device | str = "cpu") -> float:
     """Mean LM loss over a loader (plain torch, fp32: the before/after numbers in results.json), on
     ``device``; the model goes back to where it was."""
     was_training, home = model.training, next(model.parameters()).device
     model.eval().to(device)
-    total, n = 0.0, 0
-    with torch.no_grad():
-        for x, y in loader:
-            total += model(x.to(device), y.to(device)).loss.item()
-            n += 1
+    loss = mean_loss(lambda x, y: model(x, y).loss.item(), loader, device)
     model.train(was_training).to(home)
-    return total / max(n, 1)
+    return loss

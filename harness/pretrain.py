@@ -76,7 +76,8 @@ def dense_base(exp: Experiment, cfg: DictConfig) -> tuple[Decoder, dict]:
                 out,
             )
             heal_checkpoint(out)
-            res = fit_and_evaluate(model, pre_exp, tracking.stage(cfg, "pretrain", out, f"pretrain/{key}"), out, steps)
+            stage = tracking.stage(cfg, "pretrain", out, f"pretrain/{key}")
+            res = fit_and_evaluate(model, pre_exp, stage, out, steps, own_stage=exp.method == "pretrain")
             if res["status"] != "complete":
                 raise RuntimeError(
                     f"dense pretraining stopped at step {res['steps']} of {steps}; run the same "

@@ -181,7 +181,7 @@ def run_experiment(cfg: DictConfig, exp: Experiment, out_dir: Path) -> dict:
     )
     heal_checkpoint(out_dir)
     trunk = trunk_dir(cfg, experiment_recipe(cfg))
-    res.update(fit_and_evaluate(model, exp, cfg, out_dir, steps, trunk_dir=trunk, scored=True))
+    res.update(fit_and_evaluate(model, exp, cfg, out_dir, steps, trunk_dir=trunk, scored=True, own_stage=True))
     start = {"step": 0, "tokens": 0, "flops": 0, "val_loss": res["init_val_loss"]}
     res["val_curve"] = [start] + res["val_curve"]  # the step-0 gap is part of the curve
     if exp.method == "upcycle" and res["status"] == "complete":

@@ -204,15 +204,18 @@ def test_wandb_offline_runs_hold_the_config_every_stage_and_continue_after_a_res
         "logger=wandb",
         "pretrain.tokens=4000",  # a fresh dense base
         "train.val_every=2",
+        "train.ckpt_every=1",
     ]
-    proc = run_cli(env, tmp_path, *args, "train.stop_after_steps=3", check=False)  # stops the pretraining at step 3
-    assert proc.returncode != 0 and "dense pretraining stopped at step 3 of 4" in proc.stderr
+    run_cli(env, tmp_path, *args, "train.stop_after_steps=1")  # stops the MoE (the run's own stage) at step 1
+    folder = only_dir(tmp_path, "pretrain.tokens=4000")
+    assert results(folder)["status"] == "interrupted"
     run_cli(env, tmp_path, *args)
     folder = only_dir(tmp_path, "pretrain.tokens=4000")
     runs = _wandb_runs(folder)
     by_type = {r["job_type"]: r for r in runs.values()}
     assert sorted(by_type) == ["dense_iso", "pretrain", "upcycle"] and len(runs) == 3
-    assert by_type["pretrain"]["files"] == 2  # the resumed pretraining continued its W&B run
+    assert by_type["pretrain"]["files"] == 1  # the crash stopped the MoE, never the shared dense base
+    assert by_type["upcycle"]["files"] == 4  # one W&B run: training and its summary, before and after the resume
     moe = runs[(folder / "wandb_id").read_text()]
     assert moe is by_type["upcycle"] and moe["group"] == "default"
     assert {"model", "moe", "upcycle", "optim", "data", "train", "seed"} <= moe["config"]  # the resolved config
