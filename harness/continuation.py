@@ -4,7 +4,6 @@ so MoE variants of equal budget share one; and where a recipe's shared WSD trunk
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -12,7 +11,7 @@ from filelock import FileLock
 from omegaconf import DictConfig
 
 from harness import identity, tracking
-from harness.experiment import Experiment, config_key
+from harness.experiment import Experiment
 from harness.fit import fit_and_evaluate, heal_checkpoint
 from harness.io import atomic_write_json, read_json
 from harness.model import Decoder
@@ -23,22 +22,13 @@ log = logging.getLogger("upcycle")
 CONTINUATION_KEYS = ("val_loss", "best_val_loss", "tokens", "train_flops", "val_curve")
 
 
-def trunk_dir(cfg: DictConfig, recipe: dict) -> Path | None:
-    """Where runs of this recipe at every token budget keep their shared WSD stable phase (harness/trunk.py)."""
+def trunk_dir(cfg: DictConfig, stage: str = "trunk", **inputs) -> Path | None:
+    """Where runs at every token budget keep their shared WSD stable phase (harness/trunk.py): ``stage`` is
+    ``trunk`` (the upcycled run: its whole config less budget and progress) or ``dense_trunk``; the key is
+    ``identity.stage_key``."""
     if not cfg.train.share_trunk:
         return None
-    return Path(cfg.paths.cache_dir) / "trunks" / config_key(recipe)
-
-
-def experiment_recipe(cfg: DictConfig) -> dict:
-    """The run's experiment config (``identity.experiment_config``) without its length and what only shows
-    progress: runs that agree on it differ only in budget, so under WSD they share one stable trunk."""
-    recipe = identity.experiment_config(cfg)
-    for key in ("iso_flop_baseline", "token_matched_baseline"):
-        recipe.pop(key, None)
-    for key in ("tokens", "pretrain_fraction", "val_every", "ckpt_every", "save_checkpoints", "peak_tflops"):
-        recipe["train"].pop(key, None)
-    return recipe
+    return Path(cfg.paths.cache_dir) / "trunks" / identity.stage_key(cfg, stage, **inputs)
 
 
 def dense_continuation(
@@ -46,8 +36,8 @@ def dense_continuation(
 ) -> dict:
     """Continue the dense model for ``tokens`` tokens (cached: MoE variants of equal FLOPs share it).
     ``job_type``: ``dense_iso`` (the MoE's training FLOPs) or ``dense_tokens`` (the MoE's tokens)."""
-    recipe = {"base": base_key, "optim": asdict(exp.optim), "seed": cfg.seed, "batch": exp.data.batch_size}
-    key = config_key({**recipe, "tokens": tokens})
+    corpus = exp.data.shard_dir.name if exp.data.shard_dir is not None else None
+    key = identity.stage_key(cfg, "dense_continuation", dense_base=base_key, corpus=corpus, tokens=int(tokens))
     out = Path(cfg.paths.cache_dir) / "dense_continuation" / key
     out.mkdir(parents=True, exist_ok=True)
     with FileLock(str(out / ".lock")):
@@ -79,7 +69,7 @@ def dense_continuation(
             tracking.stage(cfg, job_type, out, f"{job_type}/{key}"),
             out,
             steps,
-            trunk_dir=trunk_dir(cfg, {"dense_continuation": recipe}),
+            trunk_dir=trunk_dir(cfg, "dense_trunk", dense_base=base_key, corpus=corpus),
         )
         if res["status"] == "complete":
             atomic_write_json(res_path, res)

@@ -284,7 +284,8 @@ class RandomWindows(Dataset):
 
 
 class FixedWindows(Dataset):
-    """Evenly spaced validation windows: the same for every run on the same shards."""
+    """``count`` evenly spaced validation windows: the same for every run on the same shards, seq_len and
+    count, whatever the batch size or device count (the loader batches them; its last batch may be partial)."""
 
     def __init__(self, tokens: np.ndarray, seq_len: int, count: int):
         self.tokens, self.seq_len = tokens, seq_len
@@ -315,16 +316,17 @@ class TokenDataModule(L.LightningDataModule):
         val_fraction: float = 0.05,
         seq_len: int = 64,
         batch_size: int = 16,
-        val_batches: int = 8,
+        val_tokens: int = 8192,
         num_workers: int = 0,
         seed: int = 0,
         tokenizer_path: str | None = None,
         micro_batch_size: int | None = None,
+        val_batches: int | None = None,
     ):
         super().__init__()
         self.cache_dir, self.source, self.path, self.max_bytes = cache_dir, source, path, int(max_bytes)
         self.vocab_size, self.val_fraction = int(vocab_size), float(val_fraction)
-        self.seq_len, self.batch_size, self.val_batches = int(seq_len), int(batch_size), int(val_batches)
+        self.seq_len, self.batch_size, self.val_tokens = int(seq_len), int(batch_size), int(val_tokens)
         self.num_workers, self.seed, self.tokenizer_path = int(num_workers), int(seed), tokenizer_path
         self.micro_batch_size = None if micro_batch_size is None else int(micro_batch_size)
         self.total_steps = 0
@@ -339,8 +341,15 @@ class TokenDataModule(L.LightningDataModule):
             raise ConfigError(f"data.micro_batch_size={micro_batch_size} must be >= 1 (or null)")
         if not 0 < self.val_fraction < 0.5:
             raise ConfigError(f"data.val_fraction={val_fraction} must be in (0, 0.5)")
-        if self.val_batches < 1:
-            raise ConfigError(f"data.val_batches={val_batches} must be >= 1")
+        if val_batches is not None:
+            raise ConfigError("data.val_batches is gone: set data.val_tokens (validation tokens, any batch size)")
+        if self.val_tokens < self.seq_len:
+            raise ConfigError(f"data.val_tokens={val_tokens} must be >= data.seq_len={seq_len} (one window)")
+
+    @property
+    def val_windows(self) -> int:
+        """Validation windows: ``val_tokens`` rounded down to whole windows of ``seq_len`` targets."""
+        return self.val_tokens // self.seq_len
 
     def split_batch(self, world: int) -> tuple[int, int]:
         """(micro-batch per device, gradient-accumulation steps) for the global batch on ``world`` devices."""
@@ -376,6 +385,11 @@ class TokenDataModule(L.LightningDataModule):
                 f"data.path={self.path!r}: the corpus gives {self.meta['train_tokens']:,} training and "
                 f"{self.meta['val_tokens']:,} validation tokens; each split needs data.seq_len + 2 = "
                 f"{need} (more text, or a larger data.val_fraction)"
+            )
+        if self.val_tokens > self.meta["val_tokens"]:
+            raise ConfigError(
+                f"data.val_tokens={self.val_tokens:,} is more than the validation split holds "
+                f"({self.meta['val_tokens']:,} tokens): lower it or raise data.val_fraction"
             )
         return self.shard_dir
 
@@ -413,7 +427,7 @@ class TokenDataModule(L.LightningDataModule):
         )
 
     def val_dataloader(self) -> DataLoader:
-        ds = FixedWindows(self.shard("val"), self.seq_len, self.val_batches * self.batch_size)
+        ds = FixedWindows(self.shard("val"), self.seq_len, self.val_windows)
         return DataLoader(
             ds, batch_size=self.loader_batch, sampler=self._rank_sampler(ds), num_workers=0, pin_memory=self.pin_memory
         )

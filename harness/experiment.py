@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import math
 import types
 import typing
@@ -123,11 +121,6 @@ class Experiment:
     def steps(self, tokens: float) -> int:
         """Optimizer steps that cover ``tokens`` (at least one)."""
         return max(1, math.ceil(tokens / (self.data.batch_size * self.data.seq_len)))
-
-
-def config_key(obj) -> str:
-    """A cache key: a short hash of plain data."""
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def build(node, **kw):

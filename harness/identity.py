@@ -164,3 +164,119 @@ def point_latest(folder: Path) -> None:
         tmp.replace(link)
     except OSError:
         tmp.unlink(missing_ok=True)
+
+
+# ---- cache keys of the shared stages ------------------------------------------------------------------------
+# A cached stage (the dense base, a dense continuation, a WSD trunk) is reused by every run whose config agrees
+# on what the stage's result depends on. Each stage names those inputs below as subtrees of the experiment
+# config (``experiment_config``: the resolved config less COSMETIC); every other key is one of:
+#   LAYOUT: how the same steps are spread over devices and memory (the same samples and updates; floating-point
+#           reduction order aside), so a cached stage is shared across them;
+#   GUARDS: checks that stop or flag a run; a stage that passes them has the same numbers;
+#   RUN_ONLY: what only the upcycled run computes (its MoE, its recipe) or which stages a run asks for.
+# A key in a stage's list whose value is a model folder is keyed by the folder's content, not its path.
+# tests/test_stage_keys.py flips every leaf of the default configs: each lands in one of these lists, and a
+# flip changes the key of every stage that lists it.
+STAGE_KEY_VERSION = 2  # part of every stage key: entries written under older keys are never reused
+STAGE_INPUTS = {
+    # pretrained from scratch (an HF base is its checkpoint's content): its corpus, tokenizer and windows, the
+    # validation set its record scores, the architecture, its own recipe and seed (``pretrain``), precision
+    "dense_base": ("data", "model", "pretrain", "trainer.precision", "trainer.accelerator", "trainer.deterministic"),
+    # the base continued for a budget: the base, the data (batch size and seed included), optimizer and schedule,
+    # the train block less its length (the budget is the stage's token count itself), precision
+    "dense_continuation": (
+        "dense_base",
+        "data",
+        "model",
+        "optim",
+        "seed",
+        "train",
+        "trainer.precision",
+        "trainer.accelerator",
+        "trainer.deterministic",
+    ),
+}
+STAGE_INPUTS["dense_trunk"] = STAGE_INPUTS["dense_continuation"]  # its WSD stable phase, shared by every budget
+# the upcycled run's WSD trunk: the whole experiment config less its length and what validation and progress show
+# (its checkpoints also keep the device layout: a sharded checkpoint resumes only under its own strategy)
+TRUNK_DROPS = (
+    "iso_flop_baseline",
+    "token_matched_baseline",
+    "train.tokens",
+    "train.pretrain_fraction",
+    "train.val_every",
+    "data.val_tokens",
+)
+# keys of a stage's subtrees it does not depend on
+STAGE_DROPS = {
+    "dense_base": ("data.batch_size", "data.seed"),  # it trains at pretrain.batch_size on pretrain.seed's order
+    "dense_continuation": ("train.tokens", "train.pretrain_fraction"),  # they set the budget, keyed itself
+    "dense_trunk": TRUNK_DROPS,
+}
+PROGRESS = ("train.ckpt_every", "train.save_checkpoints", "train.peak_tflops")  # checkpoints and MFU display
+LAYOUT = (
+    "trainer._target_",
+    "trainer.devices",
+    "trainer.num_nodes",
+    "trainer.strategy",
+    "data.micro_batch_size",
+    "train.compile",
+    "train.activation_checkpointing",
+)
+GUARDS = ("train.max_grad_norm", "train.collapse_share", "train.collapse_steps")
+RUN_ONLY = ("method", "moe", "upcycle", "iso_flop_baseline", "token_matched_baseline", "callbacks")
+_MODEL_PATHS = ("model.hf_path", "data.tokenizer_path")  # folders: keyed by content
+_DIGESTS: dict[tuple, str] = {}
+
+
+def _matches(key: str, names) -> bool:
+    return any(key == n or key.startswith(n + ".") for n in names)
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def folder_digest(path: str) -> str:
+    """sha256 over a model folder's (or file's) names and bytes, cached per process by (path, size, mtime)."""
+    p = Path(path).expanduser()
+    files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p] if p.exists() else []
+    stamp = (str(p.resolve()), tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files))
+    if stamp not in _DIGESTS:
+        h = hashlib.sha256()
+        for f in files:
+            h.update(f"{f.relative_to(p) if p.is_dir() else f.name}\0".encode())
+            with open(f, "rb") as fh:
+                for chunk in iter(lambda: fh.read(1 << 22), b""):
+                    h.update(chunk)
+        _DIGESTS[stamp] = h.hexdigest() if files else "missing"
+    return _DIGESTS[stamp]
+
+
+def _keyed_leaves(cfg: DictConfig, include=None, drops=(), layout: bool = False) -> dict:
+    leaves = _flatten(experiment_config(cfg))
+    out = {}
+    for key, value in leaves.items():
+        if include is not None and not _matches(key, include):
+            continue
+        if _matches(key, (*drops, *PROGRESS, *GUARDS)) or (not layout and _matches(key, LAYOUT)):
+            continue
+        if key in _MODEL_PATHS and value:
+            value = "content:" + folder_digest(str(value))
+        out[key] = value
+    return out
+
+
+def stage_key(cfg: DictConfig, stage: str, **inputs) -> str:
+    """The cache key of ``stage``: a hash of the config keys it depends on (STAGE_INPUTS) and of ``inputs``
+    computed at run time (the shard key of the corpus, the base's key, the token budget)."""
+    trunk = stage in ("trunk", "dense_trunk")
+    leaves = _keyed_leaves(cfg, STAGE_INPUTS.get(stage), STAGE_DROPS.get(stage, TRUNK_DROPS), layout=trunk)
+    obj = {"version": STAGE_KEY_VERSION, "stage": stage, "config": leaves, **inputs}
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]

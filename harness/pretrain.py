@@ -1,5 +1,5 @@
-"""Stage 0, the dense base: pretrained once per (model, data, pretrain) config and cached, or read from an
-HF checkpoint folder."""
+"""Stage 0, the dense base: pretrained once per its stage key (``identity.STAGE_INPUTS``) and cached, or read
+from an HF checkpoint folder."""
 
 from __future__ import annotations
 
@@ -14,11 +14,11 @@ from pathlib import Path
 
 import torch
 from filelock import FileLock
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from harness import tracking
+from harness import identity, tracking
 from harness.errors import ConfigError
-from harness.experiment import Experiment, config_key
+from harness.experiment import Experiment
 from harness.fit import fit_and_evaluate, heal_checkpoint
 from harness.io import atomic_write_json, corrupt_files, file_digest, move_aside, read_json
 from harness.model import Decoder
@@ -27,27 +27,21 @@ log = logging.getLogger("upcycle")
 
 
 def dense_base(exp: Experiment, cfg: DictConfig) -> tuple[Decoder, dict]:
-    """The pretrained dense checkpoint: trained once per (model, data, pretrain) config, then reused."""
+    """The pretrained dense checkpoint: trained once per ``identity.STAGE_INPUTS["dense_base"]`` (corpus, model,
+    pretrain block, precision), then reused; an HF base is keyed by its folder's content."""
+    corpus = exp.data.shard_dir.name if exp.data.shard_dir is not None else None
+    key = identity.stage_key(cfg, "dense_base", corpus=corpus)
     if exp.model.hf_path:  # a real pretrained checkpoint: no stage-0 pretraining
-        from harness.hf import load_hf, read_config
+        from harness.hf import load_hf
 
         log.info("dense base: the checkpoint %s (no pretraining)", exp.model.hf_path)
         model = load_hf(exp.model.hf_path, max_seq_len=exp.model.max_seq_len)
         tok_vocab = exp.data.meta["vocab_size"]
         if tok_vocab > model.cfg.vocab_size:
             raise ConfigError(f"model.hf_path: tokenizer vocab {tok_vocab} > model vocab_size {model.cfg.vocab_size}")
-        key = "hf:" + config_key({"path": exp.model.hf_path, "config": read_config(exp.model.hf_path)})
-        return model, {"key": key, "hf_path": exp.model.hf_path}
-    # the base depends on the pretraining recipe only (its own batch size included), so every variant of a
-    # sweep (batch size, LR, ...) upcycles the very same checkpoint
-    key = config_key(
-        {
-            "model": asdict(exp.model),
-            "data": exp.data.shard_dir.name,
-            "seq": exp.data.seq_len,
-            "pretrain": _pretrain_block(cfg),
-        }
-    )
+        return model, {"key": "hf:" + key, "hf_path": exp.model.hf_path}
+    # the base depends on the pretraining recipe only (its own batch size and seed), so every variant of a
+    # sweep (batch size, LR, seed ...) upcycles the very same checkpoint
     out = Path(cfg.paths.cache_dir) / "dense" / key
     out.mkdir(parents=True, exist_ok=True)
     with FileLock(str(out / ".lock")):
@@ -66,6 +60,7 @@ def dense_base(exp: Experiment, cfg: DictConfig) -> tuple[Decoder, dict]:
             model = Decoder(exp.model)
             pre_data = copy.copy(exp.data)
             pre_data.batch_size = int(exp.pretrain.batch_size)
+            pre_data.seed = int(exp.pretrain.seed)  # its data order: pretrain.seed, as its key says
             pre_exp = dataclasses.replace(exp, optim=exp.pretrain.optim, data=pre_data)
             steps = pre_exp.steps(exp.pretrain.tokens)
             log.info(
@@ -93,10 +88,3 @@ def dense_base(exp: Experiment, cfg: DictConfig) -> tuple[Decoder, dict]:
     model = Decoder(exp.model)
     model.load_state_dict(torch.load(out / "model.pt", map_location="cpu", weights_only=True))
     return model, meta
-
-
-def _pretrain_block(cfg: DictConfig) -> dict:
-    """The ``pretrain`` block as it keys the cache (its ``_target_`` names the class, not the recipe)."""
-    block = OmegaConf.to_container(cfg.pretrain, resolve=True)
-    block.pop("_target_", None)
-    return block

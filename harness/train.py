@@ -17,7 +17,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from harness import flops, identity, launch, results, tracking
-from harness.continuation import dense_continuation, experiment_recipe, trunk_dir
+from harness.continuation import dense_continuation, trunk_dir
 from harness.data import RandomWindows
 from harness.experiment import Experiment, build_experiment
 from harness.fit import eval_device, fit_and_evaluate, heal_checkpoint
@@ -121,6 +121,7 @@ def run_experiment(cfg: DictConfig, exp: Experiment, out_dir: Path) -> dict:
         "routing": exp.moe.routing,
         "dense_parent_val_loss": parent_val,
         "data": exp.data.meta,
+        "validation": {"windows": exp.data.val_windows, "tokens": exp.data.val_windows * exp.data.seq_len},
         "dense_base": base_meta["key"],
     }
     if exp.method == "pretrain":  # the base's own record: its learning curve shows whether it plateaued
@@ -180,7 +181,7 @@ def run_experiment(cfg: DictConfig, exp: Experiment, out_dir: Path) -> dict:
         out_dir,
     )
     heal_checkpoint(out_dir)
-    trunk = trunk_dir(cfg, experiment_recipe(cfg))
+    trunk = trunk_dir(cfg, corpus=exp.data.shard_dir.name, dense_base=base_meta["key"])
     res.update(fit_and_evaluate(model, exp, cfg, out_dir, steps, trunk_dir=trunk, scored=True, own_stage=True))
     start = {"step": 0, "tokens": 0, "flops": 0, "val_loss": res["init_val_loss"]}
     res["val_curve"] = [start] + res["val_curve"]  # the step-0 gap is part of the curve
