@@ -149,11 +149,59 @@ def test_activation_scale_matches_paper():
     assert activation_scale("topk_softmax", 8, 1, 2) == 1
 
 
-def test_drop_ratio_zero_equals_copy(dense):
-    a = upcycle(dense, moe_cfg(8, 1, 2, "softmax_topk"), Recipe(drop_ratio=0.0, seed=3))
-    b = upcycle(dense, moe_cfg(8, 1, 2, "softmax_topk"), Recipe(seed=3))
-    for pa, pb in zip(a.parameters(), b.parameters()):
-        assert torch.equal(pa, pb)
+def test_drop_ratio_zero_copies_every_unit(dense):
+    """r = 0 is naive upcycling: every expert is the dense MLP, times the scaling factors."""
+    cfg = moe_cfg(8, 1, 2, "softmax_topk")
+    moe = upcycle(dense, cfg, Recipe(drop_ratio=0.0, weight_scaling="output", seed=3))
+    c2 = weight_factors("output", activation_scale("softmax_topk", 8, 1, 2), dense.cfg.activation)[2]
+    mlp, layer = dense.blocks[0].mlp, moe.blocks[0].mlp
+    for e in range(8):
+        assert torch.equal(layer.experts.w1[e], mlp.fc1.weight)
+        torch.testing.assert_close(layer.experts.w2[e], mlp.fc2.weight * c2, rtol=0, atol=0)
+
+
+def _real_size_dense():
+    """One SmolLM2-135M-sized MLP (d_model 576, d_ff 1536): enough draws to test statistics tightly."""
+    from harness.model import Decoder
+
+    from helpers.models import tiny_config
+
+    torch.manual_seed(0)
+    return Decoder(tiny_config("swiglu", d_model=576, d_ff=1536, n_layers=1)).eval()
+
+
+@pytest.mark.parametrize("scaling", ["output", "paper", "exact"])
+def test_drop_upcycling_draws_follow_the_dense_statistics_and_keeps_scaled_copies(scaling):
+    """The re-drawn units follow N(mean, std) of the dense matrix whatever the weight scaling (the
+    scaling applies to the copied units only); the kept units are the dense units times the factors."""
+    dense = _real_size_dense()
+    cfg = moe_cfg(8, 1, 2, "softmax_topk")
+    moe = upcycle(dense, cfg, Recipe(drop_ratio=0.5, weight_scaling=scaling, seed=0))
+    c_gate, c_up, c2 = weight_factors(scaling, activation_scale("softmax_topk", 8, 1, 2), "swiglu")
+    assert c2 != 1.0  # the factors differ from 1, so a draw scaled by them would be caught
+    mlp, layer = dense.blocks[0].mlp, moe.blocks[0].mlp
+    f = mlp.d_ff
+    gate, up, down = mlp.fc1.weight[:f], mlp.fc1.weight[f:], mlp.fc2.weight
+    for e in range(2):
+        w1, w2 = layer.experts.w1[e], layer.experts.w2[e]
+        kept = (w1[:f] == gate * c_gate).all(1) & (w1[f:] == up * c_up).all(1) & (w2 == down * c2).all(0)
+        assert kept.sum().item() == f - round(0.5 * f)
+        for new, src in ((w1[:f][~kept], gate), (w1[f:][~kept], up), (w2[:, ~kept], down)):
+            n = new.numel()  # ~442k draws: mean within 5 standard errors, std within 5 of its own
+            assert abs(new.mean() - src.mean()) < 5 * src.std() / n**0.5
+            assert abs(new.std() / src.std() - 1) < 5 / (2 * n) ** 0.5
+
+
+def test_copy_and_drop_at_one_seed_share_the_router(dense):
+    """The router has its own generator: the drop draws do not shift it, so copy vs drop isolates r."""
+    cfg = moe_cfg(8, 1, 2, "softmax_topk")
+    a = upcycle(dense, cfg, Recipe(drop_ratio=0.0, router_start="fixed", seed=5))
+    b = upcycle(dense, cfg, Recipe(drop_ratio=0.5, router_start="fixed", seed=5))
+    c = upcycle(dense, cfg, Recipe(drop_ratio=0.5, router_start="fixed", seed=6))
+    for i in a.moe_layers:
+        ra, rb, rc = (m.blocks[i].mlp.router.weight for m in (a, b, c))
+        assert torch.equal(ra, rb) and not torch.equal(ra, rc)
+    assert not torch.equal(a.blocks[0].mlp.experts.w2, b.blocks[0].mlp.experts.w2)
 
 
 @pytest.mark.parametrize("ratio", [0.1, 0.5, 1.0])
