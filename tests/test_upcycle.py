@@ -24,13 +24,17 @@ def moe_cfg(e, g, t, routing, **kw):
 
 @pytest.mark.parametrize("e,g,t", SHAPES)
 @pytest.mark.parametrize("scaling", ["output", "paper", "exact"])
-def test_topk_softmax_virtual_group_is_exact(dense, tokens, activation, e, g, t, scaling):
+def test_topk_softmax_virtual_group_is_exact(trained, text_tokens, activation, e, g, t, scaling):
+    # On the trained base, zeroing every fc2 moves the logits by a relative 0.75 (swiglu) / 1.65 (relu2),
+    # measured; exact cases hold to 1e-5. SwiGLU paper scaling at G > 1 is inexact by design: 0.033 at E8G2T4,
+    # 0.092 at E16G8T8 (measured), so its bound 0.15 is only 5x below deleting the MLPs.
+    dense, tokens = trained, text_tokens
     moe = upcycle(dense, moe_cfg(e, g, t, "topk_softmax"), Recipe("virtual_group", weight_scaling=scaling))
     ref, out = dense(tokens).logits, moe(tokens).logits
     if scaling == "paper" and activation == "swiglu" and g > 1:
         gap = ((out - ref).norm() / ref.norm()).item()
         print(f"SwiGLU paper-scaling step-0 gap E{e}G{g}T{t}: {gap:.2e}")  # measured, not exact
-        assert 0 < gap < 0.05
+        assert 0 < gap < 0.15
     else:
         torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
 
@@ -62,11 +66,14 @@ def test_softmax_topk_gap_vanishes_as_router_std_to_zero(dense, tokens, e, g, t,
     assert gaps[0] > gaps[1] > gaps[2] and gaps[3] < 1e-5, gaps
 
 
-def test_softmax_topk_default_std_loss_within_one_percent(dense, tokens):
+def test_softmax_topk_default_std_loss_within_half_a_percent(trained, text_tokens):
+    # Trained base: paper scaling at std 0.02 moves the loss by 0.075% (swiglu) / 0.11% (relu2); zeroing every
+    # fc2 moves it by 8.7% / 49% (measured), so the 0.5% bound is >= 17x tighter than deleting the MLPs.
+    dense, tokens = trained, text_tokens
     targets = torch.roll(tokens, -1, 1)
     ref = dense(tokens, targets).loss
     moe = upcycle(dense, moe_cfg(8, 1, 2, "softmax_topk"), Recipe(weight_scaling="paper"))
-    assert abs(moe(tokens, targets).loss / ref - 1) < 0.01
+    assert abs(moe(tokens, targets).loss / ref - 1) < 0.005
 
 
 def test_exact_scaling_puts_the_scale_where_the_activation_is_homogeneous():
@@ -124,7 +131,10 @@ def test_data_router_start_gives_the_stated_logit_spread(dense, tokens, e, g, t)
     assert uniform == t / e and abs(mass / uniform - 1) < 0.02
 
 
-def test_exact_start_with_data_router_is_the_dense_loss(dense, tokens):
+def test_exact_start_with_data_router_is_the_dense_loss(trained, text_tokens):
+    # Trained base: the exact start moves the loss by 8e-6 (swiglu) / 1.1e-4 (relu2) at E8G1T2; zeroing every
+    # fc2 moves it by 8.7% / 49% (measured): the 1e-3 bound is >= 87x tighter than deleting the MLPs.
+    dense, tokens = trained, text_tokens
     targets = torch.roll(tokens, -1, 1)
     ref = dense(tokens, targets).loss
     for e, g, t in [(8, 1, 2), (16, 8, 8)]:
