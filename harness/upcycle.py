@@ -28,6 +28,7 @@ from harness.moe import MoE, MoEConfig
 ROUTER_INITS = ("random", "virtual_group")
 WEIGHT_SCALINGS = ("none", "paper", "output", "exact")
 ROUTER_STARTS = ("data", "fixed")
+DROP_SEED_OFFSET = 1_000_003  # the drop draws' generator: upcycle.seed + this, apart from the router's
 
 
 @dataclass
@@ -133,8 +134,12 @@ def _shards(mlp: MLP, granularity: int) -> list[tuple[torch.Tensor, torch.Tensor
 
 
 def _drop_reinit(w1: torch.Tensor, w2: torch.Tensor, dense: MLP, ratio: float, gen: torch.Generator) -> None:
-    """Drop-Upcycling: re-draw round(r*f_e) random hidden units of one expert, in place, from
-    N(mean, std) of the corresponding dense matrix (gate, up and down separately)."""
+    """Drop-Upcycling (Nakamura et al. 2025): re-draw round(r*f_e) random hidden units of one expert,
+    in place, from N(mean, std) of the corresponding dense matrix (gate, up and down separately; one
+    index set for all three, as the paper samples along the intermediate dimension). Runs after weight
+    scaling, so the re-drawn units follow the dense statistics exactly: scaling exists to make the
+    copied units sum back to the dense function, and a re-drawn unit is no part of it (the paper
+    draws from the original weights' statistics and applies no scaling)."""
     fe = w2.shape[1]
     k = round(ratio * fe)
     if k == 0:
@@ -150,10 +155,16 @@ def _drop_reinit(w1: torch.Tensor, w2: torch.Tensor, dense: MLP, ratio: float, g
 
 
 def moe_from_mlp(
-    mlp: MLP, cfg: MoEConfig, recipe: Recipe, gen: torch.Generator, router_std: float | None = None
+    mlp: MLP,
+    cfg: MoEConfig,
+    recipe: Recipe,
+    router_gen: torch.Generator,
+    drop_gen: torch.Generator,
+    router_std: float | None = None,
 ) -> MoE:
     """Build one MoE layer from a dense MLP. Expert e holds shard e mod G (groups of G experts).
-    The router is drawn from N(0, router_std^2) (``moe.router_init_std`` when None)."""
+    The router is drawn from N(0, router_std^2) (``moe.router_init_std`` when None) with ``router_gen``;
+    the Drop-Upcycling draws use ``drop_gen``, so copy and drop at one seed share the router."""
     d_model = mlp.fc1.weight.shape[1]
     with torch.device("meta"):  # every weight is written below: skip MoE's own random init
         layer = MoE(d_model, mlp.d_ff, mlp.activation, cfg)
@@ -164,20 +175,23 @@ def moe_from_mlp(
     for i in range(e):  # experts are 2.5 GB in fp32
         w1[i].copy_(shards[i % g][0])
         w2[i].copy_(shards[i % g][1])
-        _drop_reinit(w1[i], w2[i], mlp, float(recipe.drop_ratio), gen)
     s = activation_scale(cfg.routing, e, g, cfg.top_k)
     c_gate, c_up, c2 = weight_factors(recipe.weight_scaling, s, mlp.activation)
     fe = w1.shape[1] // 2 if mlp.gated else 0  # fc1 holds [gate rows; up rows] per expert when gated
     for part, c in ((w1[:, :fe], c_gate), (w1[:, fe:], c_up), (w2, c2)):
         if c != 1.0:
             part.mul_(c)
+    for i in range(e):  # after scaling: re-drawn units follow the dense statistics, unscaled
+        _drop_reinit(w1[i], w2[i], mlp, float(recipe.drop_ratio), drop_gen)
     dtype = mlp.fc1.weight.dtype
     with torch.no_grad():
         if dtype != w1.dtype:  # the dense model's precision, stored in fp32
             w1.copy_(w1.to(dtype))
             w2.copy_(w2.to(dtype))
         rows = e // g if recipe.router_init == "virtual_group" else e
-        router = torch.randn(rows, d_model, generator=gen) * (cfg.router_init_std if router_std is None else router_std)
+        router = torch.randn(rows, d_model, generator=router_gen) * (
+            cfg.router_init_std if router_std is None else router_std
+        )
         if recipe.router_init == "virtual_group":
             router = router.repeat_interleave(g, dim=0)  # a group's G experts share one logit
         layer.router.weight.copy_(router.to(layer.router.weight.dtype))
@@ -238,9 +252,10 @@ def upcycle(dense: Decoder, cfg: MoEConfig, recipe: Recipe, calib: torch.Tensor 
         else:
             stds = {i: float(recipe.router_logit_std) / r for i, r in mlp_input_rms(dense, layers, calib).items()}
     model = copy.deepcopy(dense)
-    gen = torch.Generator().manual_seed(int(recipe.seed))
+    router_gen = torch.Generator().manual_seed(int(recipe.seed))  # the same draws as before drops existed
+    drop_gen = torch.Generator().manual_seed(int(recipe.seed) + DROP_SEED_OFFSET)
     for i in layers:
-        model.blocks[i].mlp = moe_from_mlp(dense.blocks[i].mlp, cfg, recipe, gen, stds[i])
+        model.blocks[i].mlp = moe_from_mlp(dense.blocks[i].mlp, cfg, recipe, router_gen, drop_gen, stds[i])
     return model
 
 

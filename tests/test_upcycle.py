@@ -24,13 +24,17 @@ def moe_cfg(e, g, t, routing, **kw):
 
 @pytest.mark.parametrize("e,g,t", SHAPES)
 @pytest.mark.parametrize("scaling", ["output", "paper", "exact"])
-def test_topk_softmax_virtual_group_is_exact(dense, tokens, activation, e, g, t, scaling):
+def test_topk_softmax_virtual_group_is_exact(trained, text_tokens, activation, e, g, t, scaling):
+    # On the trained base, zeroing every fc2 moves the logits by a relative 0.75 (swiglu) / 1.65 (relu2),
+    # measured; exact cases hold to 1e-5. SwiGLU paper scaling at G > 1 is inexact by design: 0.033 at E8G2T4,
+    # 0.092 at E16G8T8 (measured), so its bound 0.15 is only 5x below deleting the MLPs.
+    dense, tokens = trained, text_tokens
     moe = upcycle(dense, moe_cfg(e, g, t, "topk_softmax"), Recipe("virtual_group", weight_scaling=scaling))
     ref, out = dense(tokens).logits, moe(tokens).logits
     if scaling == "paper" and activation == "swiglu" and g > 1:
         gap = ((out - ref).norm() / ref.norm()).item()
         print(f"SwiGLU paper-scaling step-0 gap E{e}G{g}T{t}: {gap:.2e}")  # measured, not exact
-        assert 0 < gap < 0.05
+        assert 0 < gap < 0.15
     else:
         torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
 
@@ -62,11 +66,14 @@ def test_softmax_topk_gap_vanishes_as_router_std_to_zero(dense, tokens, e, g, t,
     assert gaps[0] > gaps[1] > gaps[2] and gaps[3] < 1e-5, gaps
 
 
-def test_softmax_topk_default_std_loss_within_one_percent(dense, tokens):
+def test_softmax_topk_default_std_loss_within_half_a_percent(trained, text_tokens):
+    # Trained base: paper scaling at std 0.02 moves the loss by 0.075% (swiglu) / 0.11% (relu2); zeroing every
+    # fc2 moves it by 8.7% / 49% (measured), so the 0.5% bound is >= 17x tighter than deleting the MLPs.
+    dense, tokens = trained, text_tokens
     targets = torch.roll(tokens, -1, 1)
     ref = dense(tokens, targets).loss
     moe = upcycle(dense, moe_cfg(8, 1, 2, "softmax_topk"), Recipe(weight_scaling="paper"))
-    assert abs(moe(tokens, targets).loss / ref - 1) < 0.01
+    assert abs(moe(tokens, targets).loss / ref - 1) < 0.005
 
 
 def test_exact_scaling_puts_the_scale_where_the_activation_is_homogeneous():
@@ -124,7 +131,10 @@ def test_data_router_start_gives_the_stated_logit_spread(dense, tokens, e, g, t)
     assert uniform == t / e and abs(mass / uniform - 1) < 0.02
 
 
-def test_exact_start_with_data_router_is_the_dense_loss(dense, tokens):
+def test_exact_start_with_data_router_is_the_dense_loss(trained, text_tokens):
+    # Trained base: the exact start moves the loss by 8e-6 (swiglu) / 1.1e-4 (relu2) at E8G1T2; zeroing every
+    # fc2 moves it by 8.7% / 49% (measured): the 1e-3 bound is >= 87x tighter than deleting the MLPs.
+    dense, tokens = trained, text_tokens
     targets = torch.roll(tokens, -1, 1)
     ref = dense(tokens, targets).loss
     for e, g, t in [(8, 1, 2), (16, 8, 8)]:
@@ -149,11 +159,59 @@ def test_activation_scale_matches_paper():
     assert activation_scale("topk_softmax", 8, 1, 2) == 1
 
 
-def test_drop_ratio_zero_equals_copy(dense):
-    a = upcycle(dense, moe_cfg(8, 1, 2, "softmax_topk"), Recipe(drop_ratio=0.0, seed=3))
-    b = upcycle(dense, moe_cfg(8, 1, 2, "softmax_topk"), Recipe(seed=3))
-    for pa, pb in zip(a.parameters(), b.parameters()):
-        assert torch.equal(pa, pb)
+def test_drop_ratio_zero_copies_every_unit(dense):
+    """r = 0 is naive upcycling: every expert is the dense MLP, times the scaling factors."""
+    cfg = moe_cfg(8, 1, 2, "softmax_topk")
+    moe = upcycle(dense, cfg, Recipe(drop_ratio=0.0, weight_scaling="output", seed=3))
+    c2 = weight_factors("output", activation_scale("softmax_topk", 8, 1, 2), dense.cfg.activation)[2]
+    mlp, layer = dense.blocks[0].mlp, moe.blocks[0].mlp
+    for e in range(8):
+        assert torch.equal(layer.experts.w1[e], mlp.fc1.weight)
+        torch.testing.assert_close(layer.experts.w2[e], mlp.fc2.weight * c2, rtol=0, atol=0)
+
+
+def _real_size_dense():
+    """One SmolLM2-135M-sized MLP (d_model 576, d_ff 1536): enough draws to test statistics tightly."""
+    from harness.model import Decoder
+
+    from helpers.models import tiny_config
+
+    torch.manual_seed(0)
+    return Decoder(tiny_config("swiglu", d_model=576, d_ff=1536, n_layers=1)).eval()
+
+
+@pytest.mark.parametrize("scaling", ["output", "paper", "exact"])
+def test_drop_upcycling_draws_follow_the_dense_statistics_and_keeps_scaled_copies(scaling):
+    """The re-drawn units follow N(mean, std) of the dense matrix whatever the weight scaling (the
+    scaling applies to the copied units only); the kept units are the dense units times the factors."""
+    dense = _real_size_dense()
+    cfg = moe_cfg(8, 1, 2, "softmax_topk")
+    moe = upcycle(dense, cfg, Recipe(drop_ratio=0.5, weight_scaling=scaling, seed=0))
+    c_gate, c_up, c2 = weight_factors(scaling, activation_scale("softmax_topk", 8, 1, 2), "swiglu")
+    assert c2 != 1.0  # the factors differ from 1, so a draw scaled by them would be caught
+    mlp, layer = dense.blocks[0].mlp, moe.blocks[0].mlp
+    f = mlp.d_ff
+    gate, up, down = mlp.fc1.weight[:f], mlp.fc1.weight[f:], mlp.fc2.weight
+    for e in range(2):
+        w1, w2 = layer.experts.w1[e], layer.experts.w2[e]
+        kept = (w1[:f] == gate * c_gate).all(1) & (w1[f:] == up * c_up).all(1) & (w2 == down * c2).all(0)
+        assert kept.sum().item() == f - round(0.5 * f)
+        for new, src in ((w1[:f][~kept], gate), (w1[f:][~kept], up), (w2[:, ~kept], down)):
+            n = new.numel()  # ~442k draws: mean within 5 standard errors, std within 5 of its own
+            assert abs(new.mean() - src.mean()) < 5 * src.std() / n**0.5
+            assert abs(new.std() / src.std() - 1) < 5 / (2 * n) ** 0.5
+
+
+def test_copy_and_drop_at_one_seed_share_the_router(dense):
+    """The router has its own generator: the drop draws do not shift it, so copy vs drop isolates r."""
+    cfg = moe_cfg(8, 1, 2, "softmax_topk")
+    a = upcycle(dense, cfg, Recipe(drop_ratio=0.0, router_start="fixed", seed=5))
+    b = upcycle(dense, cfg, Recipe(drop_ratio=0.5, router_start="fixed", seed=5))
+    c = upcycle(dense, cfg, Recipe(drop_ratio=0.5, router_start="fixed", seed=6))
+    for i in a.moe_layers:
+        ra, rb, rc = (m.blocks[i].mlp.router.weight for m in (a, b, c))
+        assert torch.equal(ra, rb) and not torch.equal(ra, rc)
+    assert not torch.equal(a.blocks[0].mlp.experts.w2, b.blocks[0].mlp.experts.w2)
 
 
 @pytest.mark.parametrize("ratio", [0.1, 0.5, 1.0])
