@@ -13,7 +13,6 @@ FLOP count, the speed-up over the first trainer listed, and peak GPU memory.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import statistics
 import time
@@ -22,6 +21,7 @@ from pathlib import Path
 import torch
 from hydra import compose, initialize_config_dir
 
+from analysis import collect
 from harness import flops
 from harness.experiment import build_experiment
 from harness.fit import fit_and_evaluate
@@ -34,10 +34,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def metrics(run_dir: Path, warmup: int) -> tuple[float, float]:
     """Median tokens/s after ``warmup`` steps and the peak memory, from the run's CSV log."""
-    files = sorted(run_dir.glob("csv/version_*/metrics.csv"))
-    rows = list(csv.DictReader(files[-1].open()))
-    tps = [float(r["perf/tokens_per_s"]) for r in rows if r.get("perf/tokens_per_s") and int(r["step"]) >= warmup]
-    mem = [float(r["perf/max_mem_gib"]) for r in rows if r.get("perf/max_mem_gib")]
+    m = collect.metrics(run_dir)
+    tps = m.loc[m["step"] >= warmup, "perf/tokens_per_s"].dropna().tolist()
+    mem = m["perf/max_mem_gib"].dropna().tolist() if "perf/max_mem_gib" in m else []
     return statistics.median(tps), max(mem, default=float("nan"))
 
 

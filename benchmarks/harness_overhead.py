@@ -25,6 +25,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from analysis import collect
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -73,7 +75,7 @@ def job_figures(args, name: str, seed: int) -> dict:
     """Steady tokens/s (median past the first fifth), tokens, and the run's own wall times."""
     run = (args.out / "logs" / "runs" / f"{name}_s{seed}" / "latest").resolve()
     res = json.loads((run / "results.json").read_text())
-    m = pd.concat([pd.read_csv(f) for f in sorted(run.glob("csv/version_*/metrics.csv"))], ignore_index=True)
+    m = collect.metrics(run)
     tps = m["perf/tokens_per_s"].dropna().tolist()
     steady = statistics.median(tps[len(tps) // 5 :]) if tps else float("nan")
     return {"steady": steady, "tokens": res["tokens"], "fit_wall_s": res["fit_wall_s"], "wall_s": res["wall_time_s"]}
