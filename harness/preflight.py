@@ -19,6 +19,10 @@ log = logging.getLogger("upcycle")
 ROOT = Path(__file__).resolve().parents[1]
 PRESET_DIRS = (ROOT / "conf", ROOT / "sweeps")  # the config search path (hydra_plugins/upcycle_searchpath)
 _CHOICE = re.compile(r"^\+{0,2}([a-z_][\w/]*)=([\w.,-]+)$")  # group=name or a sweep group=a,b (no functions)
+# keys that are gone, with what replaces them (Hydra's own message would only say the key is not in the struct)
+REMOVED = {
+    "data.val_batches": "set data.val_tokens (validation tokens; the windows no longer depend on the batch size)",
+}
 
 
 def check_presets(argv: list[str]) -> None:
@@ -28,6 +32,9 @@ def check_presets(argv: list[str]) -> None:
     if any(a.startswith(("--config-dir", "-cd", "--config-path", "-cp", "hydra.searchpath")) for a in argv):
         return
     for arg in argv:
+        key = arg.split("=", 1)[0].lstrip("+~")
+        if key in REMOVED:
+            raise SystemExit(f"config error: {key} is gone: {REMOVED[key]}")
         m = _CHOICE.match(arg)
         if not m or m.group(1).startswith("hydra/"):
             continue

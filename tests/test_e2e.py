@@ -112,6 +112,7 @@ def test_resume_continues_the_same_curve(env, tmp_path):
         ("routing=softmax", "routing=softmax is not a routing preset (presets: softmax_topk, topk_softmax)"),
         ("-m moe=E8G1T2,E8G1T3", "moe=E8G1T3 is not a moe preset (presets: E16G2T2"),
         ("-m +sweep=rouitng", "+sweep=rouitng is not a sweep preset (presets: batch_size,"),
+        ("data.val_batches=4", "data.val_batches is gone: set data.val_tokens"),
     ],
 )
 def test_bad_config_fails_fast_with_one_line(env, tmp_path, override, needle):
