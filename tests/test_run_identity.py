@@ -123,7 +123,10 @@ def _stdlib_text(n_bytes: int) -> str:
 def test_one_text_file_is_a_corpus_and_bad_corpora_stop_with_one_line(env, tmp_path):
     corpus = tmp_path / "book.txt"
     corpus.write_text(_stdlib_text(200_000))
-    run_cli(env, tmp_path, *TINY, f"data.path={corpus}", "pretrain.tokens=8000")
+    # a 200 kB corpus holds ~4k validation tokens: fewer than the default data.val_tokens, which says so in one line
+    proc = run_cli(env, tmp_path / "short", *TINY, f"data.path={corpus}", "pretrain.tokens=8000", check=False)
+    assert last_line(proc).startswith("config error: data.val_tokens=8,192 is more than the validation split holds")
+    run_cli(env, tmp_path, *TINY, f"data.path={corpus}", "pretrain.tokens=8000", "data.val_tokens=2048")
     res = results(only_dir(tmp_path, "data.path="))
     assert res["status"] == "complete" and res["data"]["documents"] == 1 and res["data"]["val_tokens"] > 64
     (tmp_path / "tiny.txt").write_text("hello\n" * 100)
