@@ -2,6 +2,8 @@
 best validation losses beside its dense twins, and the run to export.
 
     python -m analysis.smollm2 table <logs>    # markdown table of every complete MoE run under <logs>
+    python -m analysis.smollm2 compare <logs>  # each routing and budget against its dense twins, paired by seed
+    python -m analysis.smollm2 summary <logs>  # both (results/smollm2/summary.md)
     python -m analysis.smollm2 best <logs>     # the run folder of the best MoE that kept a checkpoint
 """
 
@@ -10,6 +12,11 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+
+from analysis.stats import MIN_SEEDS, paired, verdict
+
+# analysis.stats.verdict speaks of a paper's direction; here the direction is "the MoE beats its dense twin"
+_WORDS = {"agrees": "MoE better", "disagrees": "dense better"}
 
 
 def moe_runs(logs: str | Path) -> list[dict]:
@@ -48,12 +55,42 @@ def table(logs: str | Path) -> str:
     return "\n".join(rows)
 
 
+def compare(logs: str | Path) -> str:
+    """One row per routing and budget: the MoE's final validation loss minus each dense twin's, paired by seed
+    (the twins of a seed share its data order), as the mean difference with its 95% CI and the verdict rule of
+    analysis.stats (a verdict needs MIN_SEEDS seeds and a CI that excludes 0)."""
+    groups: dict[tuple[int, str], dict[int, dict]] = {}
+    for r in moe_runs(logs):
+        seeds = groups.setdefault((r["tokens"], r.get("routing", "")), {})
+        seed = r["config"].get("seed", 0)
+        if seed in seeds:
+            raise SystemExit(
+                f"two complete runs of {r.get('routing')} at {r['tokens']:,} tokens, seed {seed}: "
+                f"{seeds[seed]['run_dir']} and {r['run_dir']}"
+            )
+        seeds[seed] = r
+    rows = [
+        "| routing | MoE tokens | seeds | MoE - dense iso-FLOP | verdict | MoE - dense same tokens | verdict |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for (tokens, routing), seeds in sorted(groups.items()):
+        cells = []
+        for twin in ("dense_iso", "dense_tokens"):
+            diffs = [r["val_loss"] - r[twin]["val_loss"] for r in seeds.values() if "val_loss" in r.get(twin, {})]
+            s = paired(diffs)
+            word = verdict([-d for d in diffs]) if s.n >= MIN_SEEDS else f"none ({s.n} of {MIN_SEEDS} seeds)"
+            cells += [f"{s.mean:+.4f} {s.ci()}", _WORDS.get(word, word)]
+        rows.append(f"| {routing} | {tokens:,} | {','.join(map(str, sorted(seeds)))} | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("what", choices=("table", "best"))
+    ap.add_argument("what", choices=("table", "compare", "summary", "best"))
     ap.add_argument("logs")
     args = ap.parse_args(argv)
-    print(table(args.logs) if args.what == "table" else best_exportable(args.logs))
+    summary = lambda logs: f"{table(logs)}\n\n{compare(logs)}"  # noqa: E731
+    print({"table": table, "compare": compare, "summary": summary, "best": best_exportable}[args.what](args.logs))
 
 
 if __name__ == "__main__":

@@ -33,3 +33,31 @@ def test_verdict_rule():
     assert verdict(pd.Series([0.01, -0.011, 0.002])) == "within noise"
     assert verdict(pd.Series([0.01])) == "1 seed: no CI"
     assert verdict(pd.Series([], dtype=float)) == "not run"
+
+
+def test_smollm2_tables_regenerate_and_pair_by_seed(tmp_path):
+    from analysis.smollm2 import compare, table
+
+    runs = ROOT / "results" / "smollm2" / "runs" / "S"
+    committed = (ROOT / "results" / "smollm2" / "summary.md").read_text()
+    assert committed == f"{table(runs)}\n\n{compare(runs)}\n", (
+        "results/smollm2/summary.md differs from what the runs give (python -m analysis.smollm2 summary "
+        "results/smollm2/runs/S > results/smollm2/summary.md)"
+    )
+    # a third seed made from seed 1's record: 0.01 below its iso-FLOP twin gives a verdict, a duplicate stops
+    import json
+
+    import pytest
+
+    src = json.loads(next(runs.rglob("*routing=topk_softmax,seed=1,*tokens=4194304,*/results.json")).read_text())
+    for seed in (0, 1, 2):
+        res = {**src, "config": {**src["config"], "seed": seed}}
+        res["val_loss"] = res["dense_iso"]["val_loss"] - 0.01 - 0.001 * seed
+        (tmp_path / f"s{seed}").mkdir()
+        (tmp_path / f"s{seed}" / "results.json").write_text(json.dumps(res))
+    row = compare(tmp_path).splitlines()[2]
+    assert row.startswith("| topk_softmax | 4,194,304 | 0,1,2 | -0.0110 [-0.0135, -0.0085] | MoE better |")
+    (tmp_path / "dup").mkdir()
+    (tmp_path / "dup" / "results.json").write_text((tmp_path / "s2" / "results.json").read_text())
+    with pytest.raises(SystemExit, match="two complete runs"):
+        compare(tmp_path)
