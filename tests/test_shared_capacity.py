@@ -280,3 +280,31 @@ def test_bad_shared_and_capacity_values_fail_in_one_line(kw, msg):
     with pytest.raises(ConfigError) as e:
         MoEConfig(**{"num_experts": 8, "top_k": 2, **kw}).validate(64)
     assert str(e.value).startswith(msg) and "\n" not in str(e.value)
+
+
+# CUDA -------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("policy", ["probs", "position"])
+def test_capacity_on_the_grouped_gemm_path_matches_the_loop_and_compiles(policy):
+    """bf16 on CUDA: the kept copies through one grouped GEMM per projection give the per-expert loop's output,
+    and the compiled layer (a graph break where the kept count is read) the eager one's output and gradients."""
+    torch.manual_seed(0)
+    cfg = dict(num_experts=24, granularity=4, top_k=3, shared_experts=1, router_init_std=0.5, capacity_factor=0.75)
+    layers = {}
+    for backend in ("loop", "grouped_mm"):
+        torch.manual_seed(0)
+        layers[backend] = MoE(256, 512, "swiglu", MoEConfig(**cfg, drop_policy=policy, expert_backend=backend))
+        layers[backend] = layers[backend].to("cuda", torch.bfloat16)
+    x = torch.randn(8, 512, 256, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    (ya, aux_a), (yb, aux_b) = layers["loop"](x), layers["grouped_mm"](x)
+    assert 0 < aux_a.dropped_share.item() < 1 and aux_a.dropped_share.item() == aux_b.dropped_share.item()
+    assert ((ya.float() - yb.float()).norm() / ya.float().norm()).item() < 1e-2
+    eager, compiled = layers["grouped_mm"], torch.compile(layers["grouped_mm"])
+    results = []
+    for run in (eager, compiled):
+        y, aux = run(x)
+        results.append((y, *torch.autograd.grad(y.float().square().mean() + aux.loss, [x, *eager.parameters()])))
+    for a, b in zip(*results):
+        assert ((a.float() - b.float()).norm() / a.float().norm().clamp_min(1e-12)).item() < 2e-2
