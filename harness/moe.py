@@ -414,9 +414,11 @@ class MoE(nn.Module):
             aux.dropped_share = 1.0 - kept.sum().float().detach() / experts.numel()
         return y.view(shape), aux
 
+    @torch.compiler.disable
     def _kept_experts(self, x_sorted: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
         """The experts on the kept copies only (sorted first), zeros for the dropped ones: a dropped copy adds
-        nothing to its token, whose residual carries it. One host sync sizes the kept rows."""
+        nothing to its token, whose residual carries it. One host sync sizes the kept rows; under torch.compile
+        this runs eagerly (the grouped GEMMs as they are), since a graph would recompile for each kept count."""
         n = int(kept.sum())
         out = self.experts(x_sorted[:n], kept)
         return torch.cat([out, out.new_zeros(x_sorted.shape[0] - n, out.shape[1])])
