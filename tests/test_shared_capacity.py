@@ -14,6 +14,7 @@ from harness.model import Decoder
 from harness.moe import MoE, MoEConfig, permute_capacity
 from harness.upcycle import Recipe, upcycle
 
+from helpers.e2e import run_cli
 from helpers.models import tiny_config
 
 SHAPES = [(2, 2, 1, 1), (8, 2, 2, 1), (3, 4, 3, 1), (6, 4, 3, 1), (4, 4, 2, 2)]  # (E, G, T, S), G - S divides E, T
@@ -280,6 +281,29 @@ def test_bad_shared_and_capacity_values_fail_in_one_line(kw, msg):
     with pytest.raises(ConfigError) as e:
         MoEConfig(**{"num_experts": 8, "top_k": 2, **kw}).validate(64)
     assert str(e.value).startswith(msg) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize(
+    "override,needle",
+    [
+        ("moe=E32G4T4 moe.shared_experts=4", "moe.shared_experts=4 must be an integer in [0, moe.granularity - 1 = 3]"),
+        ("moe.drop_policy=random", "moe.drop_policy='random' is not one of ('probs', 'position')"),
+    ],
+)
+def test_bad_shared_and_capacity_values_stop_run_py_in_one_line(env, tmp_path, override, needle):
+    proc = run_cli(env, tmp_path, *override.split(), check=False)
+    last = proc.stderr.strip().splitlines()[-1]
+    assert proc.returncode != 0 and last.startswith("config error:") and needle in last, proc.stderr[-2000:]
+    assert not (tmp_path / "runs" / "default").exists()  # stopped before any compute
+
+
+def test_mixtral_block_refuses_shared_experts_and_capacity():
+    from harness.export import mixtral_moe_block
+
+    for kw in (dict(granularity=2, shared_experts=1), dict(capacity_factor=1.0)):
+        layer = MoE(32, 64, "swiglu", MoEConfig(num_experts=4, top_k=2, routing="topk_softmax", **kw))
+        with pytest.raises(ConfigError, match="Mixtral's block has no shared expert and drops no tokens"):
+            mixtral_moe_block(layer)
 
 
 # CUDA -------------------------------------------------------------------------------------------------------
