@@ -10,8 +10,11 @@ Which HF class:
 - any other MoE: ``Qwen2MoeForCausalLM``: softmax over all experts then top-k, renormalised
   (``norm_topk_prob``) for ``topk_softmax`` and not for ``softmax_topk``; the expert width d_ff/G is
   its ``moe_intermediate_size``, dense layers are its ``mlp_only_layers``, its shared expert is zeroed
-  (so is its gate), q/k/v biases are ours or zero.
-- no HF class computes a squared-ReLU (``relu2``) MLP or MoE: that is an error.
+  (so is its gate), q/k/v biases are ours or zero. With shared experts (``moe.shared_experts=S``) its shared
+  expert is ours (width S*d_ff/G), its down-projection doubled because the zero-initialised sigmoid gate
+  ``shared_expert_gate`` multiplies it by sigmoid(0) = 1/2 (exact: powers of two).
+- no HF class computes a squared-ReLU (``relu2``) MLP or MoE: that is an error; nor one that drops tokens
+  over capacity (``moe.capacity_factor``), nor a routing other than softmax_topk / topk_softmax.
 Weight scaling and granularity live in the weights themselves, so they need nothing special.
 """
 
@@ -44,9 +47,28 @@ def hf_class(model: Decoder, moe: MoEConfig | None) -> str:
     layers = list(getattr(model, "moe_layers", []) or [])
     if not layers:
         return "Qwen2ForCausalLM" if cfg.qkv_bias else "LlamaForCausalLM"
-    if moe.routing == "topk_softmax" and moe.granularity == 1 and len(layers) == cfg.n_layers and not cfg.qkv_bias:
+    _check_hf_moe(moe)
+    mixtral = moe.routing == "topk_softmax" and moe.granularity == 1 and not moe.shared_experts
+    if mixtral and len(layers) == cfg.n_layers and not cfg.qkv_bias:
         return "MixtralForCausalLM"
     return "Qwen2MoeForCausalLM"
+
+
+HF_ROUTINGS = ("softmax_topk", "topk_softmax")  # the softmax routers that Mixtral / Qwen2-MoE compute
+
+
+def _check_hf_moe(moe: MoEConfig) -> None:
+    """A ConfigError naming the nearest class for an MoE recipe that no exported HF class computes."""
+    if moe.capacity_factor is not None:
+        raise ConfigError(
+            f"moe.capacity_factor={moe.capacity_factor}: no Hugging Face class drops tokens over capacity (the "
+            "nearest, Qwen2MoeForCausalLM, is dropless); export a run trained with moe.capacity_factor=null"
+        )
+    if moe.routing not in HF_ROUTINGS:
+        raise ConfigError(
+            f"moe.routing={moe.routing!r}: export computes only {HF_ROUTINGS} (Qwen2MoeForCausalLM); the nearest "
+            "class for sigmoid scores with a selection bias is Glm4MoeForCausalLM, which this export does not write"
+        )
 
 
 def _base_config(model: Decoder) -> dict:
@@ -83,7 +105,7 @@ def hf_config(model: Decoder, moe: MoEConfig | None):
             num_experts=moe.num_experts,
             num_experts_per_tok=moe.top_k,
             moe_intermediate_size=model.cfg.d_ff // moe.granularity,
-            shared_expert_intermediate_size=1,
+            shared_expert_intermediate_size=moe.shared_experts * (model.cfg.d_ff // moe.granularity) or 1,
             norm_topk_prob=moe.routing == "topk_softmax",
             decoder_sparse_step=1,
             use_sliding_window=False,
@@ -127,6 +149,11 @@ def mixtral_moe_block(layer: MoE, experts_implementation: str = "grouped_mm"):
             f"activation={layer.activation!r}, routing={layer.cfg.routing!r}: Mixtral's block computes only "
             "swiglu experts routed topk_softmax"
         )
+    if layer.cfg.shared_experts or layer.cfg.capacity_factor is not None:
+        raise ConfigError(
+            f"moe.shared_experts={layer.cfg.shared_experts}, moe.capacity_factor={layer.cfg.capacity_factor}: "
+            "Mixtral's block has no shared expert and drops no tokens"
+        )
     ex = layer.experts
     config = transformers.MixtralConfig(
         hidden_size=ex.d_model,
@@ -161,7 +188,9 @@ def hf_state_dict(model: Decoder, name: str) -> dict[str, torch.Tensor]:
                 out[dst + f"self_attn.{p}_proj.bias"] = sd.get(src + f"attn.{p}_proj.bias", torch.zeros(w.shape[0]))
         if i in layers:
             out.update(hf_moe_state_dict(sd, src + "mlp.", dst + "mlp."))
-            if name == "Qwen2MoeForCausalLM":  # its shared expert, zeroed: adds nothing
+            if name == "Qwen2MoeForCausalLM" and src + "mlp.shared.fc1.weight" in sd:
+                out.update(_qwen2moe_shared(sd, src + "mlp.shared.", dst + "mlp."))
+            elif name == "Qwen2MoeForCausalLM":  # its shared expert, zeroed: adds nothing
                 d = model.cfg.d_model
                 for proj, shape in (("gate_proj", (1, d)), ("up_proj", (1, d)), ("down_proj", (d, 1))):
                     out[dst + f"mlp.shared_expert.{proj}.weight"] = torch.zeros(shape)
@@ -171,6 +200,19 @@ def hf_state_dict(model: Decoder, name: str) -> dict[str, torch.Tensor]:
             out[dst + "mlp.gate_proj.weight"], out[dst + "mlp.up_proj.weight"] = gate, up
             out[dst + "mlp.down_proj.weight"] = sd[src + "mlp.fc2.weight"]
     return out
+
+
+def _qwen2moe_shared(sd: dict[str, torch.Tensor], src: str, dst: str) -> dict[str, torch.Tensor]:
+    """Our shared experts (one MLP) as Qwen2-MoE's shared expert: its gate weights zero, so sigmoid(0) = 1/2
+    scales its output, and its down-projection is ours doubled."""
+    gate, up = sd[src + "fc1.weight"].chunk(2)
+    down = sd[src + "fc2.weight"]
+    return {
+        dst + "shared_expert.gate_proj.weight": gate,
+        dst + "shared_expert.up_proj.weight": up,
+        dst + "shared_expert.down_proj.weight": 2 * down,
+        dst + "shared_expert_gate.weight": torch.zeros(1, down.shape[0], dtype=down.dtype),
+    }
 
 
 def export_model(

@@ -4,6 +4,12 @@ Counted: every matmul (2 FLOPs per multiply-add; q/k/v/o, MLP or experts, router
 causal attention products QK^T and PV (query i attends to i+1 keys, so (S+1)/2 on average).
 Training = 3 x forward (backward does two matmuls per forward matmul). Not counted: norms,
 softmax, activations, RoPE, the embedding lookup (no matmul): together well under 1% here.
+
+MoE layers: router + the computed routed copies + the S shared experts (width F/G each, every token).
+With a capacity factor cf the routed copies counted are min(1, cf) * T per token: what the experts compute
+when the load is balanced (cf >= 1: nothing dropped; cf < 1: every expert full at its capacity
+cf*N*T/E, ceil rounding aside). An unbalanced router computes fewer; ``moe/dropped_share`` logs how many
+fewer. The iso-FLOP dense twin gets this count, so it matches the computed copies, not the nominal T.
 """
 
 from __future__ import annotations
@@ -48,15 +54,23 @@ def count(cfg: ModelConfig, seq_len: int, moe: MoEConfig | None = None, moe_laye
         if i in moe_set:
             expert = _mlp_weights(cfg, cfg.d_ff // moe.granularity)
             router = d * moe.num_experts
-            matmul_active += router + moe.top_k * expert
-            params_total += layer_params + router + moe.num_experts * expert
-            params_active += layer_params + router + moe.top_k * expert
+            shared = moe.shared_experts * expert
+            matmul_active += router + routed_copies(moe) * expert + shared
+            params_total += layer_params + router + moe.num_experts * expert + shared
+            params_active += layer_params + router + moe.top_k * expert + shared
         else:
             matmul_active += dense_mlp
             params_total += layer_params + dense_mlp
             params_active += layer_params + dense_mlp
     forward = 2 * matmul_active + cfg.n_layers * attn_scores
     return FlopCount(round(forward), round(3 * forward), params_total, params_active)
+
+
+def routed_copies(moe: MoEConfig) -> float:
+    """Routed expert copies computed per token: T dropless, min(1, cf) * T at capacity factor cf."""
+    if moe.capacity_factor is None:
+        return moe.top_k
+    return min(1.0, float(moe.capacity_factor)) * moe.top_k
 
 
 def count_model(model: Decoder, seq_len: int) -> FlopCount:

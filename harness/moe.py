@@ -1,4 +1,4 @@
-"""Dropless token-choice MoE layer: router, routing modes, grouped experts, aux losses.
+"""Token-choice MoE layer: router, routing modes, grouped experts, shared experts, capacity, aux losses.
 
 Kept as small pieces like torchtitan's MoE: :func:`route` (one function per routing mode),
 :func:`permute` / :func:`unpermute` (sort token copies by expert with no host sync), and
@@ -12,10 +12,13 @@ Shapes (the letters of the presets' names, E{E}G{G}T{T}):
     G   granularity: each dense MLP is split into G experts of width F / G
     F   the dense MLP's hidden width (``d_ff``); an expert's is F_e = F / G
     N*T token copies, one per (token, chosen expert), sorted by expert between dispatch and combine
+    S   shared experts (width F / G each) that every token passes through, beside the routed ones
+    C   per-expert capacity ceil(cf * N * T / E) when ``capacity_factor`` is set (dropless when null)
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -23,16 +26,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from harness.errors import ConfigError
-from harness.mlp import mlp_activation
+from harness.mlp import MLP, mlp_activation
 
 ROUTINGS = ("softmax_topk", "topk_softmax")
 EXPERT_BACKENDS = ("auto", "loop", "grouped_mm")
 ROUTER_PRECISIONS = ("mixed", "fp32")
+DROP_POLICIES = ("probs", "position")
 
 
-def preset_name(num_experts: int, granularity: int, top_k: int) -> str:
-    """The paper's name of an MoE shape, E{E}G{G}T{T} (e.g. E8G1T2)."""
-    return f"E{num_experts}G{granularity}T{top_k}"
+def preset_name(num_experts: int, granularity: int, top_k: int, shared_experts: int = 0) -> str:
+    """The paper's name of an MoE shape, E{E}G{G}T{T} (e.g. E8G1T2), with S{S} appended for shared experts."""
+    return f"E{num_experts}G{granularity}T{top_k}" + (f"S{shared_experts}" if shared_experts else "")
 
 
 @dataclass
@@ -48,10 +52,20 @@ class MoEConfig:
     z_loss_coef: float = 0.0
     expert_backend: str = "auto"
     router_precision: str = "mixed"
+    # shared experts and capacity: S always-on experts of width F/G (upcycled from S of the dense MLP's G shards,
+    # so the routed experts' virtual groups hold the other G - S); capacity_factor null = dropless
+    shared_experts: int = 0
+    capacity_factor: float | None = None
+    drop_policy: str = "probs"  # probs: a full expert drops its lowest-weight copies; position: its latest tokens
 
     @property
     def name(self) -> str:
-        return preset_name(self.num_experts, self.granularity, self.top_k)
+        return preset_name(self.num_experts, self.granularity, self.top_k, self.shared_experts)
+
+    @property
+    def routed_group(self) -> int:
+        """G - S: the routed experts' virtual-group size (the dense shards that the shared experts leave)."""
+        return self.granularity - self.shared_experts
 
     def validate(self, d_ff: int | None = None) -> None:
         e, t, g = self.num_experts, self.top_k, self.granularity
@@ -66,15 +80,37 @@ class MoEConfig:
                 raise ConfigError(f"moe.{key}={v!r} must be a positive integer")
         if t > e:
             raise ConfigError(f"moe.top_k={t} > moe.num_experts={e}: cannot pick more experts than exist")
-        if e % g:
-            raise ConfigError(f"moe.num_experts={e} is not divisible by moe.granularity={g}")
-        if t % g:
-            raise ConfigError(f"moe.top_k={t} is not divisible by moe.granularity={g} (top-T must pick whole groups)")
+        self._validate_shared_capacity()
+        group = "moe.granularity" if not self.shared_experts else "moe.granularity - moe.shared_experts"
+        gr = self.routed_group
+        if e % gr:
+            raise ConfigError(f"moe.num_experts={e} is not divisible by {group}={gr}")
+        if t % gr:
+            raise ConfigError(f"moe.top_k={t} is not divisible by {group}={gr} (top-T must pick whole groups)")
         if d_ff is not None and d_ff % g:
             raise ConfigError(f"model.d_ff={d_ff} is not divisible by moe.granularity={g}")
         for key in ("router_init_std", "aux_loss_coef", "z_loss_coef"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"moe.{key}={getattr(self, key)!r} must be >= 0")
+
+    def _validate_shared_capacity(self) -> None:
+        s, g, cf = self.shared_experts, self.granularity, self.capacity_factor
+        if isinstance(s, bool) or not isinstance(s, int) or not 0 <= s < g:
+            raise ConfigError(
+                f"moe.shared_experts={s!r} must be an integer in [0, moe.granularity - 1 = {g - 1}]: the shared "
+                "experts take S of the dense MLP's G shards and the routed experts need at least one"
+            )
+        if cf is not None and (isinstance(cf, bool) or not isinstance(cf, (int, float)) or not cf > 0):
+            raise ConfigError(f"moe.capacity_factor={cf!r} must be a number > 0, or null (dropless)")
+        if self.drop_policy not in DROP_POLICIES:
+            raise ConfigError(f"moe.drop_policy={self.drop_policy!r} is not one of {DROP_POLICIES}")
+
+    def capacity(self, num_tokens: int) -> int | None:
+        """Per-expert capacity of a micro-batch of N tokens, ceil(cf * N * T / E) (Megatron-Core's
+        ``get_capacity``); None when dropless."""
+        if self.capacity_factor is None:
+            return None
+        return math.ceil(num_tokens * self.top_k / self.num_experts * self.capacity_factor)
 
 
 @dataclass
@@ -86,6 +122,7 @@ class RouterAux:
     z_loss: torch.Tensor
     tokens_per_expert: torch.Tensor  # [E], float, detached
     entropy: torch.Tensor  # mean router entropy (nats), detached
+    dropped_share: torch.Tensor | None = None  # share of the N*T copies over capacity (None when dropless)
 
     @property
     def load_cv(self) -> torch.Tensor:
@@ -166,6 +203,39 @@ def permute(experts: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torc
     counts = torch.zeros(num_experts, dtype=torch.int64, device=flat.device)
     counts.scatter_add_(0, flat, torch.ones_like(flat))
     return order, inverse, counts
+
+
+def permute_capacity(
+    experts: torch.Tensor, weights: torch.Tensor, num_experts: int, capacity: int, policy: str, batch: int = 1
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`permute` with a per-expert capacity C. Returns (order, inverse, tokens_per_expert, kept_per_expert).
+
+    Each expert keeps min(count, C) of its copies (Megatron-Core ``apply_router_token_dropping``): ``probs``
+    the largest routing weights (ties to the earlier copy), ``position`` the earliest tokens, by sequence
+    position first and then by sequence in the micro-batch (Megatron's [seq, batch] token order, so a full
+    expert drops the latest positions of every sequence, not the last sequences). ``order`` lists each expert's
+    kept copies, expert by expert, then every dropped copy; ``tokens_per_expert`` counts every routed copy
+    (the demand the aux loss and load stats read), ``kept_per_expert`` the computed ones. No host sync.
+    """
+    n, t = experts.shape
+    flat = experts.reshape(-1)
+    dev = flat.device
+    if policy == "probs":
+        pre = torch.argsort(-weights.detach().reshape(-1).float(), stable=True)
+    elif policy == "position":  # the N = batch x seq tokens ranked by (position, sequence)
+        tok = torch.arange(n, device=dev).view(batch, n // batch).t().reshape(-1)
+        pre = (tok[:, None] * t + torch.arange(t, device=dev)).reshape(-1)
+    else:
+        raise ConfigError(f"moe.drop_policy={policy!r} is not one of {DROP_POLICIES}")
+    key_dtype = torch.uint8 if num_experts < 256 else torch.int32
+    by_expert = pre[torch.argsort(flat[pre].to(key_dtype), stable=True)]  # each expert's copies, best first
+    counts = torch.zeros(num_experts, dtype=torch.int64, device=dev).scatter_add_(0, flat, torch.ones_like(flat))
+    starts = counts.cumsum(0) - counts
+    keep_sorted = torch.arange(n * t, device=dev) - starts[flat[by_expert]] < capacity
+    keep = torch.empty_like(keep_sorted).scatter_(0, by_expert, keep_sorted)
+    order = torch.argsort(torch.where(keep, flat, num_experts).to(key_dtype), stable=True)  # dropped ones last
+    inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=dev))
+    return order, inverse, counts, counts.clamp_max(capacity)
 
 
 def _sum_copies(rows: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
@@ -297,7 +367,8 @@ class GroupedExperts(nn.Module):
 
 
 class MoE(nn.Module):
-    """Router + dropless top-T dispatch to :class:`GroupedExperts`. Returns (output, RouterAux)."""
+    """Router + top-T dispatch to :class:`GroupedExperts` (dropless, or capped at ``capacity_factor``), plus
+    the shared experts every token passes through. Returns (output, RouterAux)."""
 
     def __init__(self, d_model: int, d_ff: int, activation: str, cfg: MoEConfig):
         super().__init__()
@@ -307,6 +378,10 @@ class MoE(nn.Module):
         self.router = nn.Linear(d_model, cfg.num_experts, bias=False)
         nn.init.normal_(self.router.weight, std=cfg.router_init_std)
         self.experts = GroupedExperts(cfg.num_experts, d_model, d_ff // cfg.granularity, activation, cfg.expert_backend)
+        # the S shared experts as one MLP of width S*F/G: a sum of S experts is one MLP holding their hidden units
+        self.shared = (
+            MLP(d_model, cfg.shared_experts * (d_ff // cfg.granularity), activation) if cfg.shared_experts else None
+        )
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, RouterAux]:
         shape = x.shape
@@ -320,10 +395,33 @@ class MoE(nn.Module):
         precision = self.cfg.router_precision
         logits = router_logits(x2 if precision == "fp32" else xc, self.router.weight, precision)
         weights, experts, probs = route(logits, self.cfg.top_k, self.cfg.routing)
-        order, inverse, counts = permute(experts, self.cfg.num_experts)
+        capacity = self.cfg.capacity(x2.shape[0])
+        if capacity is None:
+            order, inverse, counts = permute(experts, self.cfg.num_experts)
+            kept = None
+        else:
+            batch = shape[0] if len(shape) == 3 else 1
+            order, inverse, counts, kept = permute_capacity(
+                experts, weights, self.cfg.num_experts, capacity, self.cfg.drop_policy, batch
+            )
         x_sorted = dispatch(xc, order, inverse, self.cfg.top_k)
-        y = unpermute(self.experts(x_sorted, counts), order, inverse, weights)
-        return y.view(shape), self._aux(logits, probs, counts)
+        out_sorted = self.experts(x_sorted, counts) if kept is None else self._kept_experts(x_sorted, kept)
+        y = unpermute(out_sorted, order, inverse, weights)
+        if self.shared is not None:
+            y = y + self.shared(xc).to(y.dtype)
+        aux = self._aux(logits, probs, counts)
+        if kept is not None:
+            aux.dropped_share = 1.0 - kept.sum().float().detach() / experts.numel()
+        return y.view(shape), aux
+
+    @torch.compiler.disable
+    def _kept_experts(self, x_sorted: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+        """The experts on the kept copies only (sorted first), zeros for the dropped ones: a dropped copy adds
+        nothing to its token, whose residual carries it. One host sync sizes the kept rows; under torch.compile
+        this runs eagerly (the grouped GEMMs as they are), since a graph would recompile for each kept count."""
+        n = int(kept.sum())
+        out = self.experts(x_sorted[:n], kept)
+        return torch.cat([out, out.new_zeros(x_sorted.shape[0] - n, out.shape[1])])
 
     def _aux(self, logits: torch.Tensor, probs: torch.Tensor, counts: torch.Tensor) -> RouterAux:
         """Switch/GShard load balance E * sum_e f_e P_e and router z-loss mean(logsumexp^2) (ST-MoE)."""

@@ -154,6 +154,18 @@ def _drop_reinit(w1: torch.Tensor, w2: torch.Tensor, dense: MLP, ratio: float, g
     w2[:, idx] = torch.randn(w2.shape[0], k, generator=gen) * dense_w2.std() + dense_w2.mean()
 
 
+def _copy_shared(layer: MoE, shards: list[tuple[torch.Tensor, torch.Tensor]], gated: bool) -> None:
+    """The shared experts' one MLP (width S*F/G) from the dense MLP's first S shards, unscaled: [gate; up]
+    rows are the shards' gate rows then their up rows, fc2 their columns side by side."""
+    if not shards:
+        return
+    fe = shards[0][1].shape[1]
+    halves = ([s[0][:fe] for s in shards], [s[0][fe:] for s in shards]) if gated else ([s[0] for s in shards],)
+    with torch.no_grad():
+        layer.shared.fc1.weight.copy_(torch.cat([torch.cat(h) for h in halves]))
+        layer.shared.fc2.weight.copy_(torch.cat([s[1] for s in shards], dim=1))
+
+
 def moe_from_mlp(
     mlp: MLP,
     cfg: MoEConfig,
@@ -164,13 +176,20 @@ def moe_from_mlp(
 ) -> MoE:
     """Build one MoE layer from a dense MLP. Expert e holds shard e mod G (groups of G experts).
     The router is drawn from N(0, router_std^2) (``moe.router_init_std`` when None) with ``router_gen``;
-    the Drop-Upcycling draws use ``drop_gen``, so copy and drop at one seed share the router."""
+    the Drop-Upcycling draws use ``drop_gen``, so copy and drop at one seed share the router.
+
+    Shared experts (S > 0): the dense MLP's first S shards become the shared experts, copied unscaled and
+    never re-drawn, and the routed experts are virtual groups of the other G - S shards (expert e holds shard
+    S + e mod (G - S)), scaled for groups of G - S, so that they reproduce the rest of the dense MLP:
+    dense(x) = shared(x) + rest(x) exactly, since a SwiGLU/relu2 MLP is a sum over its hidden units."""
     d_model = mlp.fc1.weight.shape[1]
     with torch.device("meta"):  # every weight is written below: skip MoE's own random init
         layer = MoE(d_model, mlp.d_ff, mlp.activation, cfg)
     layer = layer.to_empty(device="cpu")
-    e, g = cfg.num_experts, cfg.granularity
-    shards = _shards(mlp, g)
+    e, g = cfg.num_experts, cfg.routed_group  # g: the routed virtual-group size, G - S
+    shards = _shards(mlp, cfg.granularity)
+    _copy_shared(layer, shards[: cfg.shared_experts], mlp.gated)
+    shards = shards[cfg.shared_experts :]  # the routed experts' shards
     w1, w2 = layer.experts.w1.detach(), layer.experts.w2.detach()  # filled in place: a 135M model's E64G8T8
     for i in range(e):  # experts are 2.5 GB in fp32
         w1[i].copy_(shards[i % g][0])
@@ -234,7 +253,7 @@ def upcycle(dense: Decoder, cfg: MoEConfig, recipe: Recipe, calib: torch.Tensor 
     recipe.validate()
     cfg.validate(dense.cfg.d_ff)
     layers = resolve_moe_layers(recipe.moe_layers, dense.cfg.n_layers)
-    if recipe.router_init == "random" and cfg.granularity > 1:
+    if recipe.router_init == "random" and cfg.routed_group > 1:
         warnings.warn(
             f"upcycle.router_init=random with moe.granularity={cfg.granularity}: independent router rows "
             "split the virtual groups, so step 0 is not the dense function (init=virtual_group keeps them)"

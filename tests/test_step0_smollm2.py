@@ -42,3 +42,24 @@ def test_default_recipe_starts_at_the_dense_loss(smollm2, e, g, t, routing, tol)
     print(f"E{e}G{g}T{t} {routing}: step-0 gap {100 * (loss / ref - 1):+.3f}%, top-T mass {mass / uniform:.3f} x T/E")
     assert abs(loss / ref - 1) < tol
     assert abs(mass / uniform - 1) < 0.03  # near-uniform router, without ties
+
+
+SHARED_CAPACITY = {
+    "E24G4T3S1": dict(num_experts=24, granularity=4, top_k=3, shared_experts=1),
+    "E16G4T2S2": dict(num_experts=16, granularity=4, top_k=2, shared_experts=2),
+    # C = ceil(4 * N * 2 / 8) = N: no expert can be over capacity, so the layer is the dropless one
+    "E8G1T2-cf4": dict(num_experts=8, granularity=1, top_k=2, capacity_factor=4.0),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("preset", sorted(SHARED_CAPACITY))
+@pytest.mark.parametrize("routing,tol", [("softmax_topk", 5e-3), ("topk_softmax", 1e-4)])
+def test_shared_experts_and_a_capacity_that_drops_nothing_start_at_the_dense_loss(smollm2, preset, routing, tol):
+    from analysis.step0 import step0
+
+    dense, windows, ref = smollm2
+    loss, mass, uniform = step0(dense, windows, MoEConfig(**SHARED_CAPACITY[preset], routing=routing), Recipe())
+    print(f"{preset} {routing}: step-0 gap {100 * (loss / ref - 1):+.3f}%, top-T mass {mass / uniform:.3f} x T/E")
+    assert abs(loss / ref - 1) < tol
+    assert abs(mass / uniform - 1) < 0.03
