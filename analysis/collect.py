@@ -16,6 +16,10 @@ AXES = {
     "granularity": ("moe", "granularity"),
     "top_k": ("moe", "top_k"),
     "routing": ("moe", "routing"),
+    "norm_topk_prob": ("moe", "norm_topk_prob"),
+    "topk_scaling_factor": ("moe", "topk_scaling_factor"),
+    "load_balancing": ("moe", "load_balancing"),
+    "bias_update_rate": ("moe", "bias_update_rate"),
     "router_init": ("upcycle", "router_init"),
     "drop_ratio": ("upcycle", "drop_ratio"),
     "weight_scaling": ("upcycle", "weight_scaling"),
@@ -33,7 +37,19 @@ AXES = {
 }
 # axes that only an upcycled run has: a dense continuation keeps ``moe`` (the preset whose FLOPs it matches),
 # a pretraining run has none of them
-RECIPE = ("routing", "router_init", "drop_ratio", "weight_scaling", "router_start", "aux_loss_coef", "z_loss_coef")
+RECIPE = (
+    "routing",
+    "norm_topk_prob",
+    "topk_scaling_factor",
+    "load_balancing",
+    "bias_update_rate",
+    "router_init",
+    "drop_ratio",
+    "weight_scaling",
+    "router_start",
+    "aux_loss_coef",
+    "z_loss_coef",
+)
 
 
 def get(cfg: dict, *keys, default=None):
