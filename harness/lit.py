@@ -91,7 +91,7 @@ class LitLM(L.LightningModule):
         self._no_decay = {n for n, p in model.named_parameters() if p.dim() < 2}
         self.flops_per_token, self.peak_flops = train_flops_per_token, peak_flops
         self._t_last: float | None = None
-        # global_aux_loss / expert_bias: the micro-batch's loads, recorded after its backward (_record_loads)
+        # global_aux_loss / expert_bias: the micro-batch's loads, recorded after its backward (on_after_backward)
         self._moes = moe_modules(model) if tracks_load(model) else []
         self._pending_loads: list[torch.Tensor] = []
 
