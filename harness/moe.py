@@ -16,6 +16,7 @@ Shapes (the letters of the presets' names, E{E}G{G}T{T}):
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -88,10 +89,11 @@ class MoEConfig:
             raise ConfigError(f"moe.load_balancing={self.load_balancing!r} is not one of {LOAD_BALANCINGS}")
         if not isinstance(self.norm_topk_prob, bool):
             raise ConfigError(f"moe.norm_topk_prob={self.norm_topk_prob!r} must be true or false")
-        if isinstance(self.topk_scaling_factor, bool) or not float(self.topk_scaling_factor) > 0:
-            raise ConfigError(f"moe.topk_scaling_factor={self.topk_scaling_factor!r} must be a number > 0")
-        if isinstance(self.bias_update_rate, bool) or not float(self.bias_update_rate) >= 0:
-            raise ConfigError(f"moe.bias_update_rate={self.bias_update_rate!r} must be a number >= 0")
+        for key, low in (("topk_scaling_factor", "> 0"), ("bias_update_rate", ">= 0")):
+            v = getattr(self, key)
+            number = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+            if not number or not (v > 0 if low == "> 0" else v >= 0):
+                raise ConfigError(f"moe.{key}={v!r} must be a number {low}")
 
 
 @dataclass

@@ -238,6 +238,7 @@ def test_lightning_updates_the_bias_from_the_global_batch_and_checkpoints_it(tmp
         ({"routing": "sigmoid"}, "moe.routing='sigmoid' is not one of"),
         ({"load_balancing": "aux_free"}, "moe.load_balancing='aux_free' is not one of"),
         ({"topk_scaling_factor": 0.0}, "moe.topk_scaling_factor=0.0 must be a number > 0"),
+        ({"topk_scaling_factor": "big"}, "moe.topk_scaling_factor='big' must be a number > 0"),
         ({"bias_update_rate": -1e-3}, "moe.bias_update_rate=-0.001 must be a number >= 0"),
         ({"norm_topk_prob": "yes"}, "moe.norm_topk_prob='yes' must be true or false"),
     ],
