@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from harness.moe import preset_name
+from harness.moe import MoEConfig, preset_name
 
 # config keys that identify a variant: the ablation axes of arXiv 2410.07524 and Drop-Upcycling
 AXES = {
@@ -16,6 +16,13 @@ AXES = {
     "granularity": ("moe", "granularity"),
     "top_k": ("moe", "top_k"),
     "routing": ("moe", "routing"),
+    "norm_topk_prob": ("moe", "norm_topk_prob"),
+    "topk_scaling_factor": ("moe", "topk_scaling_factor"),
+    "load_balancing": ("moe", "load_balancing"),
+    "bias_update_rate": ("moe", "bias_update_rate"),
+    "shared_experts": ("moe", "shared_experts"),
+    "capacity_factor": ("moe", "capacity_factor"),
+    "drop_policy": ("moe", "drop_policy"),
     "router_init": ("upcycle", "router_init"),
     "drop_ratio": ("upcycle", "drop_ratio"),
     "weight_scaling": ("upcycle", "weight_scaling"),
@@ -33,7 +40,20 @@ AXES = {
 }
 # axes that only an upcycled run has: a dense continuation keeps ``moe`` (the preset whose FLOPs it matches),
 # a pretraining run has none of them
-RECIPE = ("routing", "router_init", "drop_ratio", "weight_scaling", "router_start", "aux_loss_coef", "z_loss_coef")
+RECIPE = (
+    "routing",
+    "norm_topk_prob",
+    "topk_scaling_factor",
+    "load_balancing",
+    "bias_update_rate",
+    "drop_policy",
+    "router_init",
+    "drop_ratio",
+    "weight_scaling",
+    "router_start",
+    "aux_loss_coef",
+    "z_loss_coef",
+)
 
 
 def get(cfg: dict, *keys, default=None):
@@ -45,12 +65,20 @@ def get(cfg: dict, *keys, default=None):
     return cfg
 
 
+def _default(keys: tuple[str, ...]):
+    """A moe key that a run written before it existed lacks ran at its default (e.g. load_balancing=aux_loss), so
+    old and new runs of one recipe group together; other missing keys stay None."""
+    if len(keys) == 2 and keys[0] == "moe" and keys[1] in MoEConfig.__dataclass_fields__:
+        return MoEConfig.__dataclass_fields__[keys[1]].default
+    return None
+
+
 def load_run(path: Path) -> dict:
     res = json.loads(path.read_text())
     cfg = res.get("config", {})
-    row = {name: get(cfg, *keys) for name, keys in AXES.items()}
+    row = {name: get(cfg, *keys, default=_default(keys)) for name, keys in AXES.items()}
     if row["moe"] is not None:
-        row["moe"] = preset_name(row["moe"], row["granularity"], row["top_k"])
+        row["moe"] = preset_name(row["moe"], row["granularity"], row["top_k"], row["shared_experts"] or 0)
     if row["method"] in ("dense", "pretrain"):  # its config still holds these blocks; they changed nothing
         row.update(dict.fromkeys(RECIPE))
         if row["method"] == "pretrain":

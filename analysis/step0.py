@@ -94,6 +94,39 @@ def table(dense, windows: torch.Tensor) -> str:
     return "\n".join(lines) + "\n"
 
 
+SIGMOID = {"sigmoid_topk": False, "sigmoid_topk renormalised": True}  # label -> moe.norm_topk_prob
+
+
+def sigmoid_table(dense, windows: torch.Tensor) -> str:
+    """The sigmoid routing (DeepSeek-V3, Megatron-Core score_function=sigmoid) with ``scaling=exact``, plain and
+    renormalised over the T chosen (``moe.norm_topk_prob``), from both router starts."""
+    evals = windows[:-1]
+    with torch.no_grad():
+        ref = dense(evals[:, :-1], evals[:, 1:]).loss.item()
+    lines = [
+        "## Sigmoid routing (`routing=sigmoid_topk`)",
+        "",
+        "Weight scaling `exact` with the factor of each normalisation (harness/upcycle.py `activation_scale`): "
+        "renormalised, the chosen weights sum to 1 whatever the router, s = G; plain, each weight is "
+        "sigmoid(l) ~ 1/2 at the router start, s = 2G/T. Same text, dense loss and columns as above "
+        "(top-T mass still reads the softmax over all E: how spread the start's logits are).",
+        "",
+        "| preset | routing | scaling | router start | step-0 loss | gap | top-T mass / (T/E) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for e, g, t in PRESETS:
+        for label, norm in SIGMOID.items():
+            for start, kw in STARTS.items():
+                moe = MoEConfig(num_experts=e, granularity=g, top_k=t, routing="sigmoid_topk", norm_topk_prob=norm)
+                loss, mass, uniform = step0(dense, windows, moe, Recipe("virtual_group", weight_scaling="exact", **kw))
+                gap = f"{100 * (loss / ref - 1):+.4f}%"
+                lines.append(
+                    f"| {moe.name} | {label} | exact | {start} | {loss:.4f} | "
+                    f"{f'**{gap}**' if start.startswith('data') else gap} | {mass / uniform:.3f} |"
+                )
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--out", default="results/step0.md")
@@ -102,7 +135,8 @@ def main() -> None:
     torch.manual_seed(0)
     t0 = time.time()
     dense, tok = load_smollm2(args.cache_dir)
-    text = table(dense, english_windows(tok))
+    windows = english_windows(tok)
+    text = table(dense, windows) + "\n" + sigmoid_table(dense, windows)
     Path(args.out).write_text(text)
     print(text + f"\n({time.time() - t0:.0f} s)")
 

@@ -48,7 +48,9 @@ def hf_class(model: Decoder, moe: MoEConfig | None) -> str:
     if not layers:
         return "Qwen2ForCausalLM" if cfg.qkv_bias else "LlamaForCausalLM"
     _check_hf_moe(moe)
-    mixtral = moe.routing == "topk_softmax" and moe.granularity == 1 and not moe.shared_experts
+    # renormalised softmax_topk weights are topk_softmax's (the softmax's shared normaliser cancels)
+    topk_then_softmax = moe.routing == "topk_softmax" or moe.norm_topk_prob
+    mixtral = topk_then_softmax and moe.granularity == 1 and not moe.shared_experts
     if mixtral and len(layers) == cfg.n_layers and not cfg.qkv_bias:
         return "MixtralForCausalLM"
     return "Qwen2MoeForCausalLM"
@@ -68,6 +70,18 @@ def _check_hf_moe(moe: MoEConfig) -> None:
         raise ConfigError(
             f"moe.routing={moe.routing!r}: export computes only {HF_ROUTINGS} (Qwen2MoeForCausalLM); the nearest "
             "class for sigmoid scores with a selection bias is Glm4MoeForCausalLM, which this export does not write"
+        )
+    if moe.topk_scaling_factor != 1:
+        raise ConfigError(
+            f"moe.topk_scaling_factor={moe.topk_scaling_factor}: Mixtral and Qwen2MoeForCausalLM weight the experts "
+            "by the router's probabilities unscaled (the nearest class with a routed scaling factor, "
+            "Glm4MoeForCausalLM, is not written by this export)"
+        )
+    if moe.load_balancing == "expert_bias":
+        raise ConfigError(
+            "moe.load_balancing='expert_bias': the learned selection bias changes which experts a token uses, and "
+            "Mixtral / Qwen2MoeForCausalLM have none (the nearest class with one, Glm4MoeForCausalLM, is not "
+            "written by this export)"
         )
 
 
@@ -106,7 +120,7 @@ def hf_config(model: Decoder, moe: MoEConfig | None):
             num_experts_per_tok=moe.top_k,
             moe_intermediate_size=model.cfg.d_ff // moe.granularity,
             shared_expert_intermediate_size=moe.shared_experts * (model.cfg.d_ff // moe.granularity) or 1,
-            norm_topk_prob=moe.routing == "topk_softmax",
+            norm_topk_prob=moe.routing == "topk_softmax" or moe.norm_topk_prob,
             decoder_sparse_step=1,
             use_sliding_window=False,
             mlp_only_layers=[i for i in range(model.cfg.n_layers) if i not in layers],

@@ -12,6 +12,7 @@ import torch
 
 from harness.errors import ConfigError
 from harness.model import Decoder
+from harness.moe import moe_modules, record_loads, tracks_load
 
 SCHEDULES = ("cosine", "wsd", "constant")
 
@@ -90,6 +91,9 @@ class LitLM(L.LightningModule):
         self._no_decay = {n for n, p in model.named_parameters() if p.dim() < 2}
         self.flops_per_token, self.peak_flops = train_flops_per_token, peak_flops
         self._t_last: float | None = None
+        # global_aux_loss / expert_bias: the micro-batch's loads, recorded after its backward (on_after_backward)
+        self._moes = moe_modules(model) if tracks_load(model) else []
+        self._pending_loads: list[torch.Tensor] = []
 
     def forward(self, idx, targets=None):
         return self.model(idx, targets)
@@ -113,6 +117,8 @@ class LitLM(L.LightningModule):
         if out.router:
             self._log_router(out.router)
             self._watch_collapse(out.router, x.numel())
+            if self._moes:
+                self._pending_loads = [r.tokens_per_expert for r in out.router]
         now = time.perf_counter()
         if self._t_last is not None:
             tps = x.numel() * self.trainer.world_size / (now - self._t_last)
@@ -137,6 +143,35 @@ class LitLM(L.LightningModule):
         }
         for layer, r in zip(self.model.moe_layers, router):
             metrics[f"moe/layer{layer}_load_cv"] = r.load_cv
+        dropped = [r.dropped_share for r in router if r.dropped_share is not None]
+        if dropped:  # moe.capacity_factor set: the share of routed copies over capacity, dropped
+            metrics["moe/dropped_share"] = torch.stack(dropped).mean()
+        self.log_dict(metrics)
+
+    def on_after_backward(self) -> None:
+        """The micro-batch's copies per expert join its optimizer step's load, summed over ranks, after the
+        backward (an activation-checkpointing recompute must see the load its forward saw)."""
+        if self._moes and self._pending_loads:
+            record_loads(self._moes, self._pending_loads)
+            self._pending_loads = []
+
+    def optimizer_step(self, *args, **kwargs):
+        """After the update: each MoE layer's expert bias moves against its step's load (expert_bias), and the
+        load restarts; moe/step_load_cv is that load's spread over the global batch."""
+        out = super().optimizer_step(*args, **kwargs)
+        if self._moes:
+            self._end_step()
+        return out
+
+    def _end_step(self) -> None:
+        cvs = [m.end_step() for m in self._moes]
+        metrics = {"moe/step_load_cv": torch.stack(cvs).mean()}
+        biased = [(i, m.selection_bias) for i, m in zip(self.model.moe_layers, self._moes)]
+        biased = [(i, b) for i, b in biased if b is not None]
+        if biased:
+            metrics["moe/expert_bias_absmax"] = torch.stack([b.abs().max() for _, b in biased]).max()
+            for i, b in biased:  # only the spread matters: a bias common to every expert changes no choice
+                metrics[f"moe/layer{i}_bias_spread"] = b.max() - b.min()
         self.log_dict(metrics)
 
     def _watch_collapse(self, router, tokens: int) -> None:

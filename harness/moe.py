@@ -28,7 +28,8 @@ from torch import nn
 from harness.errors import ConfigError
 from harness.mlp import MLP, mlp_activation
 
-ROUTINGS = ("softmax_topk", "topk_softmax")
+ROUTINGS = ("softmax_topk", "topk_softmax", "sigmoid_topk")
+LOAD_BALANCINGS = ("aux_loss", "seq_aux_loss", "global_aux_loss", "expert_bias", "none")
 EXPERT_BACKENDS = ("auto", "loop", "grouped_mm")
 ROUTER_PRECISIONS = ("mixed", "fp32")
 DROP_POLICIES = ("probs", "position")
@@ -57,6 +58,11 @@ class MoEConfig:
     shared_experts: int = 0
     capacity_factor: float | None = None
     drop_policy: str = "probs"  # probs: a full expert drops its lowest-weight copies; position: its latest tokens
+    # routing weights and load balancing of modern MoEs (Megatron-Core, DeepSeek-V3 arXiv 2412.19437, torchtitan)
+    norm_topk_prob: bool = False  # renormalise the T chosen weights to sum 1 (torchtitan route_norm)
+    topk_scaling_factor: float = 1.0  # the chosen weights times this (Megatron moe_router_topk_scaling_factor)
+    load_balancing: str = "aux_loss"  # see LOAD_BALANCINGS and MoE._balance
+    bias_update_rate: float = 1e-3  # expert_bias: bias += rate * sign(mean load - load) after each optimizer step
 
     @property
     def name(self) -> str:
@@ -92,6 +98,18 @@ class MoEConfig:
         for key in ("router_init_std", "aux_loss_coef", "z_loss_coef"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"moe.{key}={getattr(self, key)!r} must be >= 0")
+        self._validate_modern()
+
+    def _validate_modern(self) -> None:
+        if self.load_balancing not in LOAD_BALANCINGS:
+            raise ConfigError(f"moe.load_balancing={self.load_balancing!r} is not one of {LOAD_BALANCINGS}")
+        if not isinstance(self.norm_topk_prob, bool):
+            raise ConfigError(f"moe.norm_topk_prob={self.norm_topk_prob!r} must be true or false")
+        for key, low in (("topk_scaling_factor", "> 0"), ("bias_update_rate", ">= 0")):
+            v = getattr(self, key)
+            number = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+            if not number or not (v > 0 if low == "> 0" else v >= 0):
+                raise ConfigError(f"moe.{key}={v!r} must be a number {low}")
 
     def _validate_shared_capacity(self) -> None:
         s, g, cf = self.shared_experts, self.granularity, self.capacity_factor
@@ -131,20 +149,46 @@ class RouterAux:
         return n.std(unbiased=False) / n.mean().clamp_min(1e-9)
 
 
-def route(logits: torch.Tensor, top_k: int, routing: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def route(
+    logits: torch.Tensor,
+    top_k: int,
+    routing: str,
+    norm_topk_prob: bool = False,
+    scaling_factor: float = 1.0,
+    bias: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Return (weights [N,T], expert ids [N,T], probs over all experts [N,E]) from fp32 logits.
 
     softmax_topk: softmax over all E, keep the T largest, no renormalisation (arXiv 2410.07524 sec. 3.3).
     topk_softmax: keep the T largest logits, softmax over those T (Mixtral).
+    sigmoid_topk: a sigmoid per expert, keep the T largest (DeepSeek-V3, arXiv 2412.19437 eq. 15-16).
+    ``bias`` [E] (aux-loss-free balancing) is added to the scores top-T picks from, for the choice only: the
+    weights are the unbiased scores (Megatron-Core ``topk_routing_with_score_function``). Then the weights are
+    optionally renormalised over the T chosen and multiplied by ``scaling_factor``. ``probs`` are what the
+    balance loss and the entropy read: the softmax, or for sigmoid the scores normalised over E (Megatron).
     """
-    probs = logits.softmax(dim=-1)
-    if routing == "softmax_topk":
+    if routing not in ROUTINGS:
+        raise ConfigError(f"moe.routing={routing!r} is not one of {ROUTINGS}")
+    probs = logits.softmax(dim=-1) if routing != "sigmoid_topk" else None
+    if routing == "softmax_topk" and bias is None:
         weights, experts = probs.topk(top_k, dim=-1)
     elif routing == "topk_softmax":
-        top_logits, experts = logits.topk(top_k, dim=-1)
+        if bias is None:
+            top_logits, experts = logits.topk(top_k, dim=-1)
+        else:
+            experts = (logits + bias).topk(top_k, dim=-1).indices
+            top_logits = logits.gather(-1, experts)
         weights = top_logits.softmax(dim=-1)
-    else:
-        raise ConfigError(f"moe.routing={routing!r} is not one of {ROUTINGS}")
+    else:  # a score per expert: the softmax's probs or the sigmoid's; top-T of the (biased) scores
+        scores = probs if probs is not None else logits.sigmoid()
+        experts = (scores if bias is None else scores + bias).topk(top_k, dim=-1).indices
+        weights = scores.gather(-1, experts)
+        if probs is None:
+            probs = scores / (scores.sum(-1, keepdim=True) + 1e-20)
+    if norm_topk_prob and routing != "topk_softmax":  # topk_softmax's weights sum to 1 already
+        weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
+    if scaling_factor != 1.0:
+        weights = weights * scaling_factor
     return weights, experts, probs
 
 
@@ -382,6 +426,7 @@ class MoE(nn.Module):
         self.shared = (
             MLP(d_model, cfg.shared_experts * (d_ff // cfg.granularity), activation) if cfg.shared_experts else None
         )
+        self._init_balancing()
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, RouterAux]:
         shape = x.shape
@@ -394,22 +439,25 @@ class MoE(nn.Module):
             xc = x2.to(torch.get_autocast_dtype(x.device.type))
         precision = self.cfg.router_precision
         logits = router_logits(x2 if precision == "fp32" else xc, self.router.weight, precision)
-        weights, experts, probs = route(logits, self.cfg.top_k, self.cfg.routing)
-        capacity = self.cfg.capacity(x2.shape[0])
+        c = self.cfg
+        weights, experts, probs = route(
+            logits, c.top_k, c.routing, c.norm_topk_prob, float(c.topk_scaling_factor), self.selection_bias
+        )
+        capacity = c.capacity(x2.shape[0])
         if capacity is None:
-            order, inverse, counts = permute(experts, self.cfg.num_experts)
+            order, inverse, counts = permute(experts, c.num_experts)
             kept = None
         else:
             batch = shape[0] if len(shape) == 3 else 1
             order, inverse, counts, kept = permute_capacity(
-                experts, weights, self.cfg.num_experts, capacity, self.cfg.drop_policy, batch
+                experts, weights, c.num_experts, capacity, c.drop_policy, batch
             )
-        x_sorted = dispatch(xc, order, inverse, self.cfg.top_k)
+        x_sorted = dispatch(xc, order, inverse, c.top_k)
         out_sorted = self.experts(x_sorted, counts) if kept is None else self._kept_experts(x_sorted, kept)
         y = unpermute(out_sorted, order, inverse, weights)
         if self.shared is not None:
             y = y + self.shared(xc).to(y.dtype)
-        aux = self._aux(logits, probs, counts)
+        aux = self._aux(logits, probs, counts, experts, shape)
         if kept is not None:
             aux.dropped_share = 1.0 - kept.sum().float().detach() / experts.numel()
         return y.view(shape), aux
@@ -423,13 +471,127 @@ class MoE(nn.Module):
         out = self.experts(x_sorted[:n], kept)
         return torch.cat([out, out.new_zeros(x_sorted.shape[0] - n, out.shape[1])])
 
-    def _aux(self, logits: torch.Tensor, probs: torch.Tensor, counts: torch.Tensor) -> RouterAux:
-        """Switch/GShard load balance E * sum_e f_e P_e and router z-loss mean(logsumexp^2) (ST-MoE)."""
-        e = self.cfg.num_experts
-        frac = counts.float() / counts.sum().clamp_min(1)
-        load_balance = e * (frac * probs.mean(0)).sum()
+    def _aux(
+        self, logits: torch.Tensor, probs: torch.Tensor, counts: torch.Tensor, experts: torch.Tensor, shape
+    ) -> RouterAux:
+        """The balance loss ``moe.load_balancing`` names (:meth:`_balance`) and the router z-loss
+        mean(logsumexp^2) (ST-MoE)."""
+        load_balance = self._balance(probs, counts, experts, shape)
         z_loss = torch.logsumexp(logits, dim=-1).square().mean()
-        loss = self.cfg.aux_loss_coef * load_balance + self.cfg.z_loss_coef * z_loss
+        coef = self.cfg.aux_loss_coef if self.cfg.load_balancing in AUX_LOSSES else 0.0
+        loss = coef * load_balance + self.cfg.z_loss_coef * z_loss
+        if coef == 0.0:
+            load_balance = load_balance.detach()  # still reported (moe/aux_loss), no gradient
         with torch.no_grad():
             entropy = -(probs * probs.clamp_min(1e-20).log()).sum(-1).mean()
         return RouterAux(loss, load_balance, z_loss, counts.detach().float(), entropy)
+
+    # load balancing: the balance losses, the aux-loss-free expert bias and the load they read
+
+    def _init_balancing(self) -> None:
+        """``step_load`` [E]: token copies per expert since the last optimizer step, summed over ranks (what
+        global_aux_loss and expert_bias read); ``expert_bias`` [E] (expert_bias only): a buffer, so it is in
+        the checkpoint and not in the optimizer. Both fp32 whatever the model's dtype (1e-3 steps vanish in bf16)."""
+        e = self.cfg.num_experts
+        self.register_buffer("step_load", torch.zeros(e), persistent=False)
+        if self.cfg.load_balancing == "expert_bias":
+            self.register_buffer("expert_bias", torch.zeros(e))
+
+    @property
+    def selection_bias(self) -> torch.Tensor | None:
+        return self.expert_bias if self.cfg.load_balancing == "expert_bias" else None
+
+    def _apply(self, fn, recurse=True):
+        """``.to()``, ``.bfloat16()`` ...: the balancing buffers follow the device, never the dtype."""
+        kept = {n: getattr(self, n) for n in ("step_load", "expert_bias") if getattr(self, n, None) is not None}
+        super()._apply(fn, recurse)
+        for name, old in kept.items():
+            new = getattr(self, name)
+            if new.dtype != torch.float32:
+                setattr(self, name, old.to(new.device))
+        return self
+
+    @torch.no_grad()
+    def reset_balancing(self) -> None:
+        """Zero bias and load (a layer built on the meta device holds whatever its memory held)."""
+        self.step_load.zero_()
+        if self.selection_bias is not None:
+            self.expert_bias.zero_()
+
+    def _balance(self, probs: torch.Tensor, counts: torch.Tensor, experts: torch.Tensor, shape) -> torch.Tensor:
+        """Switch/GShard load balance E * sum_e f_e P_e (f_e: share of the token copies routed to e, P_e: mean
+        router prob), over the statistics ``moe.load_balancing`` names: the micro-batch (aux_loss, and the
+        reported value of expert_bias / none), each sequence (seq_aux_loss, averaged over sequences) or f_e over
+        the global batch so far (global_aux_loss: this optimizer step's micro-batches on every rank, arXiv
+        2501.11873; P_e stays local, so DDP's gradient average makes it global). As Megatron-Core's router."""
+        e = self.cfg.num_experts
+        if self.cfg.load_balancing == "seq_aux_loss":
+            return seq_load_balance(probs, experts, shape[0] if len(shape) == 3 else 1, e)
+        frac = counts.float() / counts.sum().clamp_min(1)
+        if self.cfg.load_balancing == "global_aux_loss" and self.training:
+            load = self.step_load + all_reduce_sum(counts.float())
+            frac = load / load.sum().clamp_min(1)
+        return e * (frac * probs.mean(0)).sum()
+
+    @torch.no_grad()
+    def record_load(self, counts: torch.Tensor) -> None:
+        """Add one micro-batch's copies per expert (summed over ranks) to ``step_load``."""
+        self.step_load += counts.float()
+
+    @torch.no_grad()
+    def end_step(self) -> torch.Tensor:
+        """After an optimizer step: expert_bias += bias_update_rate * sign(mean load - load) (DeepSeek-V3 sec.
+        2.1.2; Megatron ``get_updated_expert_bias``), from the step's load summed over ranks, so every rank
+        moves its bias alike; then the load restarts. Returns the step's load cv (over the global batch)."""
+        load = self.step_load
+        cv = load.std(unbiased=False) / load.mean().clamp_min(1e-9)
+        if self.selection_bias is not None and load.sum() > 0:
+            self.expert_bias += float(self.cfg.bias_update_rate) * torch.sign(load.mean() - load)
+        load.zero_()
+        return cv
+
+
+AUX_LOSSES = ("aux_loss", "seq_aux_loss", "global_aux_loss")  # the balancings that add coef * balance to the loss
+
+
+def seq_load_balance(probs: torch.Tensor, experts: torch.Tensor, batch: int, num_experts: int) -> torch.Tensor:
+    """Sequence-wise balance loss: E * sum_e f_e P_e within each of ``batch`` sequences, averaged over them
+    (DeepSeek-V3 eq. 17-20; Megatron ``seq_aux_loss``). probs [N, E], experts [N, T], N = batch x L."""
+    p = probs.view(batch, -1, num_experts).mean(1)
+    ids = experts.reshape(batch, -1)
+    f = torch.zeros(batch, num_experts, device=probs.device).scatter_add_(
+        1, ids, torch.ones_like(ids, dtype=torch.float)
+    )
+    return num_experts * (f / ids.shape[1] * p).sum(1).mean()
+
+
+@torch.compiler.disable
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """``t`` summed over the ranks of the default process group (``t`` itself on one process)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return t
+    t = t.clone()
+    dist.all_reduce(t)
+    return t
+
+
+def moe_modules(model: nn.Module) -> list[MoE]:
+    """The MoE layers of ``model``, in layer order (the order of a forward's RouterAux list)."""
+    return [m for m in model.modules() if isinstance(m, MoE)]
+
+
+def tracks_load(model: nn.Module) -> bool:
+    """Whether the model's balancing reads the global batch's load (global_aux_loss or expert_bias)."""
+    return any(m.cfg.load_balancing in ("global_aux_loss", "expert_bias") for m in moe_modules(model))
+
+
+@torch.no_grad()
+def record_loads(layers: list[MoE], counts: list[torch.Tensor]) -> None:
+    """After a micro-batch's backward: each layer's copies per expert, summed over ranks in one all_reduce,
+    into its ``step_load`` (after backward, so an activation-checkpointing recompute sees the same load)."""
+    if layers:
+        total = all_reduce_sum(torch.stack([c.float() for c in counts]))
+        for layer, row in zip(layers, total):
+            layer.record_load(row)

@@ -84,15 +84,29 @@ def resolve_moe_layers(spec: str | Sequence[int], n_layers: int) -> list[int]:
     return layers
 
 
-def activation_scale(routing: str, num_experts: int, granularity: int, top_k: int) -> float:
+def activation_scale(
+    routing: str,
+    num_experts: int,
+    granularity: int,
+    top_k: int,
+    norm_topk_prob: bool = False,
+    topk_scaling_factor: float = 1.0,
+) -> float:
     """Factor s by which the MoE output falls short of the dense output at init (arXiv 2410.07524).
 
-    topk_softmax: the chosen groups' weights sum to 1/G, so s = G. softmax_topk: every prob ~ 1/E and
-    T/G groups are chosen, so s = E*G/T (Megatron writes it (E/G)*G*G/T).
+    The T chosen experts are T/G whole virtual groups, each summing to the dense MLP, so s = 1 / (the chosen
+    weights' sum per group). topk_softmax, or any routing with ``norm_topk_prob``: the weights sum to the
+    scaling factor gamma whatever the router, so s = G/gamma (exact for every router). softmax_topk: every prob
+    ~ 1/E, so s = E*G/(T*gamma) (Megatron writes it (E/G)*G*G/T). sigmoid_topk: every score ~ sigmoid(0) = 1/2
+    (the router start's logits have std ~0.01), so s = 2G/(T*gamma); its gap to the dense function is
+    sigmoid(l)/sigmoid(0) - 1 ~ l/2 per weight, half softmax_topk's (1/E)(1 + l - mean l) relative spread.
     """
-    if routing == "topk_softmax":
-        return float(granularity)
-    return num_experts * granularity / top_k
+    gamma = float(topk_scaling_factor)
+    if routing == "topk_softmax" or norm_topk_prob:
+        return granularity / gamma
+    if routing == "sigmoid_topk":
+        return 2 * granularity / (top_k * gamma)
+    return num_experts * granularity / (top_k * gamma)
 
 
 def weight_factors(scaling: str, s: float, activation: str) -> tuple[float, float, float]:
@@ -186,6 +200,7 @@ def moe_from_mlp(
     with torch.device("meta"):  # every weight is written below: skip MoE's own random init
         layer = MoE(d_model, mlp.d_ff, mlp.activation, cfg)
     layer = layer.to_empty(device="cpu")
+    layer.reset_balancing()
     e, g = cfg.num_experts, cfg.routed_group  # g: the routed virtual-group size, G - S
     shards = _shards(mlp, cfg.granularity)
     _copy_shared(layer, shards[: cfg.shared_experts], mlp.gated)
@@ -194,7 +209,7 @@ def moe_from_mlp(
     for i in range(e):  # experts are 2.5 GB in fp32
         w1[i].copy_(shards[i % g][0])
         w2[i].copy_(shards[i % g][1])
-    s = activation_scale(cfg.routing, e, g, cfg.top_k)
+    s = activation_scale(cfg.routing, e, g, cfg.top_k, cfg.norm_topk_prob, cfg.topk_scaling_factor)
     c_gate, c_up, c2 = weight_factors(recipe.weight_scaling, s, mlp.activation)
     fe = w1.shape[1] // 2 if mlp.gated else 0  # fc1 holds [gate rows; up rows] per expert when gated
     for part, c in ((w1[:, :fe], c_gate), (w1[:, fe:], c_up), (w2, c2)):

@@ -109,7 +109,11 @@ def test_resume_continues_the_same_curve(env, tmp_path):
         ("data.val_fraction=0.9", "data.val_fraction=0.9 must be in (0, 0.5)"),
         ("data.batch_size=1.5", "data.batch_size=1.5 is not int"),
         ("train.activation_checkpointing=bogus", "train.activation_checkpointing='bogus' is not one of false"),
-        ("routing=softmax", "routing=softmax is not a routing preset (presets: softmax_topk, topk_softmax)"),
+        (
+            "routing=softmax",
+            "routing=softmax is not a routing preset (presets: sigmoid_topk, softmax_topk, topk_softmax)",
+        ),
+        ("moe.load_balancing=aux_free", "moe.load_balancing='aux_free' is not one of ('aux_loss', 'seq_aux_loss',"),
         ("-m moe=E8G1T2,E8G1T3", "moe=E8G1T3 is not a moe preset (presets: E16G2T2"),
         ("-m +sweep=rouitng", "+sweep=rouitng is not a sweep preset (presets: batch_size,"),
         ("data.val_batches=4", "data.val_batches is gone: set data.val_tokens"),

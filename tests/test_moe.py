@@ -11,13 +11,15 @@ from harness.moe import MoE, MoEConfig, route
 def _reference_route(logits: torch.Tensor, top_k: int, routing: str) -> list[list[tuple[int, float]]]:
     """Per token, written out with math.exp and a sort: [(expert, weight)] for the T chosen experts.
     softmax_topk: the full softmax's probabilities of the T largest, not renormalised; topk_softmax: a
-    softmax over the T largest logits only."""
+    softmax over the T largest logits only; sigmoid_topk: the T largest sigmoids, not renormalised."""
     out = []
     for row in logits.tolist():
         top = sorted(range(len(row)), key=lambda e: -row[e])[:top_k]
         if routing == "softmax_topk":
             z = sum(math.exp(v) for v in row)
             out.append([(e, math.exp(row[e]) / z) for e in top])
+        elif routing == "sigmoid_topk":
+            out.append([(e, 1 / (1 + math.exp(-row[e]))) for e in top])
         else:
             z = sum(math.exp(row[e]) for e in top)
             out.append([(e, math.exp(row[e]) / z) for e in top])
@@ -44,7 +46,7 @@ def layer(backend="loop", **kw):
     return MoE(32, 64, "swiglu", cfg)
 
 
-@pytest.mark.parametrize("routing", ["softmax_topk", "topk_softmax"])
+@pytest.mark.parametrize("routing", ["softmax_topk", "topk_softmax", "sigmoid_topk"])
 @pytest.mark.parametrize("activation", ["swiglu", "relu2"])
 def test_dropless_loop_matches_dense_reference(routing, activation):
     """Every token gets exactly T experts; the output equals a per-token reference loop."""
