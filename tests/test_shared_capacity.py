@@ -33,6 +33,25 @@ def test_shared_experts_upcycle_computes_the_dense_parent_at_step_0(trained, tex
     assert (shared_off - parent).abs().max() > 100 * (ours - parent).abs().max()  # the shared part carries weight
 
 
+@pytest.mark.parametrize("gamma", [1.0, 2.5])
+def test_shared_experts_with_renormalised_sigmoid_routing_start_at_the_dense_parent(trained, text_tokens, gamma):
+    """The modern recipes together (sigmoid scores renormalised and scaled, an expert bias, a shared expert) still
+    start at the dense function: the routed weights sum to gamma, so s = (G - S) / gamma is exact."""
+    moe = MoEConfig(
+        num_experts=6,
+        granularity=4,
+        top_k=3,
+        routing="sigmoid_topk",
+        norm_topk_prob=True,
+        topk_scaling_factor=gamma,
+        load_balancing="expert_bias",
+        shared_experts=1,
+    )
+    model = upcycle(trained, moe, Recipe(), calib=text_tokens).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(text_tokens).logits, trained(text_tokens).logits, rtol=0, atol=2e-5)
+
+
 def _without_shared(model: Decoder) -> Decoder:
     for i in model.moe_layers:
         torch.nn.init.zeros_(model.blocks[i].mlp.shared.fc2.weight)
