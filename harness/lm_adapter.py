@@ -55,16 +55,24 @@ class DecoderLM(TemplateLM):
         return self.tok.decode(tokens)
 
     @torch.no_grad()
-    def _logprobs(self, inputs: list[list[int]]) -> torch.Tensor:
-        """[B, T, V] fp32 log-softmax of right-padded ``inputs`` (padding never attends forward: causal)."""
+    def _hidden(self, inputs: list[list[int]]) -> torch.Tensor:
+        """[B, T, D] final hidden states of right-padded ``inputs`` (padding is after every real token: causal
+        attention keeps it out); the LM head is applied later only where a score is read (V is up to 49k)."""
         t = max(len(x) for x in inputs)
         idx = torch.full((len(inputs), t), self._eot, dtype=torch.long)
         for i, x in enumerate(inputs):
             idx[i, : len(x)] = torch.tensor(x, dtype=torch.long)
-        idx = idx.to(self._device)
-        cuda = self._device.type == "cuda"
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
-            logits = self.model(idx).logits
+        head, self.model.lm_head = self.model.lm_head, torch.nn.Identity()  # forward returns norm(x), not logits
+        try:
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self._device.type == "cuda"):
+                return self.model(idx.to(self._device)).logits
+        finally:
+            self.model.lm_head = head
+
+    def _logprobs_at(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[n, V] fp32 log-softmax of the LM head at ``hidden`` [n, D] (the autocast matmul the forward does)."""
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self._device.type == "cuda"):
+            logits = self.model.lm_head(hidden)
         return F.log_softmax(logits.float(), dim=-1)
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
@@ -77,10 +85,9 @@ class DecoderLM(TemplateLM):
         out: list[tuple[float, bool] | None] = [None] * len(rows)
         for s in tqdm(range(0, len(rows), self.batch_size), disable=disable_tqdm, desc="loglikelihood"):
             batch = rows[s : s + self.batch_size]
-            logp = self._logprobs([inp for _, inp, _ in batch])
+            hidden = self._hidden([inp for _, inp, _ in batch])
             for b, (i, inp, cont) in enumerate(batch):
-                n = len(cont)
-                lp = logp[b, len(inp) - n : len(inp)]  # [n, V]: the positions that predict the continuation
+                lp = self._logprobs_at(hidden[b, len(inp) - len(cont) : len(inp)])  # [n, V]: predicting cont
                 target = torch.tensor(cont, device=lp.device)
                 greedy = bool((lp.argmax(-1) == target).all())
                 out[i] = (float(lp.gather(-1, target[:, None]).sum()), greedy)
@@ -116,7 +123,7 @@ class DecoderLM(TemplateLM):
             new: list[int] = []
             text = ""
             for _ in range(budget):
-                nxt = int(self._logprobs([(toks + new)[-self.max_length :]])[0, -1].argmax())
+                nxt = int(self._logprobs_at(self._hidden([(toks + new)[-self.max_length :]])[0, -1:])[0].argmax())
                 if nxt == self._eot:
                     break
                 new.append(nxt)
