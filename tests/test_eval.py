@@ -146,3 +146,16 @@ def test_smollm2_scores_far_above_chance_on_the_local_tasks_and_a_random_model_o
     assert real["pydoc_cloze"]["acc"] > 0.15 and noise["pydoc_cloze"]["acc"] < 0.03, got
     assert real["pydoc_next"]["acc"] > 0.25 + 2 * real["pydoc_next"]["acc_stderr"], got
     assert abs(noise["pydoc_next"]["acc"] - 0.25) < 3 * max(noise["pydoc_next"]["acc_stderr"], 0.04), got
+
+
+def test_the_cli_scores_an_exported_checkpoint_as_hflm_does(trained, capsys, monkeypatch, tmp_path):
+    from harness.eval import main
+
+    monkeypatch.setenv("UPCYCLE_CACHE", str(tmp_path))
+    got = {}
+    for backend in ("ours", "hf"):
+        main(["--model-path", str(trained[2] / "hf"), "--tasks", "pydoc_cloze", "--limit", "8", "--backend", backend])
+        got[backend] = json.loads(capsys.readouterr().out)["downstream"]["pydoc_cloze"]
+    assert got["ours"]["n"] == got["hf"]["n"] == 8
+    assert got["ours"]["perplexity"] == pytest.approx(got["hf"]["perplexity"], rel=1e-4)
+    assert got["ours"]["acc"] == got["hf"]["acc"]
