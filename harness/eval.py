@@ -298,8 +298,14 @@ def _hf_lm(path: Path, ecfg: EvalConfig, backend: str):
 
     if backend == "hf":
         from lm_eval.models.huggingface import HFLM
+        from transformers import AutoTokenizer
 
-        return HFLM(pretrained=str(path), batch_size=ecfg.batch_size), "hf"
+        hf_tok = AutoTokenizer.from_pretrained(str(path))
+        if hf_tok.eos_token is None:  # our BPE's export names no EOS: HFLM needs one (the shards' end-of-text)
+            raw = load_tokenizer(str(path))
+            hf_tok.eos_token = raw.id_to_token(_eot_id(raw))
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        return HFLM(pretrained=str(path), tokenizer=hf_tok, batch_size=ecfg.batch_size, device=device), "hf"
     model = load_hf(path)
     tok = load_tokenizer(str(path))
     return DecoderLM(model, tok, _eot_id(tok), batch_size=ecfg.batch_size), weights_digest(model)
