@@ -17,6 +17,7 @@ from omegaconf.errors import MissingMandatoryValue
 from harness import launch
 from harness.data import TokenDataModule
 from harness.errors import ConfigError
+from harness.eval import EvalConfig
 from harness.lit import OptimConfig
 from harness.model import ModelConfig
 from harness.moe import MoEConfig
@@ -117,6 +118,7 @@ class Experiment:
     moe_layers: list[int]
     train: TrainConfig
     pretrain: PretrainConfig
+    evaluation: EvalConfig | None = None  # the eval block: downstream tasks after training
 
     def steps(self, tokens: float) -> int:
         """Optimizer steps that cover ``tokens`` (at least one)."""
@@ -198,7 +200,10 @@ def build_experiment(cfg: DictConfig) -> Experiment:
     world = launch.world_size(cfg.trainer)
     data.split_batch(world)  # the global batch must split over the devices
     pretrain.validate(world)
-    return Experiment(cfg.method, model, moe, recipe, optim, data, layers, train, pretrain)
+    evaluation = build(cfg.eval) if "eval" in cfg else None
+    if evaluation is not None:
+        evaluation.check()  # a standard task missing from the offline HF cache stops here, before training
+    return Experiment(cfg.method, model, moe, recipe, optim, data, layers, train, pretrain, evaluation)
 
 
 def compile_enabled(train: TrainConfig, trainer_cfg: DictConfig) -> bool:

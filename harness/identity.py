@@ -31,6 +31,7 @@ COSMETIC = (
     "force",
     "paths",
     "logger",
+    "eval",  # downstream scores of the trained models (harness/eval.py), cached by their weights
     "optuna",
     "callbacks.progress_bar",
     "train.stop_after_steps",

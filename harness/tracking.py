@@ -92,6 +92,14 @@ def summary(cfg: DictConfig, res: dict) -> None:
             run.summary.update(
                 {"dense_iso/val_loss": iso.get("val_loss"), "dense_iso/train_flops": iso.get("train_flops")}
             )
+        run.summary.update(  # eval stage: downstream/<model>/<task>/<metric> beside the val losses
+            {
+                f"downstream/{m}/{t}/{k}": v
+                for m, tasks in (res.get("downstream") or {}).items()
+                for t, metrics in tasks.items()
+                for k, v in metrics.items()
+            }
+        )
         run.finish()
     except Exception as e:  # never let logging sink a finished run
         warnings.warn(f"W&B summary not written ({type(e).__name__}: {e})")

