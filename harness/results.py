@@ -38,10 +38,12 @@ def finished(out_dir: Path, config_hash: str) -> dict | None:
     return None
 
 
-def finished_elsewhere(out_dir: Path, config_hash: str) -> Path | None:
-    """A sibling folder holding this config's complete run under another spelling of its overrides
-    (``routing=softmax_topk`` is the default written out): the same ``cfg=<hash>``, so the same experiment."""
-    for other in sorted(out_dir.parent.glob(f"*cfg={config_hash}")):
+def finished_elsewhere(out_dir: Path, config_hash: str, roots=()) -> Path | None:
+    """A folder beside ``out_dir`` or under ``roots`` (``runs/<name>`` for a sweep's job) holding this config's
+    complete run under another spelling of its overrides (``routing=softmax_topk`` is the default written out):
+    the same ``cfg=<hash>``, so the same experiment."""
+    folders = [f for root in (out_dir.parent, *roots) for f in sorted(Path(root).glob(f"*cfg={config_hash}"))]
+    for other in folders:
         if other != out_dir and other.is_dir() and not other.is_symlink() and finished(other, config_hash):
             return other
     return None

@@ -19,8 +19,10 @@ from omegaconf import DictConfig, OmegaConf
 from harness import flops, identity, launch, results, tracking
 from harness.continuation import dense_continuation, trunk_dir
 from harness.data import RandomWindows
+from harness.errors import RunFolderError
 from harness.experiment import Experiment, build_experiment
 from harness.fit import eval_device, fit_and_evaluate, heal_checkpoint
+from harness.io import ReadOnlyCache, disk_full, disk_full_line
 from harness.lit import evaluate
 from harness.pretrain import dense_base
 from harness.upcycle import top_mass, upcycle
@@ -43,6 +45,7 @@ def main(cfg: DictConfig) -> float:
     try:
         exp = build_experiment(cfg)  # raises ConfigError before any compute
         launch.check_devices(cfg.trainer)
+        exp.data.prepare()  # the corpus (a shared cache, built once) must hold this config's windows
     except Exception as e:
         if _multirun():  # recorded in the job's own folder, so the sweep's report counts it
             results.record_unstarted(cfg, out_dir, e)
@@ -50,8 +53,14 @@ def main(cfg: DictConfig) -> float:
             identity.discard_unclaimed(out_dir)
         raise
     config_hash = identity.config_hash(cfg)
-    results_path = out_dir / "results.json"
     out_dir.mkdir(parents=True, exist_ok=True)
+    with identity.hold(out_dir):  # one writer per run folder: RunFolderError if another process trains it
+        return _run(cfg, exp, out_dir, config_hash)
+
+
+def _run(cfg: DictConfig, exp: Experiment, out_dir: Path, config_hash: str) -> float:
+    """``main`` once this process holds the run folder: claim it, skip a finished run, else train and record it."""
+    results_path = out_dir / "results.json"
     if cfg.force:
         moved = identity.move_aside(out_dir)
         if moved:
@@ -67,7 +76,8 @@ def main(cfg: DictConfig) -> float:
     if old is not None:
         log.info("%s is complete for this config: skipping (force=true re-runs)", results_path)
         return float(old["val_loss"])
-    twin = None if cfg.force else results.finished_elsewhere(out_dir, config_hash)
+    roots = [Path(cfg.paths.log_dir) / kind / cfg.name for kind in ("runs", "multirun")]
+    twin = None if cfg.force else results.finished_elsewhere(out_dir, config_hash, roots)
     if twin is not None:
         log.info(
             "%s holds this config's complete run (cfg=%s, its overrides spelled another way): skipping "
@@ -85,7 +95,16 @@ def main(cfg: DictConfig) -> float:
     try:
         res = {**base, **run_experiment(cfg, exp, out_dir)}
     except Exception as e:
-        results.record_failure(out_dir, base, e)
+        full = disk_full(e)
+        try:
+            results.record_failure(out_dir, base, e)
+        except OSError:
+            if not full:
+                raise
+        if full:  # one line naming the path; the checkpoints kept resume the run once there is space
+            raise RunFolderError(disk_full_line(e, out_dir)) from None
+        if isinstance(e, ReadOnlyCache):
+            raise RunFolderError(str(e)) from None
         raise
     except (KeyboardInterrupt, SystemExit):  # Ctrl-C: Lightning tears down and exits; say what is kept
         log.warning("interrupted: the same command resumes each stage from its last checkpoint (train.ckpt_every)")
