@@ -218,7 +218,7 @@ def unfinished(run_dir: Path) -> str | None:
         return f"has an unreadable results.json ({type(e).__name__})"
     if res.get("status") != "complete":
         where = f" at step {res['steps']}" if res.get("steps") is not None else ""
-        return f"is a {res.get('status', 'unknown')} run{where}, not a complete one"
+        return f"is not finished (status {res.get('status', 'unknown')}{where})"
     return None
 
 

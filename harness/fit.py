@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import errno
 import logging
 import os
 import time
@@ -21,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from harness import flops, launch, tracking, trunk
 from harness.errors import ConfigError
 from harness.experiment import Experiment, compile_enabled
-from harness.io import intact_zip, move_aside
+from harness.io import DiskFull, intact_zip, move_aside
 from harness.lit import LitLM, evaluate
 from harness.model import Decoder
 from harness.pruning import pruning_callbacks
@@ -71,6 +72,15 @@ class CheckpointAfterValidation(ModelCheckpoint):
             self._defer_save_until_validation = True  # on_validation_end saves it
             return
         super().on_train_batch_end(trainer, pl_module, *args, **kwargs)
+
+    def _save_checkpoint(self, trainer, filepath: str) -> None:
+        """A full disk names the checkpoint (Lightning writes a temp file elsewhere, then moves it here)."""
+        try:
+            super()._save_checkpoint(trainer, filepath)
+        except OSError as e:
+            if e.errno == errno.ENOSPC:
+                raise DiskFull(filepath) from e
+            raise
 
 
 class TrimResumedLogs(Callback):

@@ -159,12 +159,17 @@ def hold(folder: Path):
             "once that one ends to reuse its result (or resume it)"
         ) from None
     try:
-        atomic_write_json(
-            folder / OWNER, {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%FT%T%z")}
-        )
         yield
     finally:
         lock.release()
+
+
+def sign(folder: Path) -> None:
+    """Say who holds the folder (read by a second process's one line); written once the folder is claimed, so a
+    refused run leaves another config's folder byte for byte as it was."""
+    atomic_write_json(
+        folder / OWNER, {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%FT%T%z")}
+    )
 
 
 def move_aside(folder: Path) -> Path | None:

@@ -135,8 +135,9 @@ def disk_full(error: BaseException) -> bool:
 
 def disk_full_line(error: BaseException, where: Path) -> str:
     """One line: which path could not be written, how much it needed (when known) and how much is free."""
-    e = next((x for x in (error, error.__cause__, error.__context__) if isinstance(x, OSError)), error)
-    path = Path(getattr(e, "filename", None) or where)
+    chain = (error, error.__cause__, error.__context__)
+    e = next((x for x in chain if isinstance(x, OSError) and x.errno == errno.ENOSPC), error)
+    path = Path(getattr(e, "filename", None) or where)  # a write() that failed names no file: the run folder
     needed = getattr(e, "needed", None)
     probe = next((p for p in (path, *path.parents) if p.exists()), Path("."))
     free = shutil.disk_usage(probe).free

@@ -51,6 +51,8 @@ def main(cfg: DictConfig) -> float:
             results.record_unstarted(cfg, out_dir, e)
         else:  # a single run that never started leaves no folder behind
             identity.discard_unclaimed(out_dir)
+        if isinstance(e, ReadOnlyCache):  # one line naming UPCYCLE_CACHE
+            raise RunFolderError(str(e)) from None
         raise
     config_hash = identity.config_hash(cfg)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -66,6 +68,7 @@ def _run(cfg: DictConfig, exp: Experiment, out_dir: Path, config_hash: str) -> f
         if moved:
             log.info("force=true: moved the previous run to %s; training from scratch", moved)
     identity.claim(out_dir, config_hash)  # RunFolderError if the folder holds another config's run
+    identity.sign(out_dir)
     if not _multirun():
         identity.point_latest(out_dir)
     if cfg.print_config:
@@ -215,10 +218,27 @@ def run_experiment(cfg: DictConfig, exp: Experiment, out_dir: Path) -> dict:
                 cont = dense_continuation(dense, base_meta["key"], tokens, exp, cfg, job_type=field)
                 res[field] = {k: cont[k] for k in ("val_loss", "best_val_loss", "tokens", "train_flops", "cache_dir")}
                 res[field]["val_curve"] = [{**start, "val_loss": parent_val}] + cont["val_curve"]
+        if "dense_iso" in res:
+            res["dense_iso"]["flop_excess"] = _flop_excess(res["dense_iso"]["train_flops"], res["train_flops"])
+    if exp.method == "dense":
+        res["iso_flop_excess"] = _flop_excess(res["train_flops"], moe_tokens * moe_flops.train_per_token)
     if base_meta.get("train_flops"):  # the run's budget as a share of its base's pretraining compute
         res["pretrain_compute_share"] = res["train_flops"] / base_meta["train_flops"]
     res["wall_time_s"] = time.time() - t0
     return res
+
+
+def _flop_excess(dense_flops: float, moe_flops: float) -> float:
+    """The iso-FLOP twin's training FLOPs over the MoE's, less 1: whole steps round the twin up, by up to one
+    dense step (a budget of a few steps is far from iso-FLOP); warned about above 1%."""
+    excess = dense_flops / moe_flops - 1 if moe_flops else float("inf")
+    if excess > 0.01:
+        log.warning(
+            "the iso-FLOP dense twin trains %.1f%% more FLOPs than the MoE (whole steps round its budget up): "
+            "raise train.tokens for a closer match",
+            100 * excess,
+        )
+    return excess
 
 
 def _moe_tokens(exp: Experiment, base_meta: dict, dense_flops, moe_flops) -> float:

@@ -163,14 +163,14 @@ def test_export_refuses_an_unfinished_run_in_one_line_and_latest_skips_a_run_tha
     run_dir = latest(tmp_path, "exp")
     proc = export(run_dir, tmp_path / "hf")
     assert proc.returncode != 0 and proc.stderr.strip().splitlines() == [
-        f"export error: {run_dir} is a interrupted run at step 1, not a complete one: export only finished runs "
+        f"export error: {run_dir} is not finished (status interrupted at step 1): export only finished runs "
         "(--allow-partial exports anyway)"
     ]
     assert not (tmp_path / "hf").exists()
     partial = export(run_dir, tmp_path / "partial", "--allow-partial")
     assert partial.returncode == 0, partial.stderr[-2000:]
     config = __import__("json").loads((tmp_path / "partial" / "config.json").read_text())
-    assert config["upcycle_partial_export"].endswith("is a interrupted run at step 1, not a complete one")
+    assert config["upcycle_partial_export"].endswith("is not finished (status interrupted at step 1)")
     run_cli(env, tmp_path, *args)
     before = sorted((tmp_path / "runs" / "exp").iterdir())
     bad = run_cli(env, tmp_path, *args, "data.seq_len=100000", check=False)
@@ -181,3 +181,111 @@ def test_export_refuses_an_unfinished_run_in_one_line_and_latest_skips_a_run_tha
     assert done.returncode == 0, done.stderr[-2000:]
     modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "hf").iterdir()}
     assert "model.safetensors" in modes and len(set(modes.values())) == 1, modes
+
+
+def namespaced() -> bool:
+    """Unprivileged mount namespaces (``unshare -Urm``): a real read-only bind mount and a real small tmpfs."""
+    try:
+        return subprocess.run(["unshare", "-Urm", "true"], capture_output=True).returncode == 0
+    except OSError:
+        return False
+
+
+needs_mounts = pytest.mark.skipif(not namespaced(), reason="needs unprivileged mount namespaces (unshare -Urm)")
+
+
+def in_namespace(env, logs: Path, records: Path, *steps) -> subprocess.CompletedProcess:
+    """Each step in one mount namespace: a shell line (str) or a run.py invocation (list of args), whose exit code
+    the namespace's stdout prints (``rc<code>``) and whose output goes to ``records/<i>.err`` (outside any mount
+    made there)."""
+    import shlex
+
+    lines = []
+    for i, step in enumerate(steps):
+        if isinstance(step, str):
+            lines.append(step)
+            continue
+        cmd = " ".join(shlex.quote(a) for a in [sys.executable, "run.py", *FAST, *step])
+        lines.append(f"{cmd} > {shlex.quote(str(records / f'{i}.err'))} 2>&1; echo rc$?")
+    records.mkdir(parents=True, exist_ok=True)
+    return subprocess.run(
+        ["unshare", "-Urm", "sh", "-c", "\n".join(lines)],
+        cwd=ROOT,
+        env={**env, "UPCYCLE_LOGS": str(logs)},
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+
+
+@needs_mounts
+@pytest.mark.slow
+def test_a_read_only_cache_serves_its_hits_and_a_miss_says_so_in_one_line(env, tmp_path):
+    args = ["train.tokens=2000", "iso_flop_baseline=true", "name=ro"]
+    run_cli(env, tmp_path, *args)  # every stage cached
+    folder, cache = latest(tmp_path, "ro"), env["UPCYCLE_CACHE"]
+    ro = f"mount --bind {cache} {cache} && mount -o remount,bind,ro {cache} || exit 9"
+    proc = in_namespace(env, tmp_path, tmp_path / "err", ro, [*args, "force=true"], [*args, "pretrain.tokens=4000"])
+    assert proc.stdout.split() == ["rc0", "rc1"], proc.stdout + proc.stderr
+    assert (
+        results(folder)["status"] == "complete"
+        and "force=true: moved the previous run" in (tmp_path / "err" / "1.err").read_text()
+    )
+    assert "dense base: cached" in (tmp_path / "err" / "1.err").read_text()
+    miss = (tmp_path / "err" / "2.err").read_text().strip().splitlines()[-1]
+    assert miss.startswith("error: the dense base is not in the cache and the cache is read-only here")
+    assert f"(UPCYCLE_CACHE={cache})" in miss
+
+
+@needs_mounts
+@pytest.mark.slow
+def test_a_full_disk_ends_in_one_line_claims_nothing_and_the_next_run_heals(env, tmp_path):
+    """The run folder on a 3 MB tmpfs (its 10 MB checkpoint cannot fit), then the same command once the tmpfs
+    has grown to 200 MB; what the folder holds is copied out before the namespace (and its tmpfs) goes."""
+    args = ["train.tokens=8000", "train.ckpt_every=1", "iso_flop_baseline=false", "name=full"]
+    run_cli(env, tmp_path / "warm", *args)  # the cache (another file system) holds every shared stage
+    logs, out = tmp_path / "logs", tmp_path / "out"
+    logs.mkdir()
+    folder = f"{logs}/runs/full/latest"
+    proc = in_namespace(
+        env,
+        logs,
+        tmp_path / "err",
+        f"mount -t tmpfs -o size=3m tmpfs {logs} || exit 9",
+        args,
+        f"mkdir -p {out}; cp -r {logs}/runs/full {out}/first; mount -o remount,size=200m {logs}",
+        args,
+        f"cp -r {folder}/. {out}/",
+    )
+    assert proc.stdout.split() == ["rc1", "rc0"], proc.stdout + proc.stderr
+    line = (tmp_path / "err" / "1.err").read_text().strip().splitlines()[-1]
+    assert line.startswith(f"error: disk full: could not write {logs}/runs/full/") and "last.ckpt" in line, line
+    assert "bytes free on its file system" in line and "run the same command again" in line
+    (first,) = [p for p in (out / "first").iterdir() if p.is_dir() and not p.is_symlink()]
+    assert (first / "identity.json").exists()  # the folder was claimed, and nothing in it claims completion
+    assert not (first / "results.json").exists() or results(first)["status"] == "failed"
+    healed = (tmp_path / "err" / "3.err").read_text()
+    assert "is a damaged checkpoint" in healed or "resuming from" in healed or "training the MoE" in healed
+    assert results(out)["status"] == "complete"
+
+
+@pytest.mark.slow
+def test_a_hand_edited_record_is_recomputed_the_flop_excess_is_recorded_and_a_sweep_skips_a_finished_run(env, tmp_path):
+    import json
+
+    args = ["train.tokens=2000", "iso_flop_baseline=true", "name=rec"]
+    first = run_cli(env, tmp_path, *args)
+    folder = latest(tmp_path, "rec")
+    good = results(folder)
+    iso = good["dense_iso"]
+    assert iso["flop_excess"] == iso["train_flops"] / good["train_flops"] - 1 and iso["flop_excess"] > 0.01
+    assert f"trains {100 * iso['flop_excess']:.1f}% more FLOPs than the MoE" in first.stdout + first.stderr
+    (folder / "results.json").write_text(json.dumps({**good, "val_loss": 0.0}))  # its curve still ends elsewhere
+    again = run_cli(env, tmp_path, *args)
+    out = again.stdout + again.stderr
+    assert "results.json is inconsistent (val_loss 0.0 is not its val_curve's last point" in out
+    assert "skipping" not in out and len(list(folder.glob("results.json.corrupt-*"))) == 1
+    assert results(folder)["val_loss"] == good["val_loss"] and results(folder)["val_curve"] == good["val_curve"]
+    sweep = run_cli(env, tmp_path, "-m", *args, "seed=0")  # the same config as a one-job sweep
+    out = sweep.stdout + sweep.stderr
+    assert f"{folder / 'results.json'} holds this config's complete run" in out and "training the MoE" not in out
