@@ -4,10 +4,13 @@
 from __future__ import annotations
 
 import copy
+import csv
 import dataclasses
 import errno
+import io
 import logging
 import os
+import shutil
 import time
 import warnings
 from pathlib import Path
@@ -22,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from harness import flops, launch, tracking, trunk
 from harness.errors import ConfigError
 from harness.experiment import Experiment, compile_enabled
-from harness.io import DiskFull, intact_zip, move_aside
+from harness.io import DiskFull, atomic_write_text, intact_zip, move_aside
 from harness.lit import LitLM, evaluate
 from harness.model import Decoder
 from harness.pruning import pruning_callbacks
@@ -99,11 +102,6 @@ class TrimResumedLogs(Callback):
 def trim_csv_versions(current: Path, step: int) -> None:
     """Keep only rows logged before optimizer step ``step`` (the CSV logger's ``step`` column is the global step
     before its update) in the CSV versions beside ``current``; a version left empty is removed."""
-    import csv
-    import shutil
-
-    from harness.io import atomic_write_text
-
     for other in sorted(current.parent.glob("version_*")):
         path = other / "metrics.csv"
         if other == current or not path.is_file():
@@ -115,8 +113,6 @@ def trim_csv_versions(current: Path, step: int) -> None:
         if not kept:
             shutil.rmtree(other, ignore_errors=True)
         elif len(kept) < len(rows):
-            import io
-
             buf = io.StringIO()
             writer = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n")
             writer.writeheader()
