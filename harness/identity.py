@@ -22,7 +22,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from harness.errors import RunFolderError
-from harness.io import atomic_write_json
+from harness.io import atomic_write_bytes, atomic_write_json
 
 log = logging.getLogger("upcycle")
 
@@ -158,18 +158,20 @@ def hold(folder: Path):
             f"{folder} is being trained by {by}: this run stops here and leaves it alone; run the same command "
             "once that one ends to reuse its result (or resume it)"
         ) from None
+    owner = folder / OWNER
+    before = owner.read_bytes() if owner.is_file() else None
     try:
+        who = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%FT%T%z")}
+        atomic_write_json(owner, who)  # read by a second process's one line
         yield
+    except RunFolderError:  # refused (another config's folder): leave it byte for byte as it was
+        if before is None:
+            owner.unlink(missing_ok=True)
+        else:
+            atomic_write_bytes(owner, before)
+        raise
     finally:
         lock.release()
-
-
-def sign(folder: Path) -> None:
-    """Say who holds the folder (read by a second process's one line); written once the folder is claimed, so a
-    refused run leaves another config's folder byte for byte as it was."""
-    atomic_write_json(
-        folder / OWNER, {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%FT%T%z")}
-    )
 
 
 def move_aside(folder: Path) -> Path | None:

@@ -68,7 +68,6 @@ def _run(cfg: DictConfig, exp: Experiment, out_dir: Path, config_hash: str) -> f
         if moved:
             log.info("force=true: moved the previous run to %s; training from scratch", moved)
     identity.claim(out_dir, config_hash)  # RunFolderError if the folder holds another config's run
-    identity.sign(out_dir)
     if not _multirun():
         identity.point_latest(out_dir)
     if cfg.print_config:
