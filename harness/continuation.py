@@ -7,13 +7,12 @@ import logging
 from pathlib import Path
 
 import torch
-from filelock import FileLock
 from omegaconf import DictConfig
 
 from harness import identity, tracking
 from harness.experiment import Experiment
 from harness.fit import fit_and_evaluate, heal_checkpoint
-from harness.io import atomic_write_json, read_json
+from harness.io import atomic_write_json, entry_lock, read_json, read_only_miss
 from harness.model import Decoder
 
 log = logging.getLogger("upcycle")
@@ -39,8 +38,7 @@ def dense_continuation(
     corpus = exp.data.shard_dir.name if exp.data.shard_dir is not None else None
     key = identity.stage_key(cfg, "dense_continuation", dense_base=base_key, corpus=corpus, tokens=int(tokens))
     out = Path(cfg.paths.cache_dir) / "dense_continuation" / key
-    out.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(out / ".lock")):
+    with entry_lock(out) as writable:  # a read-only cache: hits read without a lock
         res_path = out / "results.json"
         cached = read_json(res_path, required=CONTINUATION_KEYS)
         what, budget = {
@@ -50,6 +48,8 @@ def dense_continuation(
         if cached is not None:
             log.info("%s: cached %s", what, out)
             return {**cached, "cache_dir": str(out)}
+        if not writable:
+            raise read_only_miss(out, f"the {what}")
         steps = exp.steps(tokens)
         log.info(
             "%s: training %d steps (%s tokens, %s) -> %s",

@@ -17,11 +17,18 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import torch
-from filelock import FileLock
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from harness.errors import ConfigError
-from harness.io import atomic_write_bytes, atomic_write_text, corrupt_files, file_digest, read_json
+from harness.io import (
+    atomic_write_bytes,
+    atomic_write_text,
+    corrupt_files,
+    entry_lock,
+    file_digest,
+    read_json,
+    read_only_miss,
+)
 
 log = logging.getLogger(__name__)
 EOT = "<|endoftext|>"
@@ -224,14 +231,15 @@ def build_shards(
             else b"missing"
         )
     out = Path(cache_dir).expanduser() / "data" / h.hexdigest()[:16]
-    out.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(out / ".lock")):
+    with entry_lock(out) as writable:  # a read-only cache: hits read without a lock
         meta = read_json(out / "meta.json", required=("checksums", "dtype", "train_tokens", "val_tokens"))
         if meta is not None:
             bad = corrupt_files(out, meta["checksums"])
             if not bad:
                 log.info("token shards: cached %s", out)
                 return out
+        if not writable:
+            raise read_only_miss(out, "the token shards")
             warnings.warn(f"token cache {out} is corrupt ({', '.join(bad)} differ from meta.json): rebuilding it")
             (out / "meta.json").unlink()
         log.info(

@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -248,7 +249,33 @@ def export_model(
         from transformers import PreTrainedTokenizerFast
 
         PreTrainedTokenizerFast(tokenizer_file=str(Path(tokenizer) / "tokenizer.json")).save_pretrained(out_dir)
+    _one_mode(Path(out_dir))
     return name
+
+
+def _one_mode(folder: Path) -> None:
+    """Every exported file gets the mode a new file gets here (0666 less the umask): safetensors writes its
+    file 0600, the tokenizer and config files are 0644."""
+    mask = os.umask(0)
+    os.umask(mask)
+    for f in folder.rglob("*"):
+        if f.is_file():
+            f.chmod(0o666 & ~mask)
+
+
+def unfinished(run_dir: Path) -> str | None:
+    """Why a run folder holds no finished run (None when its results.json says complete)."""
+    path = run_dir / "results.json"
+    try:
+        res = json.loads(path.read_text())
+    except FileNotFoundError:
+        return "has no results.json (still training, killed, or never started)"
+    except (OSError, ValueError) as e:
+        return f"has an unreadable results.json ({type(e).__name__})"
+    if res.get("status") != "complete":
+        where = f" at step {res['steps']}" if res.get("steps") is not None else ""
+        return f"is not finished (status {res.get('status', 'unknown')}{where})"
+    return None
 
 
 def load_run(run_dir: str | Path) -> tuple[Decoder, MoEConfig | None, dict]:
@@ -279,13 +306,28 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description="Export a run's trained model as a Hugging Face checkpoint")
     ap.add_argument("run_dir")
     ap.add_argument("out_dir")
+    ap.add_argument(
+        "--allow-partial",
+        action="store_true",
+        help="export an unfinished or failed run's last checkpoint anyway (recorded in config.json)",
+    )
     args = ap.parse_args(argv)
+    why = unfinished(Path(args.run_dir))
+    if why is not None and not args.allow_partial:
+        raise SystemExit(
+            f"export error: {args.run_dir} {why}: export only finished runs (--allow-partial exports anyway)"
+        )
     try:
         model, moe, cfg = load_run(args.run_dir)
         name = export_model(model, moe, args.out_dir, tokenizer=_tokenizer_dir(cfg))
     except ConfigError as e:
         raise SystemExit(f"export error: {e}") from None
-    print(json.dumps({"class": name, "out_dir": args.out_dir}))
+    if why is not None:  # the exported config says it is not a finished run's model
+        path = Path(args.out_dir) / "config.json"
+        config = json.loads(path.read_text())
+        config["upcycle_partial_export"] = f"{args.run_dir} {why}"
+        path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    print(json.dumps({"class": name, "out_dir": args.out_dir, "partial": why is not None}))
 
 
 def _tokenizer_dir(cfg: dict) -> str | None:

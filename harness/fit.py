@@ -4,9 +4,13 @@
 from __future__ import annotations
 
 import copy
+import csv
 import dataclasses
+import errno
+import io
 import logging
 import os
+import shutil
 import time
 import warnings
 from pathlib import Path
@@ -21,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from harness import flops, launch, tracking, trunk
 from harness.errors import ConfigError
 from harness.experiment import Experiment, compile_enabled
-from harness.io import intact_zip, move_aside
+from harness.io import DiskFull, atomic_write_text, intact_zip, move_aside
 from harness.lit import LitLM, evaluate
 from harness.model import Decoder
 from harness.pruning import pruning_callbacks
@@ -54,6 +58,66 @@ class ValCurve(Callback):
 
     def load_state_dict(self, state):
         self.points = list(state["points"])
+
+
+class CheckpointAfterValidation(ModelCheckpoint):
+    """``last.ckpt`` every ``every`` steps, saved after that step's validation when it has one: Lightning saves at
+    the end of the training batch, before validating, so a run resumed from that checkpoint never ran the
+    validation of its resume step and its curve lost that point."""
+
+    def __init__(self, dirpath: Path, every: int, val_every: int):
+        super().__init__(dirpath=dirpath, save_last=True, save_top_k=0, every_n_train_steps=every)
+        self.every, self.val_every = every, val_every
+
+    def on_train_batch_end(self, trainer, pl_module, *args, **kwargs):
+        step = trainer.global_step
+        if step > 0 and step % self.every == 0 and step % self.val_every == 0 and step < trainer.max_steps:
+            self._defer_save_until_validation = True  # on_validation_end saves it
+            return
+        super().on_train_batch_end(trainer, pl_module, *args, **kwargs)
+
+    def _save_checkpoint(self, trainer, filepath: str) -> None:
+        """A full disk names the checkpoint (Lightning writes a temp file elsewhere, then moves it here)."""
+        try:
+            super()._save_checkpoint(trainer, filepath)
+        except OSError as e:
+            if e.errno == errno.ENOSPC:
+                raise DiskFull(filepath) from e
+            raise
+
+
+class TrimResumedLogs(Callback):
+    """A resumed fit logs again every step after its checkpoint: the CSV rows that earlier (interrupted) fits
+    wrote from that step on are dropped, so each step's metrics, validation included, appear once across
+    ``csv/version_*`` (a fresh start, step 0, drops them all)."""
+
+    def on_train_start(self, trainer, pl_module):
+        if not trainer.is_global_zero:
+            return
+        for lg in trainer.loggers:
+            if type(lg).__name__ == "CSVLogger":
+                trim_csv_versions(Path(lg.log_dir), trainer.global_step)
+
+
+def trim_csv_versions(current: Path, step: int) -> None:
+    """Keep only rows logged before optimizer step ``step`` (the CSV logger's ``step`` column is the global step
+    before its update) in the CSV versions beside ``current``; a version left empty is removed."""
+    for other in sorted(current.parent.glob("version_*")):
+        path = other / "metrics.csv"
+        if other == current or not path.is_file():
+            continue
+        with open(path, newline="") as fh:
+            reader = csv.DictReader(fh)
+            fields, rows = reader.fieldnames or [], list(reader)
+        kept = [r for r in rows if r.get("step") not in (None, "") and int(float(r["step"])) < step]
+        if not kept:
+            shutil.rmtree(other, ignore_errors=True)
+        elif len(kept) < len(rows):
+            buf = io.StringIO()
+            writer = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n")
+            writer.writeheader()
+            writer.writerows(kept)
+            atomic_write_text(path, buf.getvalue())
 
 
 class StopAfter(Callback):
@@ -141,7 +205,8 @@ def fit_and_evaluate(
     val = evaluate(model, exp.data.val_dataloader(), eval_device(cfg)) if done else float("nan")
     model.to("cpu")
     tokens = steps * exp.data.batch_size * exp.data.seq_len
-    points = res.pop("val_points") + (
+    # the final evaluation is the curve's last point (a validation Lightning also ran at that step is dropped)
+    points = [p for p in res.pop("val_points") if not (done and p["step"] >= steps)] + (
         [{"step": steps, "tokens": tokens, "flops": tokens * res["flops_per_token"], "val_loss": val}] if done else []
     )
     return {
@@ -197,10 +262,9 @@ def fit_in_process(
     ckpt_dir = out_dir / "checkpoints"
     curve = ValCurve(tokens_per_step, fpt)
     save = bool(train.save_checkpoints)
-    callbacks = [curve] + (
-        [ModelCheckpoint(dirpath=ckpt_dir, save_last=True, save_top_k=0, every_n_train_steps=int(train.ckpt_every))]
-        if save
-        else []
+    every = int(train.ckpt_every)
+    callbacks = [curve, TrimResumedLogs()] + (
+        [CheckpointAfterValidation(ckpt_dir, every, int(train.val_every))] if save else []
     )
     callbacks += [instantiate(c) for c in (cfg.get("callbacks") or {}).values()] + list(extra_callbacks)
     stop = train.stop_after_steps
@@ -210,7 +274,7 @@ def fit_in_process(
     start = last if last.exists() else None
     if trunk_dir is not None:  # WSD ladder: branch off the shared stable phase, and extend it for the next budget
         decay_start = exp.optim.decay_start(steps)
-        callbacks.append(trunk.SaveTrunk(trunk_dir, decay_start))
+        callbacks.append(trunk.SaveTrunk(trunk_dir, decay_start, int(train.val_every)))
         link = ckpt_dir / "trunk.ckpt"
         branch = trunk.branch_point(trunk_dir, decay_start, link) if start is None else None
         if branch is not None:

@@ -8,18 +8,21 @@ a folder whose stored hash equals its own, so it never loads a checkpoint writte
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
+import os
 import re
 import shutil
+import socket
 import time
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
 from harness.errors import RunFolderError
-from harness.io import atomic_write_json
+from harness.io import atomic_write_bytes, atomic_write_json
 
 log = logging.getLogger("upcycle")
 
@@ -131,7 +134,45 @@ def claim(folder: Path, config_hash_: str) -> None:
         atomic_write_json(folder / IDENTITY, {"config_hash": config_hash_, "created": time.strftime("%FT%T%z")})
 
 
-KEEP = (".hydra", "run.log")  # written by Hydra for this very invocation
+LOCK, OWNER = ".lock", ".owner.json"  # the run folder's writer lock and who holds it
+KEEP = (".hydra", "run.log", LOCK, OWNER)  # written by Hydra, or held, for this very invocation
+
+
+@contextlib.contextmanager
+def hold(folder: Path):
+    """One writer per run folder: an exclusive lock on ``folder/.lock`` for the run's life. A second process
+    with the same config stops at once with RunFolderError naming the holder (it never waits: on a cluster a
+    double submission would sit on its GPUs for the whole run). The lock is an ``flock``, which the kernel drops
+    when its process dies however it ends (``kill -9`` included): a dead process's lock is never stale."""
+    from filelock import FileLock, Timeout
+
+    lock = FileLock(str(folder / LOCK))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        try:
+            who = json.loads((folder / OWNER).read_text())
+            by = f"pid {who['pid']} on {who['host']}, started {who['started']}"
+        except (OSError, ValueError, KeyError, TypeError):
+            by = "another process"
+        raise RunFolderError(
+            f"{folder} is being trained by {by}: this run stops here and leaves it alone; run the same command "
+            "once that one ends to reuse its result (or resume it)"
+        ) from None
+    owner = folder / OWNER
+    before = owner.read_bytes() if owner.is_file() else None
+    try:
+        who = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%FT%T%z")}
+        atomic_write_json(owner, who)  # read by a second process's one line
+        yield
+    except RunFolderError:  # refused (another config's folder): leave it byte for byte as it was
+        if before is None:
+            owner.unlink(missing_ok=True)
+        else:
+            atomic_write_bytes(owner, before)
+        raise
+    finally:
+        lock.release()
 
 
 def move_aside(folder: Path) -> Path | None:

@@ -1,10 +1,14 @@
-"""Crash-safe file writes: write a temp file beside the target, fsync, then rename over it."""
+"""Crash-safe file writes: write a temp file beside the target, fsync, then rename over it; cache-entry locks that
+a read-only cache does without; a full disk said in one line."""
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -20,6 +24,11 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
             os.fsync(fh.fileno())
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it 0600; results are read by others, like any file
         os.replace(tmp, path)
+    except OSError as e:
+        Path(tmp).unlink(missing_ok=True)
+        if e.errno == errno.ENOSPC:
+            raise DiskFull(str(path), len(data)) from e
+        raise
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -104,3 +113,71 @@ def intact_zip(path: str | Path) -> bool:
             return Path(path).stat().st_size > FULL_CHECKSUM_LIMIT or zf.testzip() is None
     except (OSError, zipfile.BadZipFile, EOFError, ValueError):
         return False
+
+
+class DiskFull(OSError):
+    """ENOSPC while writing ``path`` (``needed``: the bytes it was writing, when known)."""
+
+    def __init__(self, path: str, needed: int | None = None):
+        super().__init__(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
+        self.needed = needed
+
+
+def disk_full(error: BaseException) -> bool:
+    """A write that failed for want of space: ENOSPC, or torch's zip writer's own error for it."""
+    for e in (error, error.__cause__, error.__context__):
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+            return True
+        if isinstance(e, RuntimeError) and "file write failed" in str(e):
+            return True
+    return False
+
+
+def disk_full_line(error: BaseException, where: Path) -> str:
+    """One line: which path could not be written, how much it needed (when known) and how much is free."""
+    chain = (error, error.__cause__, error.__context__)
+    e = next((x for x in chain if isinstance(x, OSError) and x.errno == errno.ENOSPC), error)
+    path = Path(getattr(e, "filename", None) or where)  # a write() that failed names no file: the run folder
+    needed = getattr(e, "needed", None)
+    probe = next((p for p in (path, *path.parents) if p.exists()), Path("."))
+    free = shutil.disk_usage(probe).free
+    need = f", {needed:,} bytes to write" if needed else ""
+    return (
+        f"disk full: could not write {path}{need}, {free:,} bytes free on its file system; nothing was recorded "
+        "as complete: free some space and run the same command again (it resumes from the last whole checkpoint)"
+    )
+
+
+class ReadOnlyCache(OSError):
+    """A cache entry that is missing (or damaged) where the cache cannot be written."""
+
+
+@contextlib.contextmanager
+def entry_lock(folder: Path):
+    """The writer lock of a cache entry, yielding True; on a read-only cache (a team's shared one) no lock and
+    False: hits are read without one (a read takes no lock anywhere), a miss calls ``read_only_miss``."""
+    from filelock import FileLock
+
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(str(folder / ".lock"))
+        lock.acquire()
+    except OSError as e:
+        if e.errno not in (errno.EROFS, errno.EACCES, errno.EPERM):
+            raise
+        yield False
+        return
+    try:
+        yield True
+    finally:
+        lock.release()
+
+
+def read_only_miss(folder: Path, what: str) -> ReadOnlyCache:
+    cache = os.environ.get("UPCYCLE_CACHE", "paths.cache_dir")
+    return ReadOnlyCache(
+        f"{what} is not in the cache and the cache is read-only here: {folder} cannot be written "
+        f"(UPCYCLE_CACHE={cache}); point UPCYCLE_CACHE at a writable folder, or fill the shared cache from a "
+        "machine that can write it"
+    )

@@ -13,14 +13,13 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
-from filelock import FileLock
 from omegaconf import DictConfig
 
 from harness import identity, tracking
 from harness.errors import ConfigError
 from harness.experiment import Experiment
 from harness.fit import fit_and_evaluate, heal_checkpoint
-from harness.io import atomic_write_json, corrupt_files, file_digest, move_aside, read_json
+from harness.io import atomic_write_json, corrupt_files, entry_lock, file_digest, move_aside, read_json, read_only_miss
 from harness.model import Decoder
 
 log = logging.getLogger("upcycle")
@@ -43,11 +42,13 @@ def dense_base(exp: Experiment, cfg: DictConfig) -> tuple[Decoder, dict]:
     # the base depends on the pretraining recipe only (its own batch size and seed), so every variant of a
     # sweep (batch size, LR, seed ...) upcycles the very same checkpoint
     out = Path(cfg.paths.cache_dir) / "dense" / key
-    out.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(out / ".lock")):
+    with entry_lock(out) as writable:  # a read-only cache: hits read without a lock
         meta_path = out / "meta.json"
         meta = read_json(meta_path, required=("checksum", "key"))
-        if meta is not None and corrupt_files(out, {"model.pt": meta["checksum"]}):
+        damaged = meta is not None and corrupt_files(out, {"model.pt": meta["checksum"]})
+        if not writable and (meta is None or damaged):
+            raise read_only_miss(out, "the dense base")
+        if damaged:
             if (out / "model.pt").exists():
                 move_aside(out / "model.pt", "a damaged cached dense base (checksum differs from meta.json)")
             else:

@@ -4,13 +4,14 @@ run, and the summary table printed at the end."""
 from __future__ import annotations
 
 import logging
+import math
 import traceback
 from pathlib import Path
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from harness import identity
-from harness.io import atomic_write_json, read_json
+from harness.io import atomic_write_json, move_aside, read_json
 
 log = logging.getLogger("upcycle")
 
@@ -31,17 +32,45 @@ def record_unstarted(cfg: DictConfig, out_dir: Path, error: Exception) -> None:
 
 
 def finished(out_dir: Path, config_hash: str) -> dict | None:
-    """The folder's results when it holds this config's complete run (then the run is skipped)."""
+    """The folder's results when it holds this config's complete run (then the run is skipped). A record that
+    does not hang together (see ``damage``) is moved aside and the run computed again, never trusted."""
     old = read_json(out_dir / "results.json")
-    if old is not None and old.get("status") == "complete" and old.get("config_hash") == config_hash:
-        return old
+    if old is None or old.get("status") != "complete" or old.get("config_hash") != config_hash:
+        return None
+    why = damage(old)
+    if why is not None:
+        move_aside(out_dir / "results.json", f"inconsistent ({why})")
+        return None
+    return old
+
+
+def damage(res: dict) -> str | None:
+    """Why a complete record cannot be true: its val_loss is not its curve's last point, or its config_hash is not
+    the hash of the config it stores (a hand edit, a copy from another run)."""
+    curve = res.get("val_curve") or []
+    if res.get("method") != "pretrain" and not curve:
+        return "no val_curve"
+    if (
+        curve
+        and res.get("method") != "pretrain"
+        and not math.isclose(float(res.get("val_loss", "nan")), float(curve[-1]["val_loss"]), rel_tol=1e-6)
+    ):
+        return f"val_loss {res.get('val_loss')} is not its val_curve's last point {curve[-1]['val_loss']}"
+    try:
+        stored = identity.config_hash(OmegaConf.create(res["config"]))
+    except Exception:
+        return "its config cannot be read"
+    if stored != res.get("config_hash"):
+        return f"config_hash {res.get('config_hash')} is not its config's hash {stored}"
     return None
 
 
-def finished_elsewhere(out_dir: Path, config_hash: str) -> Path | None:
-    """A sibling folder holding this config's complete run under another spelling of its overrides
-    (``routing=softmax_topk`` is the default written out): the same ``cfg=<hash>``, so the same experiment."""
-    for other in sorted(out_dir.parent.glob(f"*cfg={config_hash}")):
+def finished_elsewhere(out_dir: Path, config_hash: str, roots=()) -> Path | None:
+    """A folder beside ``out_dir`` or under ``roots`` (``runs/<name>`` for a sweep's job) holding this config's
+    complete run under another spelling of its overrides (``routing=softmax_topk`` is the default written out):
+    the same ``cfg=<hash>``, so the same experiment."""
+    folders = [f for root in (out_dir.parent, *roots) for f in sorted(Path(root).glob(f"*cfg={config_hash}"))]
+    for other in folders:
         if other != out_dir and other.is_dir() and not other.is_symlink() and finished(other, config_hash):
             return other
     return None

@@ -19,9 +19,11 @@ from omegaconf import DictConfig, OmegaConf
 from harness import flops, identity, launch, results, tracking
 from harness.continuation import dense_continuation, trunk_dir
 from harness.data import RandomWindows
+from harness.errors import RunFolderError
 from harness.eval import score_run as score_downstream
 from harness.experiment import Experiment, build_experiment
 from harness.fit import eval_device, fit_and_evaluate, heal_checkpoint
+from harness.io import ReadOnlyCache, disk_full, disk_full_line
 from harness.lit import evaluate
 from harness.pretrain import dense_base
 from harness.upcycle import top_mass, upcycle
@@ -44,15 +46,31 @@ def main(cfg: DictConfig) -> float:
     try:
         exp = build_experiment(cfg)  # raises ConfigError before any compute
         launch.check_devices(cfg.trainer)
+        exp.data.prepare()  # the corpus (a shared cache, built once) must hold this config's windows
     except Exception as e:
         if _multirun():  # recorded in the job's own folder, so the sweep's report counts it
             results.record_unstarted(cfg, out_dir, e)
         else:  # a single run that never started leaves no folder behind
             identity.discard_unclaimed(out_dir)
+        if isinstance(e, ReadOnlyCache):  # one line naming UPCYCLE_CACHE
+            raise RunFolderError(str(e)) from None
         raise
     config_hash = identity.config_hash(cfg)
-    results_path = out_dir / "results.json"
     out_dir.mkdir(parents=True, exist_ok=True)
+    with identity.hold(out_dir):  # one writer per run folder: RunFolderError if another process trains it
+        return _run(cfg, exp, out_dir, config_hash)
+
+
+def _unscored(cfg: DictConfig, res: dict) -> bool:
+    """Whether some eval.tasks task has no score yet for some model of the finished run ``res``."""
+    tasks = set((cfg.get("eval") or {}).get("tasks") or [])
+    scored = (res.get("downstream") or {}).values()
+    return bool(tasks) and (not scored or any(tasks - set(s) for s in scored))
+
+
+def _run(cfg: DictConfig, exp: Experiment, out_dir: Path, config_hash: str) -> float:
+    """``main`` once this process holds the run folder: claim it, skip a finished run, else train and record it."""
+    results_path = out_dir / "results.json"
     if cfg.force:
         moved = identity.move_aside(out_dir)
         if moved:
@@ -67,8 +85,11 @@ def main(cfg: DictConfig) -> float:
     old = results.finished(out_dir, config_hash)
     if old is not None:
         log.info("%s is complete for this config: skipping (force=true re-runs)", results_path)
+        if _unscored(cfg, old):  # eval.tasks do not change the run: score the finished one now
+            score_downstream(cfg, out_dir, old)
         return float(old["val_loss"])
-    twin = None if cfg.force else results.finished_elsewhere(out_dir, config_hash)
+    roots = [Path(cfg.paths.log_dir) / kind / cfg.name for kind in ("runs", "multirun")]
+    twin = None if cfg.force else results.finished_elsewhere(out_dir, config_hash, roots)
     if twin is not None:
         log.info(
             "%s holds this config's complete run (cfg=%s, its overrides spelled another way): skipping "
@@ -78,7 +99,10 @@ def main(cfg: DictConfig) -> float:
         )
         if not _multirun():
             identity.point_latest(twin)
-        return float(results.finished(twin, config_hash)["val_loss"])
+        done = results.finished(twin, config_hash)
+        if _unscored(cfg, done):  # scored into the record where the run lives
+            score_downstream(cfg, twin, done)
+        return float(done["val_loss"])
     OmegaConf.save(cfg, out_dir / "config_resolved.yaml", resolve=True)
     resolved = OmegaConf.to_container(cfg, resolve=True)
     base = {"config": resolved, "config_hash": config_hash, "run_dir": str(out_dir)}
@@ -86,7 +110,16 @@ def main(cfg: DictConfig) -> float:
     try:
         res = {**base, **run_experiment(cfg, exp, out_dir)}
     except Exception as e:
-        results.record_failure(out_dir, base, e)
+        full = disk_full(e)
+        try:
+            results.record_failure(out_dir, base, e)
+        except OSError:
+            if not full:
+                raise
+        if full:  # one line naming the path; the checkpoints kept resume the run once there is space
+            raise RunFolderError(disk_full_line(e, out_dir)) from None
+        if isinstance(e, ReadOnlyCache):
+            raise RunFolderError(str(e)) from None
         raise
     except (KeyboardInterrupt, SystemExit):  # Ctrl-C: Lightning tears down and exits; say what is kept
         log.warning("interrupted: the same command resumes each stage from its last checkpoint (train.ckpt_every)")
@@ -198,10 +231,27 @@ def run_experiment(cfg: DictConfig, exp: Experiment, out_dir: Path) -> dict:
                 cont = dense_continuation(dense, base_meta["key"], tokens, exp, cfg, job_type=field)
                 res[field] = {k: cont[k] for k in ("val_loss", "best_val_loss", "tokens", "train_flops", "cache_dir")}
                 res[field]["val_curve"] = [{**start, "val_loss": parent_val}] + cont["val_curve"]
+        if "dense_iso" in res:
+            res["dense_iso"]["flop_excess"] = _flop_excess(res["dense_iso"]["train_flops"], res["train_flops"])
+    if exp.method == "dense":
+        res["iso_flop_excess"] = _flop_excess(res["train_flops"], moe_tokens * moe_flops.train_per_token)
     if base_meta.get("train_flops"):  # the run's budget as a share of its base's pretraining compute
         res["pretrain_compute_share"] = res["train_flops"] / base_meta["train_flops"]
     res["wall_time_s"] = time.time() - t0
     return res
+
+
+def _flop_excess(dense_flops: float, moe_flops: float) -> float:
+    """The iso-FLOP twin's training FLOPs over the MoE's, less 1: whole steps round the twin up, by up to one
+    dense step (a budget of a few steps is far from iso-FLOP); warned about above 1%."""
+    excess = dense_flops / moe_flops - 1 if moe_flops else float("inf")
+    if excess > 0.01:
+        log.warning(
+            "the iso-FLOP dense twin trains %.1f%% more FLOPs than the MoE (whole steps round its budget up): "
+            "raise train.tokens for a closer match",
+            100 * excess,
+        )
+    return excess
 
 
 def _moe_tokens(exp: Experiment, base_meta: dict, dense_flops, moe_flops) -> float:

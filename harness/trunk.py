@@ -60,12 +60,22 @@ def branch_point(trunk_dir: Path, decay_start: int, link: Path) -> int | None:
 
 
 class SaveTrunk(Callback):
-    """Saves the trunk checkpoint at the decay start, before the first decayed step changes the weights."""
+    """Saves the trunk checkpoint at the decay start, before the first decayed step changes the weights, and after
+    that step's validation when it has one (else a branch off it would miss that point of its curve)."""
 
-    def __init__(self, trunk_dir: Path, step: int):
+    def __init__(self, trunk_dir: Path, step: int, val_every: int = 0):
         self.trunk_dir, self.step, self.done = Path(trunk_dir), int(step), False
+        self.validates = val_every > 0 and self.step % val_every == 0
 
     def on_train_batch_end(self, trainer, *args) -> None:
+        if not self.validates or trainer.global_step >= trainer.max_steps:
+            self._save(trainer)
+
+    def on_validation_end(self, trainer, *args) -> None:
+        if self.validates:
+            self._save(trainer)
+
+    def _save(self, trainer) -> None:
         if self.done or trainer.global_step != self.step:
             return
         self.done = True

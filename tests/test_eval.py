@@ -105,7 +105,12 @@ def test_a_bad_task_name_stops_in_one_line_before_training(env, tmp_path):
 
 
 def test_eval_local_scores_the_moe_its_parent_and_its_iso_flop_twin(env, tmp_path):
-    run_cli(env, tmp_path, "eval=local", "eval.limit=20", "name=evalrun")
+    """Trained without tasks, then the same command with eval=local: eval does not change the run (its config
+    hash), so the finished run is skipped and scored."""
+    run_cli(env, tmp_path, "name=evalrun")
+    assert "downstream" not in results(tmp_path / "runs" / "evalrun" / "latest")
+    proc = run_cli(env, tmp_path, "eval=local", "eval.limit=20", "name=evalrun")
+    assert "skipping" in proc.stderr + proc.stdout
     res = results(tmp_path / "runs" / "evalrun" / "latest")
     down = res["downstream"]
     assert set(down) == {"moe", "dense_parent", "dense_iso"}
