@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers.e2e import FAST, ROOT, results, run_cli
+from helpers.e2e import FAST, ROOT, kill_when, results, run_cli, start_cli
 
 CURVE = ["iso_flop_baseline=false", "train.val_every=5", "train.ckpt_every=5", "trainer.log_every_n_steps=1"]
 
@@ -30,30 +30,6 @@ def csv_rows(run_dir: Path) -> tuple[list, list]:
 
 def latest(logs: Path, name: str) -> Path:
     return (logs / "runs" / name / "latest").resolve()
-
-
-def start_cli(env, logs, *args) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "run.py", *FAST, *args],
-        cwd=ROOT,
-        env={**env, "UPCYCLE_LOGS": str(logs)},
-        start_new_session=True,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-
-
-def kill_when(proc: subprocess.Popen, path: Path) -> None:
-    """SIGKILL the run (and every process it started) once ``path`` is a whole checkpoint."""
-    from harness.io import intact_zip
-
-    deadline = time.time() + 300
-    while not (path.exists() and intact_zip(path)) and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.02)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.communicate()
-    assert path.exists(), "the run ended before the checkpoint appeared"
 
 
 @pytest.mark.slow
@@ -81,7 +57,7 @@ def test_a_cached_dense_continuation_killed_mid_training_resumes_to_the_whole_cu
     straight = results(latest(tmp_path, "straight"))["dense_iso"]
     entry = Path(straight["cache_dir"])
     entry.rename(entry.with_name(entry.name + ".straight"))  # the next run trains the continuation again
-    kill_when(start_cli(own, tmp_path, *args, "name=killed"), entry / "checkpoints" / "last.ckpt")
+    kill_when(start_cli(own, tmp_path, *args, "name=killed", quiet=True), entry / "checkpoints" / "last.ckpt")
     assert not (entry / "results.json").exists()
     run_cli(own, tmp_path, *args, "name=killed")
     resumed = results(latest(tmp_path, "killed"))["dense_iso"]

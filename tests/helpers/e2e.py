@@ -40,27 +40,39 @@ def results(path: Path) -> dict:
     return json.loads((path / "results.json").read_text())
 
 
-def kill_after_first_checkpoint(env, logs, *overrides) -> None:
-    """Start run.py, SIGKILL it (and every process it started) as soon as its first checkpoint is whole: not a
-    fixed time later, which a fast CPU can spend finishing the run."""
+def start_cli(env, logs, *args, quiet: bool = False) -> subprocess.Popen:
+    """run.py in its own process group (a kill reaches every process it starts), output piped (or dropped: a
+    pipe nobody reads while the run goes on can fill and stall it)."""
+    return subprocess.Popen(
+        [sys.executable, "run.py", *FAST, *args],
+        cwd=ROOT,
+        env={**env, "UPCYCLE_LOGS": str(logs)},
+        start_new_session=True,
+        stdout=subprocess.DEVNULL if quiet else subprocess.PIPE,
+        stderr=subprocess.DEVNULL if quiet else subprocess.PIPE,
+        text=True,
+    )
+
+
+def kill_when(proc: subprocess.Popen, path: Path) -> None:
+    """SIGKILL the run (and every process it started) once ``path`` is a whole checkpoint: not a fixed time
+    later, which a fast CPU can spend finishing the run."""
     import signal
     import time
 
     from harness.io import intact_zip
 
-    name = next(o.split("=", 1)[1] for o in overrides if o.startswith("name="))
-    proc = subprocess.Popen(
-        [sys.executable, "run.py", *FAST, *overrides],
-        cwd=ROOT,
-        env={**env, "UPCYCLE_LOGS": str(logs)},
-        start_new_session=True,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    ckpt = logs / "runs" / name / "latest" / "checkpoints" / "last.ckpt"
     deadline = time.time() + 300
-    while not (ckpt.exists() and intact_zip(ckpt)) and time.time() < deadline and proc.poll() is None:
+    while not (path.exists() and intact_zip(path)) and time.time() < deadline and proc.poll() is None:
         time.sleep(0.02)
     os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert ckpt.exists(), "the run ended before its first checkpoint"
+    proc.communicate()
+    assert path.exists(), "the run ended before the checkpoint appeared"
+
+
+def kill_after_first_checkpoint(env, logs, *overrides) -> None:
+    """Start run.py and SIGKILL it as soon as its first checkpoint is whole."""
+    name = next(o.split("=", 1)[1] for o in overrides if o.startswith("name="))
+    kill_when(
+        start_cli(env, logs, *overrides, quiet=True), logs / "runs" / name / "latest" / "checkpoints" / "last.ckpt"
+    )
