@@ -30,13 +30,21 @@ def trunk_dir(cfg: DictConfig, stage: str = "trunk", **inputs) -> Path | None:
     return Path(cfg.paths.cache_dir) / "trunks" / identity.stage_key(cfg, stage, **inputs)
 
 
+def continuation_key(cfg: DictConfig, exp: Experiment, base_key: str, corpus: str | None, tokens: int):
+    """(cache key, steps) of a dense continuation for a ``tokens`` budget: keyed by what trains, whole steps, so
+    budgets that round to the same steps (two MoEs whose iso-FLOP budgets differ by less than a step) share it."""
+    steps = exp.steps(tokens)
+    trained = steps * exp.data.batch_size * exp.data.seq_len
+    return identity.stage_key(cfg, "dense_continuation", dense_base=base_key, corpus=corpus, tokens=trained), steps
+
+
 def dense_continuation(
     dense: Decoder, base_key: str, tokens: int, exp: Experiment, cfg: DictConfig, job_type: str = "dense_iso"
 ) -> dict:
     """Continue the dense model for ``tokens`` tokens (cached: MoE variants of equal FLOPs share it).
     ``job_type``: ``dense_iso`` (the MoE's training FLOPs) or ``dense_tokens`` (the MoE's tokens)."""
     corpus = exp.data.shard_dir.name if exp.data.shard_dir is not None else None
-    key = identity.stage_key(cfg, "dense_continuation", dense_base=base_key, corpus=corpus, tokens=int(tokens))
+    key, steps = continuation_key(cfg, exp, base_key, corpus, tokens)
     out = Path(cfg.paths.cache_dir) / "dense_continuation" / key
     with entry_lock(out) as writable:  # a read-only cache: hits read without a lock
         res_path = out / "results.json"
@@ -50,7 +58,6 @@ def dense_continuation(
             return {**cached, "cache_dir": str(out)}
         if not writable:
             raise read_only_miss(out, f"the {what}")
-        steps = exp.steps(tokens)
         log.info(
             "%s: training %d steps (%s tokens, %s) -> %s",
             what,

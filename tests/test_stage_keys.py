@@ -140,3 +140,17 @@ def test_an_hf_base_is_keyed_by_its_corpus_and_its_content(tmp_path):
     assert same_elsewhere == identity.stage_key(_compose(hf), "dense_base", corpus="c")
     _hf_folder(a, seed=1)
     assert cont([]) != ref
+
+
+def test_dense_budgets_that_train_the_same_steps_share_one_continuation():
+    """Two MoEs whose iso-FLOP budgets differ by less than a dense step train the same continuation: one entry."""
+    from harness.continuation import continuation_key
+    from harness.experiment import build_experiment
+
+    cfg = _compose([])
+    exp = build_experiment(cfg)
+    step = exp.data.batch_size * exp.data.seq_len
+    key, steps = continuation_key(cfg, exp, "base", "c", 4 * step + 1)
+    assert steps == 5
+    assert continuation_key(cfg, exp, "base", "c", 5 * step) == (key, 5)
+    assert continuation_key(cfg, exp, "base", "c", 5 * step + 1)[0] != key
