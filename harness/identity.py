@@ -138,6 +138,33 @@ LOCK, OWNER = ".lock", ".owner.json"  # the run folder's writer lock and who hol
 KEEP = (".hydra", "run.log", LOCK, OWNER)  # written by Hydra, or held, for this very invocation
 
 
+def _holder(folder: Path, wait_s: float = 10.0) -> str:
+    """Who holds ``folder``'s lock, from its owner record. The holder writes the record just after it takes the
+    lock, and a dead run's record may still be there: wait (briefly) for one naming a live process on this host."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            who = json.loads((folder / OWNER).read_text())
+            by = f"pid {who['pid']} on {who['host']}, started {who['started']}"
+            if who["host"] != socket.gethostname() or _alive(int(who["pid"])):
+                return by
+        except (OSError, ValueError, KeyError, TypeError):
+            by = "another process"
+        if time.monotonic() > deadline:
+            return by
+        time.sleep(0.05)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 @contextlib.contextmanager
 def hold(folder: Path):
     """One writer per run folder: an exclusive lock on ``folder/.lock`` for the run's life. A second process
@@ -150,11 +177,7 @@ def hold(folder: Path):
     try:
         lock.acquire(timeout=0)
     except Timeout:
-        try:
-            who = json.loads((folder / OWNER).read_text())
-            by = f"pid {who['pid']} on {who['host']}, started {who['started']}"
-        except (OSError, ValueError, KeyError, TypeError):
-            by = "another process"
+        by = _holder(folder)
         raise RunFolderError(
             f"{folder} is being trained by {by}: this run stops here and leaves it alone; run the same command "
             "once that one ends to reuse its result (or resume it)"

@@ -88,23 +88,31 @@ def wait_for(predicate, what: str) -> None:
 def test_two_processes_started_together_on_one_config_train_it_once_and_the_other_stops_in_one_line(env, tmp_path):
     job = held_env(env, tmp_path / "hold")
     procs = [start_cli(job, tmp_path, *TINY, HOLD, "name=twice") for _ in range(2)]
-    wait_for(lambda: any(p.poll() is not None for p in procs), "neither process stopped")
-    loser = next(p for p in procs if p.poll() is not None)
-    winner = next(p for p in procs if p is not loser)
-    _, err = loser.communicate()
-    folder = latest(tmp_path, "twice")
-    assert loser.returncode != 0 and err.strip().splitlines()[-1] == (
-        f"error: {folder} is being trained by pid {winner.pid} on {os.uname().nodename}, started "
-        f"{__import__('json').loads((folder / '.owner.json').read_text())['started']}: this run stops here and "
-        "leaves it alone; run the same command once that one ends to reuse its result (or resume it)"
-    )
-    assert winner.poll() is None and not (folder / "results.json").exists()  # the loser wrote no record
-    (tmp_path / "hold" / "release").write_text("")
-    winner.communicate()
-    assert winner.returncode == 0 and results(folder)["status"] == "complete"
-    assert len(list(folder.glob("csv/version_*"))) == 1 and len(list((tmp_path / "hold").glob("*.started"))) == 1
-    again = run_cli(job, tmp_path, *TINY, HOLD, "name=twice")
-    assert "is complete for this config: skipping" in again.stdout + again.stderr
+    try:
+        wait_for(lambda: any(p.poll() is not None for p in procs), "neither process stopped")
+        loser = next(p for p in procs if p.poll() is not None)
+        winner = next(p for p in procs if p is not loser)
+        _, err = loser.communicate()
+        folder = latest(tmp_path, "twice")
+        assert loser.returncode != 0 and err.strip().splitlines()[-1] == (
+            f"error: {folder} is being trained by pid {winner.pid} on {os.uname().nodename}, started "
+            f"{__import__('json').loads((folder / '.owner.json').read_text())['started']}: this run stops here and "
+            "leaves it alone; run the same command once that one ends to reuse its result (or resume it)"
+        )
+        assert winner.poll() is None and not (folder / "results.json").exists()  # the loser wrote no record
+        (tmp_path / "hold" / "release").write_text("")
+        winner.communicate()
+        assert winner.returncode == 0 and results(folder)["status"] == "complete"
+        assert len(list(folder.glob("csv/version_*"))) == 1 and len(list((tmp_path / "hold").glob("*.started"))) == 1
+        again = run_cli(job, tmp_path, *TINY, HOLD, "name=twice")
+        assert "is complete for this config: skipping" in again.stdout + again.stderr
+    finally:  # a failed assert must not leave a held run behind
+        (tmp_path / "hold").mkdir(exist_ok=True)
+        (tmp_path / "hold" / "release").write_text("")
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.communicate()
 
 
 @pytest.mark.slow
