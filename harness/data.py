@@ -240,6 +240,7 @@ def build_shards(
                 return out
         if not writable:
             raise read_only_miss(out, "the token shards")
+        if meta is not None:
             warnings.warn(f"token cache {out} is corrupt ({', '.join(bad)} differ from meta.json): rebuilding it")
             (out / "meta.json").unlink()
         log.info(

@@ -88,7 +88,7 @@ def _run(cfg: DictConfig, exp: Experiment, out_dir: Path, config_hash: str) -> f
         if _unscored(cfg, old):  # eval.tasks do not change the run: score the finished one now
             score_downstream(cfg, out_dir, old)
         return float(old["val_loss"])
-    roots = [Path(cfg.paths.log_dir) / kind / cfg.name for kind in ("runs", "multirun")]
+    roots = [Path(cfg.paths.log_dir) / kind / str(cfg.name) for kind in ("runs", "multirun")]  # name=1: an int
     twin = None if cfg.force else results.finished_elsewhere(out_dir, config_hash, roots)
     if twin is not None:
         log.info(

@@ -115,7 +115,7 @@ def test_resume_continues_the_same_curve(env, tmp_path):
         ),
         ("moe.load_balancing=aux_free", "moe.load_balancing='aux_free' is not one of ('aux_loss', 'seq_aux_loss',"),
         ("-m moe=E8G1T2,E8G1T3", "moe=E8G1T3 is not a moe preset (presets: E16G2T2"),
-        ("-m +sweep=rouitng", "+sweep=rouitng is not a sweep preset (presets: batch_size,"),
+        ("-m +sweep=rouitng", "+sweep=rouitng is not a sweep preset (presets: balancing, batch_size,"),
         ("data.val_batches=4", "data.val_batches is gone: set data.val_tokens"),
     ],
 )
