@@ -70,6 +70,7 @@ HOLD = "+callbacks.hold._target_=helpers.hold.Hold"
 
 
 def held_env(env, hold: Path) -> dict:
+    hold.mkdir(parents=True, exist_ok=True)  # the loser can stop before the winner reaches its hold and makes it
     return {
         **env,
         "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), env.get("PYTHONPATH", "")]),
