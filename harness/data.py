@@ -309,6 +309,24 @@ class FixedWindows(Dataset):
         return w[:-1], w[1:]
 
 
+class RankShard(Dataset):
+    """Rank r of W's validation windows r, r+W, ..., padded to the same count on every rank (a sharded model
+    runs the same number of forwards everywhere) with weight-0 copies: ``(x, y, weight)``. DistributedSampler
+    pads with repeated windows that then count twice in the mean."""
+
+    def __init__(self, ds: Dataset, rank: int, world: int):
+        self.ds, self.rank, self.world = ds, rank, world
+        self.length = -(-len(ds) // world)
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, i: int):
+        j = self.rank + i * self.world
+        x, y = self.ds[j if j < len(self.ds) else self.rank % len(self.ds)]
+        return x, y, torch.tensor(1.0 if j < len(self.ds) else 0.0)
+
+
 class TokenDataModule(L.LightningDataModule):
     """Batches of (input, target) windows. ``batch_size`` is the *global* batch (sequences per
     optimizer step, whatever the device count); each device takes ``batch_size / world`` of it, in
@@ -437,9 +455,9 @@ class TokenDataModule(L.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         ds = FixedWindows(self.shard("val"), self.seq_len, self.val_windows)
-        return DataLoader(
-            ds, batch_size=self.loader_batch, sampler=self._rank_sampler(ds), num_workers=0, pin_memory=self.pin_memory
-        )
+        if self.trainer is not None and self.trainer.world_size > 1:
+            ds = RankShard(ds, self.trainer.global_rank, self.trainer.world_size)
+        return DataLoader(ds, batch_size=self.loader_batch, num_workers=0, pin_memory=self.pin_memory)
 
     def _rank_sampler(self, ds: Dataset) -> Sampler | None:
         """Rank r of W takes samples r, r+W, ...: each optimizer step consumes the same global samples

@@ -184,11 +184,29 @@ class LitLM(L.LightningModule):
         self._collapsed_for = torch.where(share > self.collapse_share, before + 1, torch.zeros_like(before))
         self.log("moe/router_collapse", (self._collapsed_for >= self.collapse_steps).float())
 
+    def on_validation_epoch_start(self):
+        self._val_sum = self._val_windows = None
+
     def validation_step(self, batch, batch_idx):
-        x, y = batch
-        self.log("val/loss", self.model(x, y).loss, prog_bar=True, sync_dist=True)
+        """Sums each window's mean token loss (a window a rank holds only as padding weighs 0, see
+        ``harness.data.RankShard``); ``on_validation_epoch_end`` divides by the windows over all ranks, so
+        val/loss is the mean over the validation windows on 1 or N devices alike."""
+        x, y, *weight = batch
+        logits = self.model(x).logits.float()
+        per_window = torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none")
+        per_window = per_window.view(y.shape).mean(1)
+        w = weight[0].to(per_window) if weight else torch.ones_like(per_window)
+        s, n = (per_window * w).sum(), w.sum()
+        self._val_sum = s if self._val_sum is None else self._val_sum + s
+        self._val_windows = n if self._val_windows is None else self._val_windows + n
         if batch_idx == 0 and self.tokens_per_step:  # the x-axis value in val/loss's own row (W&B plots by FLOPs)
             self.log("flops/train_total", float(self.global_step * self.tokens_per_step * self.flops_per_token))
+
+    def on_validation_epoch_end(self):
+        if self._val_sum is None:
+            return
+        total = self.trainer.strategy.reduce(torch.stack([self._val_sum, self._val_windows]), reduce_op="sum")
+        self.log("val/loss", total[0] / total[1], prog_bar=True)
 
     def configure_optimizers(self):
         named = [(_clean(n), p) for n, p in self.model.named_parameters()]
@@ -252,13 +270,14 @@ def _clean(name: str) -> str:
 @torch.no_grad()
 def mean_loss(batch_loss, loader, device: torch.device | str = "cpu") -> float:
     """The validation loss as results.json reports it: ``batch_loss(x, y)`` (a batch's mean token loss) averaged
-    over the loader's batches, without gradients, on ``device``. One definition, so the harness's numbers and an
-    outside model's check of them (``analysis/hf_check.py``) average the same way."""
+    over the loader's windows (a short last batch weighs its windows, not a whole batch), without gradients, on
+    ``device``. One definition, so the harness's numbers, the curve Lightning logs (``LitLM.validation_step``) and
+    an outside model's check of them (``analysis/hf_check.py``) average the same way."""
     total, n = 0.0, 0
     with torch.no_grad():
         for x, y in loader:
-            total += float(batch_loss(x.to(device), y.to(device)))
-            n += 1
+            total += float(batch_loss(x.to(device), y.to(device))) * len(x)  # windows are equal length
+            n += len(x)
     return total / max(n, 1)
 
 
