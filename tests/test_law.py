@@ -103,3 +103,12 @@ def test_a_bad_path_is_a_one_line_error(tmp_path):
     r = subprocess.run([sys.executable, "-m", "analysis.law", str(tmp_path / "nope")], capture_output=True, text=True)
     assert r.returncode != 0
     assert r.stderr.strip().splitlines() == [f"analysis.law: no such folder: {tmp_path / 'nope'}"]
+
+
+def test_the_study_adds_the_law_when_given_a_sunk_cost_folder(tmp_path):
+    from analysis.study import study
+
+    _write(tmp_path / "runs", lambda a, b: _law(TRUE_MOE, a, b), lambda a, b: _law(TRUE_DENSE, a, b))
+    files = study([str(tmp_path / "runs")], tmp_path / "out", sunk_cost=tmp_path / "runs")
+    assert {"law_md", "law_csv", "crossover_png"} <= set(files)
+    assert "D2* vs iso-FLOP twin" in files["law_md"].read_text()
