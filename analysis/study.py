@@ -20,6 +20,7 @@ import pandas as pd
 
 from analysis.collect import collect, metrics
 from analysis.ladder import ladder
+from analysis.law import law
 from analysis.report import report
 from analysis.stats import paired, verdict
 
@@ -259,7 +260,11 @@ def partial_markdown(root: Path) -> str:
 
 
 def study(
-    roots: list[str], out: str | Path, partial: str | Path | None = None, ladder_root: str | Path | None = None
+    roots: list[str],
+    out: str | Path,
+    partial: str | Path | None = None,
+    ladder_root: str | Path | None = None,
+    sunk_cost: str | Path | None = None,
 ) -> dict[str, Path]:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -282,6 +287,8 @@ def study(
         files["partial_md"].write_text(partial_markdown(Path(partial)))
     if ladder_root is not None:
         files.update(ladder(ladder_root, out))
+    if sunk_cost is not None:  # the fitted upcycling law: law.md, law.csv, crossover.png
+        files.update(law([sunk_cost], out))
     for sweep in sorted({Path(d).parent for d in df.run_dir if Path(d).parent.parent.name == "multirun"}):
         part = sweep.parent.parent.name
         for key, path in report([str(sweep)], out / "tables" / f"{part}_{sweep.name}").items():
@@ -294,9 +301,10 @@ def main() -> None:
     ap.add_argument("roots", nargs="+", help="study folders (results/runs)")
     ap.add_argument("--partial", default=None, help="runs cut off before the end (results/partial): curves only")
     ap.add_argument("--ladder", default=None, help="budget-ladder runs (results/ladder): crossover table and plot")
+    ap.add_argument("--sunk-cost", default=None, help="sunk-cost grid runs: the fitted upcycling law and its crossover")
     ap.add_argument("--out", default="results")
     args = ap.parse_args()
-    files = study(args.roots, args.out, args.partial, args.ladder)
+    files = study(args.roots, args.out, args.partial, args.ladder, args.sunk_cost)
     print(files["findings_md"].read_text())
     print("wrote", len(files), "files under", args.out)
 
