@@ -55,7 +55,8 @@ def test_a_dense_run_has_no_routing_and_does_not_make_routing_an_axis(tmp_path):
 def test_norm_topk_prob_is_blank_for_topk_softmax_which_renormalises_by_construction(tmp_path):
     """A score-function sweep's table reads renormalisation where it is a choice: ``topk_softmax`` always sums its
     T weights to 1 (moe.norm_topk_prob is ignored there), so its cell is blank, not a misleading False."""
-    for routing, norm, loss in (("softmax_topk", False, 2.0), ("sigmoid_topk", True, 2.1), ("topk_softmax", False, 1.9)):
+    runs = (("softmax_topk", False, 2.0), ("sigmoid_topk", True, 2.1), ("topk_softmax", False, 1.9))
+    for routing, norm, loss in runs:
         folder = tmp_path / f"{routing},{norm}"
         folder.mkdir()
         cfg = {"seed": 0, "moe": {"routing": routing, "norm_topk_prob": norm}}
