@@ -79,6 +79,8 @@ def load_run(path: Path) -> dict:
     row = {name: get(cfg, *keys, default=_default(keys)) for name, keys in AXES.items()}
     if row["moe"] is not None:
         row["moe"] = preset_name(row["moe"], row["granularity"], row["top_k"], row["shared_experts"] or 0)
+    if row["routing"] == "topk_softmax":  # its T weights sum to 1 by construction: the knob changes nothing
+        row["norm_topk_prob"] = None
     if row["method"] in ("dense", "pretrain"):  # its config still holds these blocks; they changed nothing
         row.update(dict.fromkeys(RECIPE))
         if row["method"] == "pretrain":

@@ -85,10 +85,18 @@ def _standard_task(name: str) -> bool:
     return any(pattern.search(p.read_text(errors="replace")) for p in root.rglob("*.yaml"))
 
 
+def _quiet_lm_eval() -> None:
+    """lm-eval's logger at ERROR (what its deprecated ``verbosity="ERROR"`` arguments did)."""
+    from lm_eval.utils import setup_logging
+
+    setup_logging(logging.ERROR)
+
+
 def _task_manager(standard: bool):
     from lm_eval.tasks import TaskManager
 
-    return TaskManager(include_path=str(TASK_DIR), include_defaults=standard, verbosity="ERROR")
+    _quiet_lm_eval()
+    return TaskManager(include_path=str(TASK_DIR), include_defaults=standard)
 
 
 def _task_configs(names: list[str]) -> list:
@@ -108,12 +116,11 @@ def _task_configs(names: list[str]) -> list:
 
 
 def task_dict(names: list[str]) -> dict:
-    """lm-eval task objects (their data loaded); a standard task missing from the offline cache is one line."""
-    from lm_eval.tasks import get_task_dict
-
+    """lm-eval's top-level task and group objects by name (their data loaded; ``TaskManager.load``); a standard
+    task missing from the offline cache is one line."""
     standard = any(n not in local_tasks() for n in names)
     try:
-        return get_task_dict(_task_configs(names), _task_manager(standard))
+        loaded = _task_manager(standard).load(_task_configs(names))
     except Exception as e:
         name = next((n for n in names if n not in local_tasks()), names[0])
         cache = os.environ.get("HF_DATASETS_CACHE") or os.path.join(
@@ -123,6 +130,11 @@ def task_dict(names: list[str]) -> dict:
             f"eval.tasks: {name!r} did not load ({type(e).__name__}: {str(e).splitlines()[0][:160]}); a standard "
             f"task needs its dataset in the HF cache ({cache}) when offline (HF_DATASETS_OFFLINE=1)"
         ) from None
+    # a group's tasks are scored (and aggregated) through their group: only the outermost objects are passed on
+    inner = {c for children in loaded["group_map"].values() for c in children}
+    top = {n: g for n, g in loaded["groups"].items() if n not in inner}
+    grouped = {t.task_name for g in top.values() for t in g.get_all_tasks()}
+    return top | {n: t for n, t in loaded["tasks"].items() if n not in grouped}
 
 
 def task_digest(name: str) -> str:
@@ -192,7 +204,6 @@ def score(lm, ecfg: EvalConfig, weights: str, cache_dir: Path | None, precision:
             limit=ecfg.limit,
             log_samples=False,
             bootstrap_iters=1000,
-            verbosity="ERROR",
         )
         for task, key in todo:
             n = res.get("n-samples", {}).get(task, {}).get("effective")

@@ -52,6 +52,24 @@ def test_a_dense_run_has_no_routing_and_does_not_make_routing_an_axis(tmp_path):
     assert "| dense | — | 2.1000 |" in table and "| upcycle | topk_softmax | **1.9000** |" in table
 
 
+def test_norm_topk_prob_is_blank_for_topk_softmax_which_renormalises_by_construction(tmp_path):
+    """A score-function sweep's table reads renormalisation where it is a choice: ``topk_softmax`` always sums its
+    T weights to 1 (moe.norm_topk_prob is ignored there), so its cell is blank, not a misleading False."""
+    runs = (("softmax_topk", False, 2.0), ("sigmoid_topk", True, 2.1), ("topk_softmax", False, 1.9))
+    for routing, norm, loss in runs:
+        folder = tmp_path / f"{routing},{norm}"
+        folder.mkdir()
+        cfg = {"seed": 0, "moe": {"routing": routing, "norm_topk_prob": norm}}
+        res = {"status": "complete", "config": cfg, "config_hash": folder.name, "val_loss": loss, "method": "upcycle"}
+        (folder / "results.json").write_text(json.dumps(res))
+    df = collect(tmp_path).set_index("routing")
+    assert df.loc["softmax_topk", "norm_topk_prob"] is False and df.loc["sigmoid_topk", "norm_topk_prob"] is True
+    assert df.loc["topk_softmax", ["norm_topk_prob"]].isna().all()
+    by = varying_axes(df.reset_index())
+    assert by == ["routing", "norm_topk_prob"]
+    assert "| topk_softmax | — | **1.9000** |" in to_markdown(summarize(df.reset_index(), by), by)
+
+
 def test_searched_knobs_are_axes_and_searched_floats_read_short(tmp_path):
     """An Optuna study varies lr, warmup and the aux-loss coefficient: each is a column, its floats 4 digits."""
     trials = [(0.0022505863330860372, 40, 0.07780155576901421), (0.001, 20, 0.01), (0.03, 0, 0.1)]
