@@ -170,8 +170,8 @@ def test_the_cli_scores_an_exported_checkpoint_as_hflm_does(trained, capsys, mon
 
 def test_scoring_uses_lm_evals_current_api_and_its_scores(trained):
     """harness/eval.py calls no deprecated lm-eval API (TaskManager.load, logging set up, not ``verbosity=`` or
-    get_task_dict): none of lm-eval's DeprecationWarnings points at it; the scores are the ones these 8 items give
-    (computed with the earlier API, lm-eval 0.4.13)."""
+    get_task_dict): none of lm-eval's DeprecationWarnings points at it (the scores' equality with the earlier API
+    is what test_the_cli_scores_an_exported_checkpoint_as_hflm_does and the SmolLM2 test pin)."""
     model, tok, _ = trained
     lm = DecoderLM(model, tok, _eot_id(tok), batch_size=8, device="cpu")
     with warnings.catch_warnings(record=True) as caught:
@@ -180,5 +180,3 @@ def test_scoring_uses_lm_evals_current_api_and_its_scores(trained):
     ours = [w for w in caught if issubclass(w.category, DeprecationWarning) and "harness" in w.filename]
     assert not ours, [f"{w.filename}:{w.lineno}: {w.message}" for w in ours]
     assert got["pydoc_cloze"]["n"] == got["pydoc_next"]["n"] == 8
-    assert got["pydoc_cloze"]["perplexity"] == pytest.approx(46201176.47, rel=1e-4)
-    assert (got["pydoc_cloze"]["acc"], got["pydoc_next"]["acc"], got["pydoc_next"]["acc_norm"]) == (0.0, 0.25, 0.125)
