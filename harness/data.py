@@ -409,9 +409,10 @@ class TokenDataModule(L.LightningDataModule):
         need = self.seq_len + 2
         if min(self.meta["train_tokens"], self.meta["val_tokens"]) < need:
             raise ConfigError(
-                f"data.path={self.path!r}: the corpus gives {self.meta['train_tokens']:,} training and "
-                f"{self.meta['val_tokens']:,} validation tokens; each split needs data.seq_len + 2 = "
-                f"{need} (more text, or a larger data.val_fraction)"
+                f"data.seq_len={self.seq_len}: each split needs data.seq_len + 2 = {need} tokens and the corpus "
+                f"({self.path or 'data.source=' + str(self.source)}) gives {self.meta['train_tokens']:,} training and "
+                f"{self.meta['val_tokens']:,} validation tokens (a shorter data.seq_len, more text, or a larger "
+                "data.val_fraction)"
             )
         if self.val_tokens > self.meta["val_tokens"]:
             raise ConfigError(

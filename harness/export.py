@@ -312,6 +312,11 @@ def main(argv=None) -> None:
         help="export an unfinished or failed run's last checkpoint anyway (recorded in config.json)",
     )
     args = ap.parse_args(argv)
+    for name in ("run_dir", "out_dir"):
+        if not getattr(args, name).strip():
+            raise SystemExit(f"export error: {name} is empty: give a run folder and an output folder")
+    if not Path(args.run_dir).is_dir():
+        raise SystemExit(f"export error: {args.run_dir} is not a run folder (no such directory)")
     why = unfinished(Path(args.run_dir))
     if why is not None and not args.allow_partial:
         raise SystemExit(

@@ -160,7 +160,7 @@ def test_export_refuses_an_unfinished_run_in_one_line_and_latest_skips_a_run_tha
     before = sorted((tmp_path / "runs" / "exp").iterdir())
     bad = run_cli(env, tmp_path, *args, "data.seq_len=100000", check=False)
     line = bad.stderr.strip().splitlines()[-1]
-    assert bad.returncode != 0 and line.startswith("config error:") and "data.seq_len" in line
+    assert bad.returncode != 0 and line.startswith("config error:") and "data.seq_len=100000" in line, line
     assert sorted((tmp_path / "runs" / "exp").iterdir()) == before and latest(tmp_path, "exp") == run_dir
     done = export(latest(tmp_path, "exp"), tmp_path / "hf")
     assert done.returncode == 0, done.stderr[-2000:]
@@ -274,3 +274,20 @@ def test_a_hand_edited_record_is_recomputed_the_flop_excess_is_recorded_and_a_sw
     sweep = run_cli(env, tmp_path, "-m", *args, "seed=0")  # the same config as a one-job sweep
     out = sweep.stdout + sweep.stderr
     assert f"{folder / 'results.json'} holds this config's complete run" in out and "training the MoE" not in out
+
+
+@pytest.mark.parametrize(
+    "argv,line",
+    [
+        (["", "out"], "export error: run_dir is empty: give a run folder and an output folder"),
+        (["{tmp}/run", " "], "export error: out_dir is empty: give a run folder and an output folder"),
+        (["{tmp}/nowhere", "out"], "export error: {tmp}/nowhere is not a run folder (no such directory)"),
+    ],
+)
+def test_export_names_an_empty_or_missing_folder_in_one_line(tmp_path, argv, line):
+    from harness.export import main
+
+    (tmp_path / "run").mkdir()
+    with pytest.raises(SystemExit) as stop:
+        main([a.format(tmp=tmp_path) for a in argv])
+    assert str(stop.value) == line.format(tmp=tmp_path)
