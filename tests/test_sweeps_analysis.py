@@ -29,7 +29,19 @@ def test_every_named_sweep_composes_with_its_grid():
         assert "params:" in proc.stdout and "seed:" in proc.stdout, name
 
 
-JOBS = {"batch_size": 3, "granularity": 4, "init": 3, "iso_flop": 3, "lr": 3, "seeds": 2, "weight_scaling": 4}
+JOBS = {
+    "balancing": 5,
+    "batch_size": 3,
+    "capacity": 5,
+    "granularity": 4,
+    "init": 3,
+    "iso_flop": 3,
+    "lr": 3,
+    "score_function": 3,
+    "seeds": 2,
+    "shared_experts": 3,
+    "weight_scaling": 4,
+}
 
 
 @pytest.mark.slow
