@@ -169,7 +169,7 @@ def test_dropped_copies_get_no_gradient_and_kept_ones_do():
 
 def test_step_0_at_capacity_is_exact_without_drops_and_drops_move_the_function(trained, text_tokens):
     """cf = 4 keeps every copy: the dense parent exactly (topk_softmax). cf = 0.25 drops copies, whose tokens lose
-    that expert's share of the MLP at step 0 (the residual carries them): the loss moves."""
+    that expert's share of the MLP at step 0 (the residual carries them): the logits move."""
     base = dict(num_experts=4, granularity=1, top_k=2, routing="topk_softmax")
     x, y = text_tokens[:, :-1], text_tokens[:, 1:]
     with torch.no_grad():
@@ -179,7 +179,8 @@ def test_step_0_at_capacity_is_exact_without_drops_and_drops_move_the_function(t
     torch.testing.assert_close(full.logits, parent.logits, rtol=0, atol=2e-5)
     assert all(r.dropped_share == 0 for r in full.router)
     assert all(r.dropped_share > 0.5 for r in low.router)  # capacity 1/4 of the demand: at least 3/4 dropped
-    assert abs(low.loss.item() - parent.loss.item()) > 0.01
+    # the function moves (the loss may move either way, and by little where the MLP matters little)
+    assert (low.logits - parent.logits).abs().max() > 0.1
 
 
 def test_kept_copies_never_exceed_the_flop_counts_copies():
