@@ -128,13 +128,19 @@ def sigmoid_table(dense, windows: torch.Tensor) -> str:
         for label, norm in SIGMOID.items():
             for start, kw in STARTS.items():
                 moe = MoEConfig(num_experts=e, granularity=g, top_k=t, routing="sigmoid_topk", norm_topk_prob=norm)
-                loss, mass, uniform = step0(dense, windows, moe, Recipe("virtual_group", weight_scaling="exact", **kw))
-                gap = f"{100 * (loss / ref - 1):+.4f}%"
-                lines.append(
-                    f"| {moe.name} | {label} | exact | {start} | {loss:.4f} | "
-                    f"{f'**{gap}**' if start.startswith('data') else gap} | {mass / uniform:.3f} |"
-                )
+                lines.append(_exact_row(dense, windows, ref, moe, label, start, kw))
     return "\n".join(lines) + "\n"
+
+
+def _exact_row(dense, windows: torch.Tensor, ref: float, moe: MoEConfig, label: str, start: str, kw: dict) -> str:
+    """One table row: the step-0 loss of ``moe`` upcycled with virtual groups and ``scaling=exact`` from ``start``
+    (the default start, ``data``, in bold)."""
+    loss, mass, uniform = step0(dense, windows, moe, Recipe("virtual_group", weight_scaling="exact", **kw))
+    gap = f"{100 * (loss / ref - 1):+.4f}%"
+    return (
+        f"| {moe.name} | {label} | exact | {start} | {loss:.4f} | "
+        f"{f'**{gap}**' if start.startswith('data') else gap} | {mass / uniform:.3f} |"
+    )
 
 
 SHARED = ((24, 4, 3, 1), (16, 4, 2, 2))  # the presets E24G4T3S1, E16G4T2S2
@@ -168,12 +174,7 @@ def shared_table(dense, windows: torch.Tensor) -> str:
                 moe = MoEConfig(
                     num_experts=e, granularity=g, top_k=t, shared_experts=s, routing=routing, norm_topk_prob=norm
                 )
-                loss, mass, uniform = step0(dense, windows, moe, Recipe("virtual_group", weight_scaling="exact", **kw))
-                gap = f"{100 * (loss / ref - 1):+.4f}%"
-                lines.append(
-                    f"| {moe.name} | {label} | exact | {start} | {loss:.4f} | "
-                    f"{f'**{gap}**' if start.startswith('data') else gap} | {mass / uniform:.3f} |"
-                )
+                lines.append(_exact_row(dense, windows, ref, moe, label, start, kw))
     return "\n".join(lines) + "\n"
 
 
