@@ -14,6 +14,7 @@ from harness.experiment import Experiment
 from harness.fit import fit_and_evaluate, heal_checkpoint
 from harness.io import atomic_write_json, entry_lock, read_json, read_only_miss
 from harness.model import Decoder
+from harness.weights import wants_weights
 
 log = logging.getLogger("upcycle")
 
@@ -77,6 +78,7 @@ def dense_continuation(
             out,
             steps,
             trunk_dir=trunk_dir(cfg, "dense_trunk", dense_base=base_key, corpus=corpus),
+            keep_weights=wants_weights(cfg),
         )
         if res["status"] == "complete":
             atomic_write_json(res_path, res)

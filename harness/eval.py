@@ -225,9 +225,12 @@ def _tokenizer(cfg: dict):
 
 
 def _decoder(cfg: dict, state: dict):
-    from harness.model import Decoder, ModelConfig
+    """The dense model of the run's ``model`` block (its ``_target_`` reads an HF base's shape from its folder)."""
+    from hydra.utils import instantiate
 
-    model = Decoder(ModelConfig(**{k: v for k, v in cfg["model"].items() if k != "_target_"}))
+    from harness.model import Decoder
+
+    model = Decoder(instantiate(cfg["model"]))
     model.load_state_dict({k.removeprefix("model."): v for k, v in state.items()})
     return model.eval()
 
@@ -235,6 +238,7 @@ def _decoder(cfg: dict, state: dict):
 def run_models(run_dir: Path, res: dict, cfg: dict) -> dict:
     """name -> zero-argument loader of each model a run compares: itself, its dense parent, its iso-FLOP twin."""
     from harness.export import load_run
+    from harness.weights import WEIGHTS, trained_state
 
     models = {"moe" if res.get("method") == "upcycle" else res.get("method", "model"): lambda: load_run(run_dir)[0]}
     base = str(res.get("dense_base", ""))
@@ -246,13 +250,16 @@ def run_models(run_dir: Path, res: dict, cfg: dict) -> dict:
         path = Path(cfg["paths"]["cache_dir"]) / "dense" / base / "model.pt"
         models["dense_parent"] = lambda: _decoder(cfg, torch.load(path, map_location="cpu", weights_only=True))
     iso = res.get("dense_iso") or {}
-    ckpt = Path(iso.get("cache_dir", "")) / "checkpoints" / "last.ckpt"
-    if iso and ckpt.exists():
-        models["dense_iso"] = lambda: _decoder(
-            cfg, torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
-        )
+    state = trained_state(Path(iso["cache_dir"])) if iso.get("cache_dir") else None
+    if state is not None:
+        models["dense_iso"] = lambda: _decoder(cfg, state)
     elif iso:
-        log.warning("eval: the iso-FLOP twin %s kept no checkpoint (train.save_checkpoints=false): not scored", ckpt)
+        log.warning(
+            "eval: the iso-FLOP twin %s kept neither last.ckpt nor %s (it was trained before eval.tasks were set, "
+            "with train.save_checkpoints=false): not scored",
+            iso.get("cache_dir"),
+            WEIGHTS,
+        )
     return models
 
 

@@ -279,17 +279,24 @@ def unfinished(run_dir: Path) -> str | None:
 
 
 def load_run(run_dir: str | Path) -> tuple[Decoder, MoEConfig | None, dict]:
-    """The trained model of a finished run folder (its resolved config + ``checkpoints/last.ckpt``)."""
+    """The trained model of a finished run folder (its resolved config + ``checkpoints/last.ckpt``, or the
+    ``weights.pt`` a run without checkpoints keeps for its eval stage)."""
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
     from harness.upcycle import upcycle
+    from harness.weights import WEIGHTS, trained_state
 
     run = Path(run_dir)
-    cfg_path, ckpt = run / "config_resolved.yaml", run / "checkpoints" / "last.ckpt"
-    for path in (cfg_path, ckpt):
-        if not path.exists():
-            raise ConfigError(f"{path} is missing: export needs a run folder with a trained checkpoint")
+    cfg_path = run / "config_resolved.yaml"
+    if not cfg_path.exists():
+        raise ConfigError(f"{cfg_path} is missing: export needs a run folder with a trained checkpoint")
+    state = trained_state(run)
+    if state is None:
+        raise ConfigError(
+            f"{run / 'checkpoints' / 'last.ckpt'} is missing (and no {WEIGHTS}): export needs a run folder with a "
+            "trained checkpoint (train.save_checkpoints=true, or eval.tasks set)"
+        )
     cfg = OmegaConf.load(cfg_path)
     model = Decoder(instantiate(cfg.model))
     moe = None
@@ -297,8 +304,7 @@ def load_run(run_dir: str | Path) -> tuple[Decoder, MoEConfig | None, dict]:
         moe = instantiate(cfg.moe)
         recipe = dataclasses.replace(instantiate(cfg.upcycle), router_start="fixed")  # no calibration batch needed:
         model = upcycle(model, moe, recipe)  # only the structure, the weights come from the ckpt
-    state = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
-    model.load_state_dict({k.removeprefix("model."): v for k, v in state.items()})
+    model.load_state_dict(state)
     return model.eval(), moe, OmegaConf.to_container(cfg)
 
 

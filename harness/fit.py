@@ -29,6 +29,7 @@ from harness.io import DiskFull, atomic_write_text, intact_zip, move_aside
 from harness.lit import LitLM, evaluate
 from harness.model import Decoder
 from harness.pruning import pruning_callbacks
+from harness.weights import save_weights
 
 log = logging.getLogger("upcycle")
 
@@ -169,6 +170,7 @@ def fit_and_evaluate(
     trunk_dir: Path | None = None,
     scored: bool = False,
     own_stage: bool = False,
+    keep_weights: bool = False,
 ) -> dict:
     """Train ``model`` in place for ``steps`` steps (resuming from ``out_dir/checkpoints/last.ckpt``, else
     from the WSD trunk in ``trunk_dir``), in this process or, when the trainer asks for several devices, in
@@ -204,6 +206,8 @@ def fit_and_evaluate(
     done = res["status"] == "complete" and evaluate_after
     val = evaluate(model, exp.data.val_dataloader(), eval_device(cfg)) if done else float("nan")
     model.to("cpu")
+    if done and keep_weights and not (out_dir / "checkpoints" / "last.ckpt").exists():
+        save_weights(model, out_dir)
     tokens = steps * exp.data.batch_size * exp.data.seq_len
     # the final evaluation is the curve's last point (a validation Lightning also ran at that step is dropped)
     points = [p for p in res.pop("val_points") if not (done and p["step"] >= steps)] + (

@@ -27,6 +27,7 @@ from harness.io import ReadOnlyCache, disk_full, disk_full_line
 from harness.lit import evaluate
 from harness.pretrain import dense_base
 from harness.upcycle import top_mass, upcycle
+from harness.weights import wants_weights
 
 log = logging.getLogger("upcycle")
 JOB_TYPES = {"upcycle": "upcycle", "dense": "dense_iso", "pretrain": "pretrain"}
@@ -217,7 +218,19 @@ def run_experiment(cfg: DictConfig, exp: Experiment, out_dir: Path) -> dict:
     )
     heal_checkpoint(out_dir)
     trunk = trunk_dir(cfg, corpus=exp.data.shard_dir.name, dense_base=base_meta["key"])
-    res.update(fit_and_evaluate(model, exp, cfg, out_dir, steps, trunk_dir=trunk, scored=True, own_stage=True))
+    res.update(
+        fit_and_evaluate(
+            model,
+            exp,
+            cfg,
+            out_dir,
+            steps,
+            trunk_dir=trunk,
+            scored=True,
+            own_stage=True,
+            keep_weights=wants_weights(cfg),
+        )
+    )
     start = {"step": 0, "tokens": 0, "flops": 0, "val_loss": res["init_val_loss"]}
     res["val_curve"] = [start] + res["val_curve"]  # the step-0 gap is part of the curve
     if exp.method == "upcycle" and res["status"] == "complete":

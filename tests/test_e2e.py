@@ -129,7 +129,8 @@ def test_bad_config_fails_fast_with_one_line(env, tmp_path, override, needle):
 
 @pytest.mark.slow
 def test_upcycle_from_hf_checkpoint_folder(env, tmp_path):
-    """model=hf model.hf_path=...: a saved transformers Llama with its tokenizer.json is the dense base."""
+    """model=hf model.hf_path=...: a saved transformers Llama with its tokenizer.json is the dense base; the eval
+    stage scores the MoE, the HF parent and the iso-FLOP twin (no checkpoints: their weights.pt)."""
     transformers = pytest.importorskip("transformers")
     import torch
 
@@ -152,9 +153,20 @@ def test_upcycle_from_hf_checkpoint_folder(env, tmp_path):
     torch.manual_seed(0)
     transformers.LlamaForCausalLM(cfg).save_pretrained(folder)
     tok.save(str(folder / "tokenizer.json"))
-    run_cli(env, tmp_path, "model=hf", f"model.hf_path={folder}", "iso_flop_baseline=true")
+    run_cli(
+        env,
+        tmp_path,
+        "model=hf",
+        f"model.hf_path={folder}",
+        "iso_flop_baseline=true",
+        "eval.tasks=[pydoc_cloze]",
+        "eval.limit=4",
+        "train.save_checkpoints=false",
+    )
     res = results(tmp_path / "runs" / "default" / "latest")
     assert res["status"] == "complete" and res["dense_base"].startswith("hf:")
+    # the eval stage builds the iso-FLOP twin in the HF base's shape (from its folder, not the model block's)
+    assert set(res["downstream"]) == {"moe", "dense_parent", "dense_iso"}
     assert res["data"]["vocab_size"] == tok.get_vocab_size() and res["data"]["tokenizer"] == str(folder)
     assert res["config"]["model"]["hf_path"] == str(folder)
     # the dense parent's val loss is the HF model's own loss on our validation windows

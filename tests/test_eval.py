@@ -5,6 +5,7 @@ far above a random one of its shape; a bad task name stops in one line before an
 import json
 import re
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -180,3 +181,33 @@ def test_scoring_uses_lm_evals_current_api_and_its_scores(trained):
     ours = [w for w in caught if issubclass(w.category, DeprecationWarning) and "harness" in w.filename]
     assert not ours, [f"{w.filename}:{w.lineno}: {w.message}" for w in ours]
     assert got["pydoc_cloze"]["n"] == got["pydoc_next"]["n"] == 8
+
+
+def test_a_run_without_checkpoints_keeps_its_weights_for_the_eval_stage(env, tmp_path):
+    """train.save_checkpoints=false with eval.tasks: the MoE and its iso-FLOP twin leave weights.pt (no last.ckpt),
+    so all three models are scored, and the MoE's weights are the trained ones (its validation loss again). Its own
+    seed: a twin no other test trained (and cached with a checkpoint)."""
+    from harness.export import load_run
+
+    run_cli(
+        env,
+        tmp_path,
+        "eval.tasks=[pydoc_cloze]",
+        "eval.limit=8",
+        "train.save_checkpoints=false",
+        "seed=7",
+        "name=nockpt",
+    )
+    run = (tmp_path / "runs" / "nockpt" / "latest").resolve()
+    res = results(run)
+    assert not (run / "checkpoints" / "last.ckpt").exists() and (run / "weights.pt").exists()
+    iso = Path(res["dense_iso"]["cache_dir"])
+    assert not (iso / "checkpoints" / "last.ckpt").exists() and (iso / "weights.pt").exists()
+    down = res["downstream"]
+    assert set(down) == {"moe", "dense_parent", "dense_iso"}
+    assert len({s["pydoc_cloze"]["perplexity"] for s in down.values()}) == 3
+    from analysis.hf_check import validation_loader
+    from harness.lit import evaluate
+
+    model, _, _ = load_run(run)
+    assert abs(evaluate(model, validation_loader(run), torch.device("cpu")) - res["val_loss"]) < 1e-5

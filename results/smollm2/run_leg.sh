@@ -11,7 +11,8 @@
 # "SMALL LARGE" train.tokens (SMALL a comma list); SMOLLM2_SERIAL=1, one stream after the other; SMOLLM2_KEEP,
 # the routings whose large budget keeps last.ckpt at the first seed (space-separated; default topk_softmax);
 # SMOLLM2_SEEDS, the seeds (default "0"), one after the other: every budget of a seed, the table (after the first
-# seed also the export), then the next seed, so a lease cut short still holds whole seeds.
+# seed also the export), then the next seed, so a lease cut short still holds whole seeds. Downstream scores:
+# SMOLLM2_OVERRIDES=eval=local (each run's eval stage scores the MoE, its parent and its iso-FLOP twin).
 set -uo pipefail
 export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True UPCYCLE_LOGS=${UPCYCLE_LOGS:-logs/study/S} UPCYCLE_CACHE=${UPCYCLE_CACHE:-.cache} PYTHONUNBUFFERED=1
 mkdir -p "$UPCYCLE_LOGS" && touch "$UPCYCLE_LOGS/.started"
@@ -37,8 +38,15 @@ stream() {  # stream ROUTING SEED FIRST: the small budgets, then the large one, 
   local save=false tag="$1_s$2"
   [ "$3" = true ] && [[ "$keep" == *" $1 "* ]] && save=true
   job "smollm2_$tag" -m "${S[@]}" routing="$1" seed="$2" train.tokens="$small" train.save_checkpoints=false "${extra[@]}"
+  drop_weights "$1" "$2"
   job "smollm2_${tag}_large" -m "${S[@]}" routing="$1" seed="$2" train.tokens="$large" \
     train.save_checkpoints=$save "${extra[@]}"
+  drop_weights "$1" "$2"
+}
+drop_weights() {  # drop_weights ROUTING SEED: with eval.tasks a run without last.ckpt keeps weights.pt (2.8 GB
+  # per MoE) for its eval stage, which has scored it once run.py returns; the dense twins' (0.5 GB, in the cache,
+  # shared by both streams) stay
+  find "$UPCYCLE_LOGS/multirun" -path "*routing=$1,seed=$2,*" -name weights.pt -delete 2>/dev/null
 }
 export_best() {  # the best MoE that kept its checkpoint, exported and checked in transformers
   local export_dir=$UPCYCLE_CACHE/smollm2/export best
