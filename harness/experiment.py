@@ -91,6 +91,9 @@ class PretrainConfig:
     """The ``pretrain`` block: the dense base's own budget, batch, seed and optimizer (it keys the base's cache)."""
 
     tokens: int = 600000
+    # the base at this share of ``tokens`` (the sunk cost D1): the WSD stable trunk of the full pretraining,
+    # shared by every fraction, branched off at its own length plus its own decay (harness/trunk.py)
+    fraction: float = 1.0
     batch_size: int = 16  # global; its own, so a data.batch_size sweep upcycles one shared base
     seed: int = 1234
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=3e-3, warmup_steps=20))
@@ -98,11 +101,24 @@ class PretrainConfig:
     def __post_init__(self) -> None:
         if int(self.tokens) <= 0:
             raise ConfigError(f"pretrain.tokens={self.tokens!r} must be > 0")
+        f = self.fraction
+        if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0 < f <= 1:
+            raise ConfigError(f"pretrain.fraction={f!r} must be a number in (0, 1]")
+        schedule = getattr(self.optim, "schedule", None)
+        if f != 1 and schedule != "wsd":
+            raise ConfigError(
+                f"pretrain.fraction={f!r} needs pretrain.optim.schedule=wsd (it is {schedule!r}): a base at a share "
+                "of pretraining is the WSD stable trunk plus its own decay"
+            )
 
-    def validate(self, world: int) -> None:
+    def validate(self, world: int, hf_base: bool = False) -> None:
         b = self.batch_size
         if not isinstance(b, int) or b < 1 or b % world:
             raise ConfigError(f"pretrain.batch_size={b!r} must be a positive int that splits over {world} devices")
+        if self.fraction != 1 and hf_base:
+            raise ConfigError(f"pretrain.fraction={self.fraction!r} needs a base this harness pretrains, not model=hf")
+        if self.fraction != 1 and world > 1:
+            raise ConfigError(f"pretrain.fraction={self.fraction!r} runs on one device for now (trainer.devices=1)")
 
 
 @dataclass
@@ -199,7 +215,7 @@ def build_experiment(cfg: DictConfig) -> Experiment:
     layers = resolve_moe_layers(recipe.moe_layers, model.n_layers)
     world = launch.world_size(cfg.trainer)
     data.split_batch(world)  # the global batch must split over the devices
-    pretrain.validate(world)
+    pretrain.validate(world, hf_base=bool(cfg.model.get("hf_path")))
     evaluation = build(cfg.eval) if "eval" in cfg else None
     if evaluation is not None:
         evaluation.check()  # a standard task missing from the offline HF cache stops here, before training

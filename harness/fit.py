@@ -169,6 +169,7 @@ def fit_and_evaluate(
     trunk_dir: Path | None = None,
     scored: bool = False,
     own_stage: bool = False,
+    keep_trunk: bool = False,
 ) -> dict:
     """Train ``model`` in place for ``steps`` steps (resuming from ``out_dir/checkpoints/last.ckpt``, else
     from the WSD trunk in ``trunk_dir``), in this process or, when the trainer asks for several devices, in
@@ -200,7 +201,17 @@ def fit_and_evaluate(
         )
     else:
         pruning = pruning_callbacks(cfg) if scored else []
-        res, _ = fit_in_process(model, exp, cfg, out_dir, steps, csv_only, extra_callbacks=pruning, trunk_dir=trunk_dir)
+        res, _ = fit_in_process(
+            model,
+            exp,
+            cfg,
+            out_dir,
+            steps,
+            csv_only,
+            extra_callbacks=pruning,
+            trunk_dir=trunk_dir,
+            keep_trunk=keep_trunk,
+        )
     done = res["status"] == "complete" and evaluate_after
     val = evaluate(model, exp.data.val_dataloader(), eval_device(cfg)) if done else float("nan")
     model.to("cpu")
@@ -226,6 +237,7 @@ def fit_in_process(
     csv_only=False,
     extra_callbacks=(),
     trunk_dir: Path | None = None,
+    keep_trunk: bool = False,
 ) -> tuple[dict, L.Trainer]:
     """The Lightning fit itself (one process, or one rank of a multi-process job)."""
     seq = exp.data.seq_len
@@ -274,7 +286,7 @@ def fit_in_process(
     start = last if last.exists() else None
     if trunk_dir is not None:  # WSD ladder: branch off the shared stable phase, and extend it for the next budget
         decay_start = exp.optim.decay_start(steps)
-        callbacks.append(trunk.SaveTrunk(trunk_dir, decay_start, int(train.val_every)))
+        callbacks.append(trunk.SaveTrunk(trunk_dir, decay_start, int(train.val_every), keep_all=keep_trunk))
         link = ckpt_dir / "trunk.ckpt"
         branch = trunk.branch_point(trunk_dir, decay_start, link) if start is None else None
         if branch is not None:
