@@ -216,10 +216,29 @@ def build_experiment(cfg: DictConfig) -> Experiment:
     world = launch.world_size(cfg.trainer)
     data.split_batch(world)  # the global batch must split over the devices
     pretrain.validate(world, hf_base=bool(cfg.model.get("hf_path")))
+    _check_scratch(cfg, pretrain, world)
     evaluation = build(cfg.eval) if "eval" in cfg else None
     if evaluation is not None:
         evaluation.check()  # a standard task missing from the offline HF cache stops here, before training
     return Experiment(cfg.method, model, moe, recipe, optim, data, layers, train, pretrain, evaluation)
+
+
+def _check_scratch(cfg: DictConfig, pretrain: PretrainConfig, world: int) -> None:
+    """``scratch_baseline``: the base at a longer share of the run's own WSD pretraining (harness/continuation.py)."""
+    wanted = cfg.get("scratch_baseline", False)
+    if not isinstance(wanted, bool):
+        raise ConfigError(f"scratch_baseline={wanted!r} must be true or false")
+    if not wanted or cfg.method != "upcycle":
+        return
+    if cfg.model.get("hf_path"):
+        raise ConfigError("scratch_baseline=true needs a base this harness pretrains, not model=hf")
+    if pretrain.optim.schedule != "wsd":
+        raise ConfigError(
+            f"scratch_baseline=true needs pretrain.optim.schedule=wsd (it is {pretrain.optim.schedule!r}): the "
+            "from-scratch dense model is the pretraining's own stable trunk plus a decay"
+        )
+    if world > 1:
+        raise ConfigError("scratch_baseline=true runs on one device for now (trainer.devices=1)")
 
 
 def compile_enabled(train: TrainConfig, trainer_cfg: DictConfig) -> bool:

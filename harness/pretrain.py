@@ -65,8 +65,9 @@ def pretrain_trunk_dir(exp: Experiment, cfg: DictConfig, corpus: str | None) -> 
 def dense_base(exp: Experiment, cfg: DictConfig, fraction: float | None = None) -> tuple[Decoder, dict]:
     """The pretrained dense checkpoint: trained once per ``identity.STAGE_INPUTS["dense_base"]`` (corpus, model,
     pretrain block, precision), then reused; an HF base is keyed by its folder's content. ``fraction`` (default
-    ``pretrain.fraction``): the base at that share of the full pretraining, ``fraction_steps`` steps long; a share
-    that rounds to the full steps is the full base (fraction 1, the key of every base before fractions)."""
+    ``pretrain.fraction``): the base at that share of the full pretraining, ``fraction_steps`` steps long, keyed by
+    those steps (as the share steps / full steps; the full base is fraction 1, the key of every base before
+    fractions)."""
     corpus = exp.data.shard_dir.name if exp.data.shard_dir is not None else None
     if exp.model.hf_path:  # a real pretrained checkpoint: no stage-0 pretraining
         from harness.hf import load_hf
@@ -79,11 +80,9 @@ def dense_base(exp: Experiment, cfg: DictConfig, fraction: float | None = None) 
             raise ConfigError(f"model.hf_path: tokenizer vocab {tok_vocab} > model vocab_size {model.cfg.vocab_size}")
         return model, {"key": "hf:" + key, "hf_path": exp.model.hf_path}
     own = fraction is None  # the run's own base (not the from-scratch baseline's)
-    fraction = float(exp.pretrain.fraction if own else fraction)
-    steps = fraction_steps(exp, fraction)
-    if steps == full_steps(exp):
-        fraction = 1.0
-    if fraction != exp.pretrain.fraction:
+    steps = fraction_steps(exp, exp.pretrain.fraction if own else fraction)
+    fraction = 1.0 if steps == full_steps(exp) else steps / full_steps(exp)  # keyed by what trains: shares of
+    if fraction != exp.pretrain.fraction:  # equal steps are one base
         cfg = at_fraction(cfg, fraction)
     key = identity.stage_key(cfg, "dense_base", corpus=corpus)
     # the base depends on the pretraining recipe only (its own batch size and seed), so every variant of a
@@ -110,7 +109,7 @@ def dense_base(exp: Experiment, cfg: DictConfig, fraction: float | None = None) 
             pre_data.batch_size = int(exp.pretrain.batch_size)
             pre_data.seed = int(exp.pretrain.seed)  # its data order: pretrain.seed, as its key says
             pre_exp = dataclasses.replace(exp, optim=exp.pretrain.optim, data=pre_data)
-            share = "" if fraction == 1 else f", {fraction:.0%} of the full {full_steps(exp)}"
+            share = "" if fraction == 1 else f", {fraction:.1%} of the full {full_steps(exp)}"
             log.info(
                 "dense base: pretraining %s for %d steps (%s tokens%s) -> %s",
                 exp.model.name,

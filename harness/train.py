@@ -17,7 +17,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from harness import flops, identity, launch, results, tracking
-from harness.continuation import dense_continuation, trunk_dir
+from harness.continuation import dense_continuation, dense_scratch, trunk_dir
 from harness.data import RandomWindows
 from harness.errors import RunFolderError
 from harness.eval import score_run as score_downstream
@@ -158,6 +158,7 @@ def run_experiment(cfg: DictConfig, exp: Experiment, out_dir: Path) -> dict:
         "data": exp.data.meta,
         "validation": {"windows": exp.data.val_windows, "tokens": exp.data.val_windows * exp.data.seq_len},
         "dense_base": base_meta["key"],
+        **results.base_fields(base_meta, exp.pretrain.fraction),
     }
     if exp.method == "pretrain":  # the base's own record: its learning curve shows whether it plateaued
         counts = dense_flops
@@ -233,6 +234,10 @@ def run_experiment(cfg: DictConfig, exp: Experiment, out_dir: Path) -> dict:
                 res[field]["val_curve"] = [{**start, "val_loss": parent_val}] + cont["val_curve"]
         if "dense_iso" in res:
             res["dense_iso"]["flop_excess"] = _flop_excess(res["dense_iso"]["train_flops"], res["train_flops"])
+        if cfg.get("scratch_baseline"):  # the dense model of the same total FLOPs, the pretraining's own trunk
+            scratch = dense_scratch(exp, cfg, base_meta, res["train_flops"])
+            if scratch is not None:
+                res["dense_scratch"] = scratch
     if exp.method == "dense":
         res["iso_flop_excess"] = _flop_excess(res["train_flops"], moe_tokens * moe_flops.train_per_token)
     if base_meta.get("train_flops"):  # the run's budget as a share of the full pretraining's compute

@@ -39,3 +39,42 @@ def test_a_fraction_out_of_range_is_one_config_error():
     for bad in ("0", "1.5", "-0.2", "true"):
         with pytest.raises(ConfigError, match="pretrain.fraction"):
             _exp(*WSD_BASE, f"pretrain.fraction={bad}")
+
+
+def test_the_scratch_baseline_needs_a_wsd_pretraining_and_is_one_config_error_otherwise():
+    from harness.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="scratch_baseline=true needs pretrain.optim.schedule=wsd"):
+        _exp("scratch_baseline=true")
+    _exp("scratch_baseline=true", "pretrain.optim.schedule=wsd")
+    _exp("scratch_baseline=true", "method=dense")  # only an upcycled run has the baseline
+
+
+CELL = [
+    "optim=wsd",
+    "train.share_trunk=true",
+    "pretrain.optim.schedule=wsd",
+    "pretrain.optim.warmup_steps=5",
+    "scratch_baseline=true",
+]
+
+
+@pytest.mark.slow
+def test_a_cell_records_its_base_and_the_from_scratch_dense_model_of_the_same_total_flops(env, tmp_path):
+    from helpers.e2e import results, run_cli
+
+    proc = run_cli(env, tmp_path, *CELL, "pretrain.fraction=0.5", "train.pretrain_fraction=0.15", "name=cell")
+    res = results(tmp_path / "runs" / "cell" / "latest")
+    assert res["pretrain_fraction"] == 0.5 and res["dense_base_tokens"] == 30 * 16 * 64
+    scratch = res["dense_scratch"]
+    per_token = res["dense_base_flops"] / res["dense_base_tokens"]
+    total = res["dense_base_flops"] + res["train_flops"]
+    assert abs(scratch["train_flops"] - total) <= 0.5 * 16 * 64 * per_token  # whole steps: within half a step
+    assert scratch["flop_share"] == pytest.approx(total / (59 * 16 * 64 * per_token))
+    assert scratch["fraction"] == scratch["tokens"] / (59 * 16 * 64) and scratch["val_curve"]
+    assert "branching off the WSD trunk" in proc.stdout + proc.stderr  # the scratch base: off the 50% base's trunk
+    # the scratch baseline is the very base pretrain.fraction names: the same cache entry and numbers
+    steps = scratch["tokens"] // (16 * 64)
+    run_cli(env, tmp_path, *CELL, "method=pretrain", f"pretrain.fraction={steps / 59!r}", "name=scratch")
+    alone = results(tmp_path / "runs" / "scratch" / "latest")
+    assert alone["dense_base"] == scratch["dense_base"] and alone["val_loss"] == scratch["val_loss"]
