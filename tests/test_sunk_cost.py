@@ -78,3 +78,54 @@ def test_a_cell_records_its_base_and_the_from_scratch_dense_model_of_the_same_to
     run_cli(env, tmp_path, *CELL, "method=pretrain", f"pretrain.fraction={steps / 59!r}", "name=scratch")
     alone = results(tmp_path / "runs" / "scratch" / "latest")
     assert alone["dense_base"] == scratch["dense_base"] and alone["val_loss"] == scratch["val_loss"]
+
+
+@pytest.mark.slow
+def test_the_sunk_cost_grid_runs_end_to_end_and_analysis_law_writes_every_file(env, tmp_path):
+    """+sweep=sunk_cost at the CPU scale, 3 D1 x 3 budgets (9 cells, enough for the 5-parameter law), one seed;
+    then ``python -m analysis.law`` on its folder (a poor fit at this scale is fine: the files must be written)."""
+    import json
+    import subprocess
+    import sys
+
+    from analysis.law import law_runs
+
+    args = ["-m", "+sweep=sunk_cost", "+scale=cpu", "seed=0", "train.pretrain_fraction=0.05,0.15,0.3"]
+    proc = subprocess.run(
+        [sys.executable, "run.py", *args, "pretrain.optim.warmup_steps=5", *FAST[-3:]],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env={**env, "UPCYCLE_LOGS": str(tmp_path)},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    sweep = tmp_path / "multirun" / "sweep_sunk_cost"
+    runs = [json.loads(p.read_text()) for p in sorted(sweep.glob("*/results.json"))]
+    assert len(runs) == 9 and all(r["status"] == "complete" for r in runs)
+    by_d1 = {}
+    for r in runs:
+        by_d1.setdefault(r["pretrain_fraction"], []).append(r)
+    assert sorted(by_d1) == [0.25, 0.5, 1.0]
+    assert {r["dense_base_tokens"] for r in runs} == {15 * 1024, 30 * 1024, 59 * 1024}
+    # D2 is a share of the full pretraining: the same MoE tokens at every D1
+    budgets = {d1: sorted(r["tokens"] for r in rs) for d1, rs in by_d1.items()}
+    assert budgets[0.25] == budgets[0.5] == budgets[1.0] and len(set(budgets[1.0])) == 3
+    assert all("dense_iso" in r for r in runs)
+    assert all("dense_scratch" in r for r in by_d1[0.25] + by_d1[0.5])  # 25-80% of the pretraining: on its trunk
+    assert not any("dense_scratch" in r for r in by_d1[1.0])  # beyond its end: skipped, in one line each
+    assert (proc.stdout + proc.stderr).count("from-scratch dense baseline: skipped") == 3
+    assert len(law_runs(sweep)) == 9
+    out = tmp_path / "law"
+    law = subprocess.run(
+        [sys.executable, "-m", "analysis.law", str(sweep), "--out", str(out), "--boot", "10"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
+    assert law.returncode == 0, law.stderr[-3000:]
+    for name in ("law.md", "law.csv", "crossover.png"):
+        assert (out / name).stat().st_size > 0, name
+    assert "9 runs, 9 (D1, D2) cells, 1 seeds." in (out / "law.md").read_text()
