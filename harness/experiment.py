@@ -32,7 +32,7 @@ class TrainConfig:
     """The ``train`` block: the upcycled (or dense-continued) run's budget, evaluation, checkpoints and guards."""
 
     tokens: int = 96000  # MoE training tokens; the dense continuation gets the same FLOPs
-    pretrain_fraction: float | None = None  # instead of tokens: this share of the dense base's pretraining FLOPs
+    pretrain_fraction: float | None = None  # instead of tokens: this share of the full pretraining's FLOPs
     val_every: int = 25  # steps
     ckpt_every: int = 25  # steps; last.ckpt is what a re-run resumes from
     save_checkpoints: bool = True  # false: no checkpoints (throughput runs; nothing to resume from)
