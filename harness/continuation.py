@@ -1,5 +1,6 @@
 """The dense baselines: the dense base continued for the MoE's training FLOPs (iso-FLOP) or its tokens, cached
-so MoE variants of equal budget share one; and where a recipe's shared WSD trunk lives (harness/trunk.py)."""
+so MoE variants of equal budget share one; the dense model pretrained from scratch for the same total FLOPs; and
+where a recipe's shared WSD trunk lives (harness/trunk.py)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from harness.experiment import Experiment
 from harness.fit import fit_and_evaluate, heal_checkpoint
 from harness.io import atomic_write_json, entry_lock, read_json, read_only_miss
 from harness.model import Decoder
+from harness.pretrain import dense_base, fraction_steps, full_pretrain_flops, full_steps
 from harness.weights import wants_weights
 
 log = logging.getLogger("upcycle")
@@ -83,3 +85,29 @@ def dense_continuation(
         if res["status"] == "complete":
             atomic_write_json(res_path, res)
         return {**res, "cache_dir": str(out)}
+
+
+def dense_scratch(exp: Experiment, cfg: DictConfig, base_meta: dict, moe_train_flops: float) -> dict | None:
+    """The dense model trained from scratch with the MoE cell's total FLOPs (its base's pretraining plus the MoE's
+    training): the base at share f' = total / the full pretraining's FLOPs, in whole steps. That is the WSD
+    pretraining's own stable trunk to f' plus a decay (harness/pretrain.py), so only what the trunk does not hold
+    yet and the decay are new work. None, with one logged line, when f' > 1 (the pretraining stops short of it)."""
+    total = base_meta["train_flops"] + moe_train_flops
+    share = total / full_pretrain_flops(exp)
+    if share > 1:
+        log.info(
+            "from-scratch dense baseline: skipped: the base's pretraining plus the MoE's training is %.0f%% of the "
+            "full pretraining (pretrain.tokens), beyond its end",
+            100 * share,
+        )
+        return None
+    steps = fraction_steps(exp, share)
+    log.info(
+        "from-scratch dense baseline: the base at %d of %d pretraining steps (%.1f%%)",
+        steps,
+        full_steps(exp),
+        100 * share,
+    )
+    _, meta = dense_base(exp, cfg, fraction=steps / full_steps(exp))
+    out = {k: meta[k] for k in ("val_loss", "best_val_loss", "tokens", "train_flops", "val_curve")}
+    return {**out, "fraction": meta.get("fraction", 1.0), "flop_share": share, "dense_base": meta["key"]}

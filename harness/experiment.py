@@ -32,7 +32,7 @@ class TrainConfig:
     """The ``train`` block: the upcycled (or dense-continued) run's budget, evaluation, checkpoints and guards."""
 
     tokens: int = 96000  # MoE training tokens; the dense continuation gets the same FLOPs
-    pretrain_fraction: float | None = None  # instead of tokens: this share of the dense base's pretraining FLOPs
+    pretrain_fraction: float | None = None  # instead of tokens: this share of the full pretraining's FLOPs
     val_every: int = 25  # steps
     ckpt_every: int = 25  # steps; last.ckpt is what a re-run resumes from
     save_checkpoints: bool = True  # false: no checkpoints (throughput runs; nothing to resume from)
@@ -91,6 +91,9 @@ class PretrainConfig:
     """The ``pretrain`` block: the dense base's own budget, batch, seed and optimizer (it keys the base's cache)."""
 
     tokens: int = 600000
+    # the base at this share of ``tokens`` (the sunk cost D1): the WSD stable trunk of the full pretraining,
+    # shared by every fraction, branched off at its own length plus its own decay (harness/trunk.py)
+    fraction: float = 1.0
     batch_size: int = 16  # global; its own, so a data.batch_size sweep upcycles one shared base
     seed: int = 1234
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=3e-3, warmup_steps=20))
@@ -98,11 +101,24 @@ class PretrainConfig:
     def __post_init__(self) -> None:
         if int(self.tokens) <= 0:
             raise ConfigError(f"pretrain.tokens={self.tokens!r} must be > 0")
+        f = self.fraction
+        if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0 < f <= 1:
+            raise ConfigError(f"pretrain.fraction={f!r} must be a number in (0, 1]")
+        schedule = getattr(self.optim, "schedule", None)
+        if f != 1 and schedule != "wsd":
+            raise ConfigError(
+                f"pretrain.fraction={f!r} needs pretrain.optim.schedule=wsd (it is {schedule!r}): a base at a share "
+                "of pretraining is the WSD stable trunk plus its own decay"
+            )
 
-    def validate(self, world: int) -> None:
+    def validate(self, world: int, hf_base: bool = False) -> None:
         b = self.batch_size
         if not isinstance(b, int) or b < 1 or b % world:
             raise ConfigError(f"pretrain.batch_size={b!r} must be a positive int that splits over {world} devices")
+        if self.fraction != 1 and hf_base:
+            raise ConfigError(f"pretrain.fraction={self.fraction!r} needs a base this harness pretrains, not model=hf")
+        if self.fraction != 1 and world > 1:
+            raise ConfigError(f"pretrain.fraction={self.fraction!r} runs on one device for now (trainer.devices=1)")
 
 
 @dataclass
@@ -199,11 +215,30 @@ def build_experiment(cfg: DictConfig) -> Experiment:
     layers = resolve_moe_layers(recipe.moe_layers, model.n_layers)
     world = launch.world_size(cfg.trainer)
     data.split_batch(world)  # the global batch must split over the devices
-    pretrain.validate(world)
+    pretrain.validate(world, hf_base=bool(cfg.model.get("hf_path")))
+    _check_scratch(cfg, pretrain, world)
     evaluation = build(cfg.eval) if "eval" in cfg else None
     if evaluation is not None:
         evaluation.check()  # a standard task missing from the offline HF cache stops here, before training
     return Experiment(cfg.method, model, moe, recipe, optim, data, layers, train, pretrain, evaluation)
+
+
+def _check_scratch(cfg: DictConfig, pretrain: PretrainConfig, world: int) -> None:
+    """``scratch_baseline``: the base at a longer share of the run's own WSD pretraining (harness/continuation.py)."""
+    wanted = cfg.get("scratch_baseline", False)
+    if not isinstance(wanted, bool):
+        raise ConfigError(f"scratch_baseline={wanted!r} must be true or false")
+    if not wanted or cfg.method != "upcycle":
+        return
+    if cfg.model.get("hf_path"):
+        raise ConfigError("scratch_baseline=true needs a base this harness pretrains, not model=hf")
+    if pretrain.optim.schedule != "wsd":
+        raise ConfigError(
+            f"scratch_baseline=true needs pretrain.optim.schedule=wsd (it is {pretrain.optim.schedule!r}): the "
+            "from-scratch dense model is the pretraining's own stable trunk plus a decay"
+        )
+    if world > 1:
+        raise ConfigError("scratch_baseline=true runs on one device for now (trainer.devices=1)")
 
 
 def compile_enabled(train: TrainConfig, trainer_cfg: DictConfig) -> bool:

@@ -171,6 +171,7 @@ def fit_and_evaluate(
     scored: bool = False,
     own_stage: bool = False,
     keep_weights: bool = False,
+    keep_trunk: bool = False,
 ) -> dict:
     """Train ``model`` in place for ``steps`` steps (resuming from ``out_dir/checkpoints/last.ckpt``, else
     from the WSD trunk in ``trunk_dir``), in this process or, when the trainer asks for several devices, in
@@ -180,7 +181,10 @@ def fit_and_evaluate(
     may prune it; the dense base and the dense baselines are caches that other trials share, never pruned.
     ``own_stage``: this is the stage the run's ``method`` names (the MoE for upcycle, the dense run for dense, the
     base for pretrain), the only one ``train.stop_after_steps`` stops; the caches it shares with other runs
-    (the base, the dense baselines) always train to the end, so a simulated crash never half-trains them."""
+    (the base, the dense baselines) always train to the end, so a simulated crash never half-trains them.
+    ``keep_weights``: a finished model with no ``last.ckpt`` leaves its weights in ``out_dir/weights.pt`` (the
+    eval stage scores them; a third of a checkpoint with Adam's moments). ``keep_trunk``: the WSD trunk keeps
+    every checkpoint, not only its latest (the pretraining trunk: bases at several shares branch off it)."""
     if not own_stage and exp.train.stop_after_steps is not None:
         exp = dataclasses.replace(exp, train=dataclasses.replace(exp.train, stop_after_steps=None))
         cfg = copy.deepcopy(cfg)
@@ -202,7 +206,17 @@ def fit_and_evaluate(
         )
     else:
         pruning = pruning_callbacks(cfg) if scored else []
-        res, _ = fit_in_process(model, exp, cfg, out_dir, steps, csv_only, extra_callbacks=pruning, trunk_dir=trunk_dir)
+        res, _ = fit_in_process(
+            model,
+            exp,
+            cfg,
+            out_dir,
+            steps,
+            csv_only,
+            extra_callbacks=pruning,
+            trunk_dir=trunk_dir,
+            keep_trunk=keep_trunk,
+        )
     done = res["status"] == "complete" and evaluate_after
     val = evaluate(model, exp.data.val_dataloader(), eval_device(cfg)) if done else float("nan")
     model.to("cpu")
@@ -230,6 +244,7 @@ def fit_in_process(
     csv_only=False,
     extra_callbacks=(),
     trunk_dir: Path | None = None,
+    keep_trunk: bool = False,
 ) -> tuple[dict, L.Trainer]:
     """The Lightning fit itself (one process, or one rank of a multi-process job)."""
     seq = exp.data.seq_len
@@ -278,7 +293,7 @@ def fit_in_process(
     start = last if last.exists() else None
     if trunk_dir is not None:  # WSD ladder: branch off the shared stable phase, and extend it for the next budget
         decay_start = exp.optim.decay_start(steps)
-        callbacks.append(trunk.SaveTrunk(trunk_dir, decay_start, int(train.val_every)))
+        callbacks.append(trunk.SaveTrunk(trunk_dir, decay_start, int(train.val_every), keep_all=keep_trunk))
         link = ckpt_dir / "trunk.ckpt"
         branch = trunk.branch_point(trunk_dir, decay_start, link) if start is None else None
         if branch is not None:

@@ -47,6 +47,10 @@ COSMETIC = (
     "data.num_workers",
 )
 IDENTITY = "identity.json"
+# keys added after runs were recorded, at the value that computes what those runs computed: left out of the
+# experiment config at that value, so the runs written before the key existed keep their folders, hashes and
+# cached stages (another value is part of the config like any key)
+NEUTRAL = {"pretrain.fraction": 1.0, "scratch_baseline": False}
 
 
 def resolved(cfg: DictConfig) -> dict:
@@ -72,7 +76,19 @@ def experiment_config(cfg: DictConfig) -> dict:
             d = d.get(p) if isinstance(d, dict) else None
         if isinstance(d, dict):
             d.pop(leaf, None)
+    for key, default in NEUTRAL.items():
+        *parents, leaf = key.split(".")
+        d = data
+        for p in parents:
+            d = d.get(p) if isinstance(d, dict) else None
+        if isinstance(d, dict) and leaf in d and _same(d[leaf], default):
+            del d[leaf]
     return data
+
+
+def _same(value, default) -> bool:
+    """``value`` is ``default`` (1 is 1.0, but true is not 1)."""
+    return isinstance(value, bool) == isinstance(default, bool) and value == default
 
 
 def config_hash(cfg: DictConfig) -> str:
@@ -262,11 +278,14 @@ STAGE_INPUTS = {
     ),
 }
 STAGE_INPUTS["dense_trunk"] = STAGE_INPUTS["dense_continuation"]  # its WSD stable phase, shared by every budget
+# the dense base's WSD stable phase, shared by the bases at every share of pretraining (pretrain.fraction)
+STAGE_INPUTS["pretrain_trunk"] = STAGE_INPUTS["dense_base"]
 # the upcycled run's WSD trunk: the whole experiment config less its length and what validation and progress show
 # (its checkpoints also keep the device layout: a sharded checkpoint resumes only under its own strategy)
 TRUNK_DROPS = (
     "iso_flop_baseline",
     "token_matched_baseline",
+    "scratch_baseline",
     "train.tokens",
     "train.pretrain_fraction",
     "train.val_every",
@@ -277,6 +296,7 @@ STAGE_DROPS = {
     "dense_base": ("data.batch_size", "data.seed"),  # it trains at pretrain.batch_size on pretrain.seed's order
     "dense_continuation": ("train.tokens", "train.pretrain_fraction"),  # they set the budget, keyed itself
     "dense_trunk": TRUNK_DROPS,
+    "pretrain_trunk": ("data.batch_size", "data.seed", "pretrain.fraction"),  # the fraction is its length
 }
 PROGRESS = ("train.ckpt_every", "train.save_checkpoints", "train.peak_tflops")  # checkpoints and MFU display
 LAYOUT = (
@@ -289,7 +309,15 @@ LAYOUT = (
     "train.activation_checkpointing",
 )
 GUARDS = ("train.max_grad_norm", "train.collapse_share", "train.collapse_steps")
-RUN_ONLY = ("method", "moe", "upcycle", "iso_flop_baseline", "token_matched_baseline", "callbacks")
+RUN_ONLY = (
+    "method",
+    "moe",
+    "upcycle",
+    "iso_flop_baseline",
+    "token_matched_baseline",
+    "scratch_baseline",
+    "callbacks",
+)
 _MODEL_PATHS = ("model.hf_path", "data.tokenizer_path")  # folders: keyed by content
 _DIGESTS: dict[tuple, str] = {}
 
@@ -341,7 +369,7 @@ def _keyed_leaves(cfg: DictConfig, include=None, drops=(), layout: bool = False)
 def stage_key(cfg: DictConfig, stage: str, **inputs) -> str:
     """The cache key of ``stage``: a hash of the config keys it depends on (STAGE_INPUTS) and of ``inputs``
     computed at run time (the shard key of the corpus, the base's key, the token budget)."""
-    trunk = stage in ("trunk", "dense_trunk")
+    trunk = stage in ("trunk", "dense_trunk", "pretrain_trunk")  # checkpoints: their device layout too
     leaves = _keyed_leaves(cfg, STAGE_INPUTS.get(stage), STAGE_DROPS.get(stage, TRUNK_DROPS), layout=trunk)
     obj = {"version": STAGE_KEY_VERSION, "stage": stage, "config": leaves, **inputs}
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]

@@ -1,5 +1,7 @@
 """Stage 0, the dense base: pretrained once per its stage key (``identity.STAGE_INPUTS``) and cached, or read
-from an HF checkpoint folder."""
+from an HF checkpoint folder. Under a WSD pretraining the bases at several shares of it (``pretrain.fraction``:
+the sunk cost D1 of an upcycling law) are one stable trunk, each branched off at its length with its own decay,
+as the budgets of a ladder are (harness/trunk.py)."""
 
 from __future__ import annotations
 
@@ -7,15 +9,16 @@ import copy
 import dataclasses
 import json
 import logging
+import math
 import shutil
 import warnings
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, open_dict
 
-from harness import identity, tracking
+from harness import flops, identity, launch, tracking
 from harness.errors import ConfigError
 from harness.experiment import Experiment
 from harness.fit import fit_and_evaluate, heal_checkpoint
@@ -25,20 +28,63 @@ from harness.model import Decoder
 log = logging.getLogger("upcycle")
 
 
-def dense_base(exp: Experiment, cfg: DictConfig) -> tuple[Decoder, dict]:
+def full_steps(exp: Experiment) -> int:
+    """Optimizer steps of the full pretraining: ``pretrain.tokens`` at ``pretrain.batch_size`` (at least one)."""
+    return max(1, math.ceil(exp.pretrain.tokens / (exp.pretrain.batch_size * exp.data.seq_len)))
+
+
+def full_pretrain_flops(exp: Experiment) -> int:
+    """The training FLOPs of the full pretraining (``pretrain.fraction`` = 1), whatever share the base has: the
+    unit of ``train.pretrain_fraction`` and of the from-scratch baseline's share."""
+    tokens = full_steps(exp) * exp.pretrain.batch_size * exp.data.seq_len
+    return tokens * flops.count(exp.model, exp.data.seq_len).train_per_token
+
+
+def fraction_steps(exp: Experiment, fraction: float) -> int:
+    """The steps of the base at ``fraction`` of the full pretraining: max(1, round(fraction x full steps))."""
+    return max(1, round(float(fraction) * full_steps(exp)))
+
+
+def at_fraction(cfg: DictConfig, fraction: float) -> DictConfig:
+    """``cfg`` with ``pretrain.fraction`` set: the config that keys the base at that share."""
+    out = copy.deepcopy(cfg)
+    with open_dict(out):
+        out.pretrain.fraction = float(fraction)
+    return out
+
+
+def pretrain_trunk_dir(exp: Experiment, cfg: DictConfig, corpus: str | None) -> Path | None:
+    """Where the bases at every ``pretrain.fraction`` keep their shared WSD stable phase: keyed by the base's
+    inputs less the fraction (``identity.STAGE_DROPS["pretrain_trunk"]``). None unless the pretraining is WSD on
+    one device (a full-length base on several devices trains on its own, as before)."""
+    if exp.pretrain.optim.schedule != "wsd" or launch.needs_launch(cfg.trainer):
+        return None
+    return Path(cfg.paths.cache_dir) / "trunks" / identity.stage_key(cfg, "pretrain_trunk", corpus=corpus)
+
+
+def dense_base(exp: Experiment, cfg: DictConfig, fraction: float | None = None) -> tuple[Decoder, dict]:
     """The pretrained dense checkpoint: trained once per ``identity.STAGE_INPUTS["dense_base"]`` (corpus, model,
-    pretrain block, precision), then reused; an HF base is keyed by its folder's content."""
+    pretrain block, precision), then reused; an HF base is keyed by its folder's content. ``fraction`` (default
+    ``pretrain.fraction``): the base at that share of the full pretraining, ``fraction_steps`` steps long, keyed by
+    those steps (as the share steps / full steps; the full base is fraction 1, the key of every base before
+    fractions)."""
     corpus = exp.data.shard_dir.name if exp.data.shard_dir is not None else None
-    key = identity.stage_key(cfg, "dense_base", corpus=corpus)
     if exp.model.hf_path:  # a real pretrained checkpoint: no stage-0 pretraining
         from harness.hf import load_hf
 
+        key = identity.stage_key(cfg, "dense_base", corpus=corpus)
         log.info("dense base: the checkpoint %s (no pretraining)", exp.model.hf_path)
         model = load_hf(exp.model.hf_path, max_seq_len=exp.model.max_seq_len)
         tok_vocab = exp.data.meta["vocab_size"]
         if tok_vocab > model.cfg.vocab_size:
             raise ConfigError(f"model.hf_path: tokenizer vocab {tok_vocab} > model vocab_size {model.cfg.vocab_size}")
         return model, {"key": "hf:" + key, "hf_path": exp.model.hf_path}
+    own = fraction is None  # the run's own base (not the from-scratch baseline's)
+    steps = fraction_steps(exp, exp.pretrain.fraction if own else fraction)
+    fraction = 1.0 if steps == full_steps(exp) else steps / full_steps(exp)  # keyed by what trains: shares of
+    if fraction != exp.pretrain.fraction:  # equal steps are one base
+        cfg = at_fraction(cfg, fraction)
+    key = identity.stage_key(cfg, "dense_base", corpus=corpus)
     # the base depends on the pretraining recipe only (its own batch size and seed), so every variant of a
     # sweep (batch size, LR, seed ...) upcycles the very same checkpoint
     out = Path(cfg.paths.cache_dir) / "dense" / key
@@ -63,17 +109,27 @@ def dense_base(exp: Experiment, cfg: DictConfig) -> tuple[Decoder, dict]:
             pre_data.batch_size = int(exp.pretrain.batch_size)
             pre_data.seed = int(exp.pretrain.seed)  # its data order: pretrain.seed, as its key says
             pre_exp = dataclasses.replace(exp, optim=exp.pretrain.optim, data=pre_data)
-            steps = pre_exp.steps(exp.pretrain.tokens)
+            share = "" if fraction == 1 else f", {fraction:.1%} of the full {full_steps(exp)}"
             log.info(
-                "dense base: pretraining %s for %d steps (%s tokens) -> %s",
+                "dense base: pretraining %s for %d steps (%s tokens%s) -> %s",
                 exp.model.name,
                 steps,
                 f"{steps * pre_data.batch_size * pre_data.seq_len:,}",
+                share,
                 out,
             )
             heal_checkpoint(out)
             stage = tracking.stage(cfg, "pretrain", out, f"pretrain/{key}")
-            res = fit_and_evaluate(model, pre_exp, stage, out, steps, own_stage=exp.method == "pretrain")
+            res = fit_and_evaluate(
+                model,
+                pre_exp,
+                stage,
+                out,
+                steps,
+                own_stage=exp.method == "pretrain" and own,
+                trunk_dir=pretrain_trunk_dir(exp, cfg, corpus),
+                keep_trunk=True,
+            )
             if res["status"] != "complete":
                 raise RuntimeError(
                     f"dense pretraining stopped at step {res['steps']} of {steps}; run the same "
@@ -82,7 +138,8 @@ def dense_base(exp: Experiment, cfg: DictConfig) -> tuple[Decoder, dict]:
             torch.save(model.state_dict(), out / "model.pt.tmp")
             (out / "model.pt.tmp").replace(out / "model.pt")
             checksum = file_digest(out / "model.pt")
-            atomic_write_json(meta_path, {"key": key, "model": asdict(exp.model), "checksum": checksum, **res})
+            record = {"key": key, "model": asdict(exp.model), "checksum": checksum, "fraction": fraction, **res}
+            atomic_write_json(meta_path, record)
             meta = json.loads(meta_path.read_text())
         else:
             log.info("dense base: cached %s", out)

@@ -76,6 +76,19 @@ def finished_elsewhere(out_dir: Path, config_hash: str, roots=()) -> Path | None
     return None
 
 
+def base_fields(base_meta: dict, fraction: float) -> dict:
+    """The dense base's pretraining as the upcycling law reads it (analysis/law.py): its tokens (D1), its training
+    FLOPs and ``pretrain_fraction``, its share of the full pretraining (``pretrain.fraction``: the D1 share, not
+    the MoE's budget ``train.pretrain_fraction``). None for an HF base: it was trained elsewhere."""
+    if not base_meta.get("tokens"):
+        return {}
+    return {
+        "dense_base_tokens": base_meta["tokens"],
+        "dense_base_flops": base_meta["train_flops"],
+        "pretrain_fraction": float(fraction),
+    }
+
+
 def write(out_dir: Path, res: dict) -> None:
     atomic_write_json(out_dir / "results.json", res)
 
@@ -107,9 +120,14 @@ def print_summary(res: dict, out_dir: Path) -> None:
     if "dense_tokens" in res:
         d = res["dense_tokens"]
         t.add_row("dense, same tokens", f"{d['tokens']:,}", f"{d['train_flops']:.3e}", f"{d['val_loss']:.4f}")
+    if "dense_scratch" in res:
+        d = res["dense_scratch"]
+        t.add_row(
+            "dense from scratch, same total", f"{d['tokens']:,}", f"{d['train_flops']:.3e}", f"{d['val_loss']:.4f}"
+        )
     parts = [f"{res['method']} {res['val_loss']:.4f}", f"step 0 {res['init_val_loss']:.4f}"]
     parts += [f"dense parent {res['dense_parent_val_loss']:.4f}"]
-    parts += [f"{k} {res[k]['val_loss']:.4f}" for k in ("dense_iso", "dense_tokens") if k in res]
+    parts += [f"{k} {res[k]['val_loss']:.4f}" for k in ("dense_iso", "dense_tokens", "dense_scratch") if k in res]
     log.info("val loss: %s -> %s", ", ".join(parts), out_dir / "results.json")  # run.log keeps the table's numbers
     console = Console()
     console.print(t)

@@ -88,10 +88,12 @@ def summary(cfg: DictConfig, res: dict) -> None:
                 if k in res
             }
         )
-        if iso:
-            run.summary.update(
-                {"dense_iso/val_loss": iso.get("val_loss"), "dense_iso/train_flops": iso.get("train_flops")}
-            )
+        for field in ("dense_iso", "dense_scratch"):  # the iso-FLOP twin, the dense model from scratch
+            if res.get(field):
+                d = res[field]
+                run.summary.update(
+                    {f"{field}/val_loss": d.get("val_loss"), f"{field}/train_flops": d.get("train_flops")}
+                )
         run.summary.update(  # eval stage: downstream/<model>/<task>/<metric> beside the val losses
             {
                 f"downstream/{m}/{t}/{k}": v

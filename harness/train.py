@@ -17,7 +17,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from harness import flops, identity, launch, results, tracking
-from harness.continuation import dense_continuation, trunk_dir
+from harness.continuation import dense_continuation, dense_scratch, trunk_dir
 from harness.data import RandomWindows
 from harness.errors import RunFolderError
 from harness.eval import score_run as score_downstream
@@ -25,7 +25,7 @@ from harness.experiment import Experiment, build_experiment
 from harness.fit import eval_device, fit_and_evaluate, heal_checkpoint
 from harness.io import ReadOnlyCache, disk_full, disk_full_line
 from harness.lit import evaluate
-from harness.pretrain import dense_base
+from harness.pretrain import dense_base, full_pretrain_flops
 from harness.upcycle import top_mass, upcycle
 from harness.weights import wants_weights
 
@@ -147,7 +147,7 @@ def run_experiment(cfg: DictConfig, exp: Experiment, out_dir: Path) -> dict:
     dense, base_meta = dense_base(exp, cfg)
     dense_flops = flops.count(exp.model, exp.data.seq_len)
     moe_flops = flops.count(exp.model, exp.data.seq_len, exp.moe, exp.moe_layers)
-    moe_tokens = exp.steps(_moe_tokens(exp, base_meta, dense_flops, moe_flops)) * exp.data.batch_size * exp.data.seq_len
+    moe_tokens = exp.steps(moe_budget(exp, moe_flops)) * exp.data.batch_size * exp.data.seq_len
     iso_tokens = flops.iso_flop_tokens(moe_tokens, moe_flops.train_per_token, dense_flops.train_per_token)
     val_loader = exp.data.val_dataloader()
     parent_val = evaluate(dense, val_loader, eval_device(cfg))
@@ -159,6 +159,7 @@ def run_experiment(cfg: DictConfig, exp: Experiment, out_dir: Path) -> dict:
         "data": exp.data.meta,
         "validation": {"windows": exp.data.val_windows, "tokens": exp.data.val_windows * exp.data.seq_len},
         "dense_base": base_meta["key"],
+        **results.base_fields(base_meta, exp.pretrain.fraction),
     }
     if exp.method == "pretrain":  # the base's own record: its learning curve shows whether it plateaued
         counts = dense_flops
@@ -246,10 +247,14 @@ def run_experiment(cfg: DictConfig, exp: Experiment, out_dir: Path) -> dict:
                 res[field]["val_curve"] = [{**start, "val_loss": parent_val}] + cont["val_curve"]
         if "dense_iso" in res:
             res["dense_iso"]["flop_excess"] = _flop_excess(res["dense_iso"]["train_flops"], res["train_flops"])
+        if cfg.get("scratch_baseline"):  # the dense model of the same total FLOPs, the pretraining's own trunk
+            scratch = dense_scratch(exp, cfg, base_meta, res["train_flops"])
+            if scratch is not None:
+                res["dense_scratch"] = scratch
     if exp.method == "dense":
         res["iso_flop_excess"] = _flop_excess(res["train_flops"], moe_tokens * moe_flops.train_per_token)
-    if base_meta.get("train_flops"):  # the run's budget as a share of its base's pretraining compute
-        res["pretrain_compute_share"] = res["train_flops"] / base_meta["train_flops"]
+    if base_meta.get("train_flops"):  # the run's budget as a share of the full pretraining's compute
+        res["pretrain_compute_share"] = res["train_flops"] / full_pretrain_flops(exp)
     res["wall_time_s"] = time.time() - t0
     return res
 
@@ -267,13 +272,14 @@ def _flop_excess(dense_flops: float, moe_flops: float) -> float:
     return excess
 
 
-def _moe_tokens(exp: Experiment, base_meta: dict, dense_flops, moe_flops) -> float:
-    """The MoE's training tokens: ``train.tokens``, or ``train.pretrain_fraction`` of the dense base's
-    pretraining FLOPs spent at the MoE's FLOPs per token (a budget ladder in the units users plan in)."""
+def moe_budget(exp: Experiment, moe_flops) -> float:
+    """The MoE's training tokens: ``train.tokens``, or ``train.pretrain_fraction`` of the FULL pretraining's FLOPs
+    (``pretrain.tokens`` at the dense model's FLOPs per token) spent at the MoE's FLOPs per token: a budget ladder in
+    the units users plan in, the same budget whatever share of that pretraining the base had (pretrain.fraction)."""
     share = exp.train.pretrain_fraction
     if share is None:
         return exp.train.tokens
-    return float(share) * base_meta["train_flops"] / moe_flops.train_per_token
+    return float(share) * full_pretrain_flops(exp) / moe_flops.train_per_token
 
 
 def _multirun() -> bool:

@@ -13,6 +13,9 @@ defines the training except its length; they are written atomically, so a crash 
 later run trusts. Only the latest is kept (an E8G1T2 checkpoint of the 50M base with its optimizer state is
 3.2 GB): run the budgets in ascending order; a smaller budget after a larger one trains its stable phase
 again from the start. A run branches off a hard link of its checkpoint, so pruning never pulls it away.
+The dense pretraining's trunk (the bases at several ``pretrain.fraction``) keeps every checkpoint instead: a
+dense model's is small, and a sunk-cost grid asks for its shares out of order (each cell's from-scratch
+baseline is a longer base than the next cell's).
 """
 
 from __future__ import annotations
@@ -63,8 +66,8 @@ class SaveTrunk(Callback):
     """Saves the trunk checkpoint at the decay start, before the first decayed step changes the weights, and after
     that step's validation when it has one (else a branch off it would miss that point of its curve)."""
 
-    def __init__(self, trunk_dir: Path, step: int, val_every: int = 0):
-        self.trunk_dir, self.step, self.done = Path(trunk_dir), int(step), False
+    def __init__(self, trunk_dir: Path, step: int, val_every: int = 0, keep_all: bool = False):
+        self.trunk_dir, self.step, self.done, self.keep_all = Path(trunk_dir), int(step), False, keep_all
         self.validates = val_every > 0 and self.step % val_every == 0
 
     def on_train_batch_end(self, trainer, *args) -> None:
@@ -89,6 +92,6 @@ class SaveTrunk(Callback):
             with FileLock(str(self.trunk_dir / ".lock")):
                 os.replace(tmp, path)
                 for step, older in trunk_checkpoints(self.trunk_dir).items():
-                    if step < self.step:
+                    if step < self.step and not self.keep_all:
                         older.unlink()
             log.info("saved WSD trunk checkpoint at step %d -> %s", self.step, path)

@@ -5,13 +5,13 @@ documented list of keys no stage depends on; an HF base is keyed by its folder's
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
+from omegaconf import OmegaConf, open_dict
 
 from harness import identity
 
 from helpers.e2e import ROOT
 
-STAGES = ("dense_base", "dense_continuation", "dense_trunk", "trunk")
+STAGES = ("dense_base", "dense_continuation", "dense_trunk", "trunk", "pretrain_trunk")
 # written out here, not read from harness/identity.py: the keys a referee expects each stage to depend on
 MUST = {
     "data.path": STAGES,
@@ -26,6 +26,8 @@ MUST = {
     "model.d_model": STAGES,
     "model.activation": STAGES,
     "pretrain.tokens": STAGES,
+    # a base at another share of pretraining is another base, but the same stable trunk of the pretraining
+    "pretrain.fraction": ("dense_base", "dense_continuation", "dense_trunk", "trunk"),
     "pretrain.seed": STAGES,
     "pretrain.optim.lr": STAGES,
     "optim.lr": ("dense_continuation", "dense_trunk", "trunk"),
@@ -36,6 +38,8 @@ MUST = {
     "moe.num_experts": ("trunk",),
     "upcycle.drop_ratio": ("trunk",),
 }
+# keys that must leave a stage's key as it is: what the stage is shared across
+MUST_NOT = {"pretrain.fraction": ("pretrain_trunk",), "scratch_baseline": ("trunk", "dense_trunk", "dense_base")}
 
 
 def _compose(overrides):
@@ -44,7 +48,10 @@ def _compose(overrides):
 
 
 def _leaves(cfg):
-    return identity._flatten(identity.experiment_config(cfg))
+    """Every leaf, the keys left out of the experiment config at their neutral value included."""
+    neutral = {k: OmegaConf.select(cfg, k) for k in identity.NEUTRAL}
+    assert all(identity._same(neutral[k], v) for k, v in identity.NEUTRAL.items()), neutral  # conf/ holds them
+    return {**neutral, **identity._flatten(identity.experiment_config(cfg))}
 
 
 def _flip(value):
@@ -62,7 +69,8 @@ def _flip(value):
 def _keys(cfg):
     """Chained as the run chains them: the continuations and trunks take the base's key as an input."""
     base = identity.stage_key(cfg, "dense_base", corpus="c")
-    return {"dense_base": base, **{s: identity.stage_key(cfg, s, corpus="c", dense_base=base) for s in STAGES[1:]}}
+    keys = {"dense_base": base, **{s: identity.stage_key(cfg, s, corpus="c", dense_base=base) for s in STAGES[1:4]}}
+    return {**keys, "pretrain_trunk": identity.stage_key(cfg, "pretrain_trunk", corpus="c")}
 
 
 def _listed(key, stage):
@@ -102,7 +110,26 @@ def test_every_leaf_keys_the_stages_it_can_change(name):
             must = stage in MUST.get(key, ()) or _listed(key, stage)
             if must:
                 assert got[stage] != base[stage], f"{key} changes the {stage} stage but not its key"
-    assert set(MUST) <= set(leaves), sorted(set(MUST) - set(leaves))  # the referee's table names real keys
+            if stage in MUST_NOT.get(key, ()):
+                assert got[stage] == base[stage], f"{key} must not change the {stage} stage's key"
+    named = set(MUST) | set(MUST_NOT)
+    assert named <= set(leaves), sorted(named - set(leaves))  # the referee's tables name real keys
+
+
+def test_keys_added_at_their_neutral_value_leave_older_runs_and_bases_their_hashes_and_keys():
+    """A config written before pretrain.fraction and scratch_baseline existed is the same run, base and trunks."""
+    cfg = _compose(["optim=wsd", "train.share_trunk=true"])
+    old = cfg.copy()
+    with open_dict(old):
+        del old.pretrain["fraction"]
+        del old["scratch_baseline"]
+    assert identity.config_hash(old) == identity.config_hash(cfg)
+    assert _keys(old) == _keys(cfg)
+    half = cfg.copy()
+    OmegaConf.update(half, "pretrain.fraction", 0.5)
+    assert identity.config_hash(half) != identity.config_hash(cfg)
+    assert _keys(half)["dense_base"] != _keys(cfg)["dense_base"]
+    assert _keys(half)["pretrain_trunk"] == _keys(cfg)["pretrain_trunk"]  # one stable run for every share
 
 
 def test_old_keys_are_not_reused():

@@ -29,6 +29,7 @@ def test_every_named_sweep_composes_with_its_grid():
         assert "params:" in proc.stdout and "seed:" in proc.stdout, name
 
 
+# sweeps on one dense base; sunk_cost (three bases, its table is analysis.law's) runs in tests/test_sunk_cost.py
 JOBS = {
     "balancing": 5,
     "batch_size": 3,

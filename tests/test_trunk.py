@@ -47,3 +47,47 @@ def test_share_trunk_without_wsd_fails_fast_with_one_line(env, tmp_path):
     proc = run_cli(env, tmp_path, "train.share_trunk=true", check=False)
     last = proc.stderr.strip().splitlines()[-1]
     assert proc.returncode != 0 and last.startswith("config error:") and "optim=wsd" in last
+
+
+PRETRAIN_WSD = ["method=pretrain", "pretrain.optim.schedule=wsd", "pretrain.optim.warmup_steps=5"]
+
+
+@pytest.mark.slow
+def test_a_base_at_half_the_pretraining_branched_off_its_trunk_equals_its_own_full_run(env, tmp_path):
+    """pretrain.fraction: the bases at 25%, 50% and 100% of one WSD pretraining (59 steps) share its stable trunk;
+    the 50% base, branched off the 25% base's checkpoint, is bitwise the 50% base trained alone in a fresh cache."""
+    import torch
+
+    shared = {**env, "UPCYCLE_CACHE": str(tmp_path / "shared")}
+    logs = {}
+    for f in (0.25, 0.5, 1.0):
+        proc = run_cli(shared, tmp_path, *PRETRAIN_WSD, f"pretrain.fraction={f}", f"name=f{f}")
+        logs[f] = proc.stdout + proc.stderr
+    assert "branching off the WSD trunk" not in logs[0.25] and "15 steps" in logs[0.25]
+    assert "at step 12 of 30" in logs[0.5]  # 25%: 15 steps, decay from step 12; 50%: 30 steps
+    assert "at step 24 of 59" in logs[1.0]  # the full base trains only the rest of the stable phase and its decay
+    trunks = [p.parent.name for p in (tmp_path / "shared" / "trunks").glob("*/step_*.ckpt")]
+    assert len(trunks) == 3 and len(set(trunks)) == 1  # one trunk, every share's checkpoint kept
+    branched = results(tmp_path / "runs" / "f0.5" / "latest")
+    full = results(tmp_path / "runs" / "f1.0" / "latest")
+    assert branched["tokens"] == 30 * 16 * 64 and full["tokens"] == 59 * 16 * 64
+    assert branched["dense_base"] != full["dense_base"]
+    alone_cache = tmp_path / "alone"
+    alone_cache.mkdir()
+    (alone_cache / "data").symlink_to(tmp_path / "shared" / "data")  # the tokenized corpus, nothing else
+    proc = run_cli({**env, "UPCYCLE_CACHE": str(alone_cache)}, tmp_path, *PRETRAIN_WSD, "pretrain.fraction=0.5")
+    assert "branching off the WSD trunk" not in proc.stdout + proc.stderr
+    alone = results(tmp_path / "runs" / "default" / "latest")
+    assert alone["dense_base"] == branched["dense_base"] and alone["val_curve"] == branched["val_curve"]
+    weights = [
+        torch.load(root / "dense" / branched["dense_base"] / "model.pt", weights_only=True)
+        for root in (tmp_path / "shared", alone_cache)
+    ]
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])  # bitwise on CPU
+
+
+def test_a_base_at_a_share_of_a_cosine_pretraining_fails_fast_with_one_line(env, tmp_path):
+    proc = run_cli(env, tmp_path, "pretrain.fraction=0.5", check=False)
+    last = proc.stderr.strip().splitlines()[-1]
+    assert proc.returncode != 0 and last.startswith("config error:") and "pretrain.fraction" in last
+    assert "pretrain.optim.schedule=wsd" in last
