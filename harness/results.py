@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import traceback
 from pathlib import Path
 
@@ -74,6 +75,14 @@ def finished_elsewhere(out_dir: Path, config_hash: str, roots=()) -> Path | None
         if other != out_dir and other.is_dir() and not other.is_symlink() and finished(other, config_hash):
             return other
     return None
+
+
+def link(out_dir: Path, twin: Path) -> None:
+    """A sweep job skipped for its config's complete run elsewhere points its ``results.json`` there (a relative
+    symlink), so a report over the sweep's folder has every job's row; the record stays one file."""
+    own = out_dir / "results.json"
+    if not own.exists() and not own.is_symlink():
+        own.symlink_to(os.path.relpath(twin / "results.json", out_dir))
 
 
 def base_fields(base_meta: dict, fraction: float) -> dict:

@@ -98,7 +98,9 @@ def _run(cfg: DictConfig, exp: Experiment, out_dir: Path, config_hash: str) -> f
             twin / "results.json",
             config_hash,
         )
-        if not _multirun():
+        if _multirun():
+            results.link(out_dir, twin)  # the sweep's report reads every job from its own folder
+        else:
             identity.point_latest(twin)
         done = results.finished(twin, config_hash)
         if _unscored(cfg, done):  # scored into the record where the run lives

@@ -274,6 +274,12 @@ def test_a_hand_edited_record_is_recomputed_the_flop_excess_is_recorded_and_a_sw
     sweep = run_cli(env, tmp_path, "-m", *args, "seed=0")  # the same config as a one-job sweep
     out = sweep.stdout + sweep.stderr
     assert f"{folder / 'results.json'} holds this config's complete run" in out and "training the MoE" not in out
+    # the skipped job's folder points at the record, so a report over the sweep's folder has its row
+    from analysis.collect import collect
+
+    job = next(p for p in (tmp_path / "multirun" / "rec").iterdir() if p.is_dir() and "cfg=" in p.name)
+    assert (job / "results.json").is_symlink() and results(job) == results(folder)
+    assert list(collect(str(tmp_path / "multirun" / "rec")).val_loss) == [good["val_loss"]]
 
 
 @pytest.mark.parametrize(
