@@ -1,6 +1,8 @@
 """Fixtures every test module can use, and the skip of GPU tests where there is no CUDA device."""
 
+import lzma
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -60,12 +62,11 @@ def pytest_runtest_setup(item):
 
 
 def _text_tokens() -> torch.Tensor:
-    """The repository's own Python source as printable-ASCII tokens (byte - 32, so ids 0..94 of the tiny
-    vocab of 97): a local corpus with real structure, no download."""
-    root = os.path.join(os.path.dirname(__file__), "..", "harness")
-    text = "".join(
-        open(os.path.join(root, f), encoding="utf-8").read() for f in sorted(os.listdir(root)) if f.endswith(".py")
-    )
+    """A fixed snapshot of the repository's own Python source (harness/*.py at commit e7b0de1, joined in name order:
+    tests/data/tiny_corpus.txt.xz) as printable-ASCII tokens (byte - 32, so ids 0..94 of the tiny vocab of 97): a
+    local corpus with real structure, no download, and the same tokens whatever the harness's code is today (the
+    live source made every edit of harness/ move the trained base, and with it the measured margins)."""
+    text = lzma.decompress((Path(__file__).parent / "data" / "tiny_corpus.txt.xz").read_bytes()).decode("utf-8")
     ids = [b - 32 for b in text.encode("ascii", "replace") if 32 <= b < 127]
     return torch.tensor(ids, dtype=torch.long)
 
