@@ -36,6 +36,7 @@ AXES = {
     "model": ("model", "name"),
     "train_tokens": ("train", "tokens"),
     "pretrain_fraction": ("train", "pretrain_fraction"),  # a budget ladder's rung (train.tokens is then unused)
+    "pretrain_fraction_d1": ("pretrain", "fraction"),  # D1: the base at this share of its pretraining (sunk cost)
     "seed": ("seed",),
 }
 # axes that only an upcycled run has: a dense continuation keeps ``moe`` (the preset whose FLOPs it matches),
@@ -70,6 +71,8 @@ def _default(keys: tuple[str, ...]):
     old and new runs of one recipe group together; other missing keys stay None."""
     if len(keys) == 2 and keys[0] == "moe" and keys[1] in MoEConfig.__dataclass_fields__:
         return MoEConfig.__dataclass_fields__[keys[1]].default
+    if keys == ("pretrain", "fraction"):  # before the key: the base was the whole pretraining
+        return 1.0
     return None
 
 
@@ -114,7 +117,9 @@ def collect(*roots: str | Path) -> pd.DataFrame:
     """One row per run under ``roots`` (failed runs included, with their status and error). A run counts once:
     a ``latest`` link is not a second run, nor is the same config (same hash: the seed is part of it) run again
     under another spelling of its overrides, in another sweep or under another ``name`` (it would count as one
-    more seed, with a spread of zero)."""
+    more seed, with a spread of zero). Bases at shares of a pretraining (``pretrain.fraction``, a sunk-cost grid's
+    D1) get a column ``pretrain_fraction_d1``, an axis, so a report never pools runs off different bases; where every
+    base is a whole pretraining the column is left out, as identity.py leaves neutral keys out of hashes."""
     runs: dict = {}
     for root in roots:
         for p in sorted(Path(root).rglob("results.json")):
@@ -126,7 +131,10 @@ def collect(*roots: str | Path) -> pd.DataFrame:
             row = load_run(p)
             if key not in runs or (runs[key]["status"] != "complete" and row["status"] == "complete"):
                 runs[key] = row
-    return pd.DataFrame(list(runs.values()))
+    df = pd.DataFrame(list(runs.values()))
+    if "pretrain_fraction_d1" in df and (df.pretrain_fraction_d1.astype(float) == 1.0).all():
+        df = df.drop(columns="pretrain_fraction_d1")  # the neutral value (whole-pretraining bases): no column
+    return df
 
 
 def curves(df: pd.DataFrame) -> pd.DataFrame:

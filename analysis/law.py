@@ -61,11 +61,14 @@ def law_runs(*roots: str | Path) -> pd.DataFrame:
                     "seed": cfg.get("seed"),
                     "d1": res["dense_base_tokens"] / UNIT,
                     "d2": res["tokens"] / UNIT,
+                    "base_flops": res.get("dense_base_flops", math.nan),
+                    "flops": res.get("train_flops", math.nan),
                     "val_loss": res["val_loss"],
                     "parent": res.get("dense_parent_val_loss", math.nan),
                     "iso_d2": iso.get("tokens", math.nan) / UNIT,
                     "iso_loss": iso.get("val_loss", math.nan),
                     "scratch_loss": scratch.get("val_loss", math.nan),
+                    "scratch_flops": scratch.get("train_flops", math.nan),
                 }
             )
     return pd.DataFrame(rows)
@@ -166,16 +169,54 @@ def _bootstrap(g, p_moe, p_dense, boot, rng) -> list[tuple[np.ndarray, np.ndarra
     return out
 
 
-def _cross(p_moe, p_dense, d1, lo, hi, ratio, floor=math.inf):
-    """Smallest D2 in [lo, hi] from which the MoE law is below the dense law at the same FLOPs (and below
-    ``floor``, the best other dense loss of no more FLOPs); 'below' if it already is at lo, None if never."""
+def best_dense(points, flops) -> np.ndarray:
+    """Loss of the best dense model pretrained from scratch with no more than ``flops`` total FLOPs, from the
+    recorded ``points`` (total FLOPs, loss): ln loss linear in ln FLOPs between neighbouring recorded points, and no
+    lower than any recorded point at or below ``flops``; beyond the last point the lowest recorded one (a model of
+    fewer FLOPs exists), below the first inf (no extrapolation: no such model is known)."""
+    pts = pd.DataFrame(points, columns=["f", "y"]).dropna().groupby("f").y.mean()  # seeds of one point: their mean
+    q = np.atleast_1d(np.asarray(flops, float))
+    if pts.empty:
+        return np.full(q.shape, np.inf)
+    f, y = pts.index.to_numpy(float), pts.to_numpy(float)
+    inside = (q >= f[0]) & (q <= f[-1])
+    interp = np.where(inside, np.exp(np.interp(np.log(q), np.log(f), np.log(y))), np.inf)
+    envelope = np.array([y[f <= x].min() if (f <= x).any() else np.inf for x in q])
+    return np.minimum(interp, envelope)
+
+
+def crossover(p_moe, p_dense, d1, lo, hi, ratio, floor=None):
+    """D2* of one D1: the smallest D2 in [lo, hi] from which the MoE law stays below the dense law at the same
+    FLOPs (D2 x ``ratio`` dense tokens) and below ``floor(D2)``, the best other dense loss of no more FLOPs;
+    'below' if it already is at lo, None if it never is. The last sign change on a 400-point log grid, then
+    bisected to 1e-6 relative."""
+
+    def gap(d2):
+        dense = np.exp(predict(p_dense, d1, ratio * d2))
+        if floor is not None:
+            dense = np.minimum(dense, floor(d2))
+        return predict(p_moe, d1, d2) - np.log(dense)
+
     grid = np.geomspace(lo, hi, 400)
-    dense = np.minimum(np.exp(predict(p_dense, d1, ratio * grid)), floor)
-    gap = predict(p_moe, d1, grid) - np.log(dense)
-    if gap[0] < 0:
+    g = gap(grid)
+    if g[0] < 0 and (g < 0).all():
         return "below"
-    up = np.nonzero(gap >= 0)[0][-1]
-    return None if up == len(grid) - 1 else float(grid[up + 1])
+    up = np.nonzero(g >= 0)[0][-1]
+    if up == len(grid) - 1:
+        return None
+    a, b = grid[up], grid[up + 1]
+    while b / a - 1 > 1e-6:
+        m = math.sqrt(a * b)
+        a, b = (m, b) if gap(np.array([m]))[0] >= 0 else (a, m)
+    return float(b)
+
+
+def from_scratch(g: pd.DataFrame) -> np.ndarray:
+    """(total FLOPs, loss) of every dense model pretrained from scratch in ``g``: the bases at each D1 and each
+    cell's ``dense_scratch``, all points of the one WSD pretraining."""
+    rows = [g[["base_flops", "parent"]].to_numpy(float), g[["scratch_flops", "scratch_loss"]].to_numpy(float)]
+    pts = np.concatenate(rows)
+    return pts[np.isfinite(pts).all(axis=1)]
 
 
 def fit_recipe(g: pd.DataFrame, boot: int = BOOT) -> dict:
@@ -204,20 +245,20 @@ def fit_recipe(g: pd.DataFrame, boot: int = BOOT) -> dict:
     ratio = float(np.median(g.iso_d2 / g.d2))
     lo, hi = float(g.d2.min()), float(g.d2.max())
     table = []
+    points = from_scratch(g)
     for d1, c in g.groupby("d1"):
-        parents = g.groupby("d1").parent.mean()
-        floor = float(parents[parents.index <= d1].min())  # bases of no more pretraining: fewer total FLOPs
-        if c.scratch_loss.notna().any():
-            floor = min(floor, float(c.scratch_loss.min()))
+        base, per_token = float(c.base_flops.mean()), float((c.flops / c.d2).median())
+        floor = lambda d2, base=base, per_token=per_token: best_dense(points, base + per_token * d2)  # noqa: E731
         row = {"d1": d1, "parent": float(c.parent.mean())}
-        for name, fl in (("iso", math.inf), ("best", floor)):
-            row[name] = _cross(p_moe, p_dense, d1, lo, hi, ratio, fl)
-            xs = [_cross(bm, bd, d1, lo, hi, ratio, fl) for bm, bd in boots]
+        for name, fl in (("iso", None), ("best", floor)):
+            row[name] = crossover(p_moe, p_dense, d1, lo, hi, ratio, fl)
+            xs = [crossover(bm, bd, d1, lo, hi, ratio, fl) for bm, bd in boots]
             xs = [x for x in xs if isinstance(x, float)]
             row[name + "_ci"] = (
                 tuple(np.percentile(xs, [2.5, 97.5])) if len(xs) >= 0.5 * max(len(boots), 1) and xs else None
             )
-            row[name + "_wins"] = float((c.val_loss < (c.iso_loss if name == "iso" else floor)).mean())
+            other = c.iso_loss if name == "iso" else best_dense(points, c.base_flops + c.flops)
+            row[name + "_wins"] = float((c.val_loss < other).mean())
         table.append(row)
     out.update(table=table, lo=lo, hi=hi, ratio=ratio)
     return out
@@ -246,12 +287,24 @@ def _plottable(r, name, row):
     return ci is None or ci[1] / ci[0] <= r["hi"] / r["lo"]
 
 
+def line(r: dict, name: str) -> list[dict]:
+    """What crossover.png draws for one recipe and comparison (``name``: 'iso' or 'best'): per D1 with a plottable
+    D2*, {'d1', 'd2', 'ci'}; ``ci`` (the band) None where the bootstrap gave none."""
+    if r.get("refusal"):
+        return []
+    return [{"d1": p["d1"], "d2": p[name], "ci": p[name + "_ci"]} for p in r["table"] if _plottable(r, name, p)]
+
+
 def markdown(results: list[tuple[dict, dict]]) -> str:
     lines = [
         "# When to upcycle: the fitted law",
         "",
         "L(D1, D2) = E + A · D1^(−a1) · D2^(−a2 + a3·ln D1), tokens in millions (arXiv 2502.03009, sec. 3); "
-        "least squares on log-loss; 95% CIs: seeds resampled with replacement, both laws refit.",
+        "least squares on log-loss; 95% CIs: seeds resampled with replacement, both laws refit. "
+        "Best dense ≤ FLOPs: the lower of the dense continuation's law at the MoE's FLOPs and the dense models "
+        "pretrained from scratch (each D1's base, each cell's dense_scratch), interpolated log-linearly in total "
+        "FLOPs between recorded points and never above a recorded point of no more FLOPs; no extrapolation (below "
+        "the smallest recorded total none counts, beyond the largest the lowest recorded one).",
         "",
     ]
     for key, r in results:
@@ -345,15 +398,15 @@ def plot(results, df, path: Path) -> Path:
             ax.scatter(cells.d1, cells.d2, s=14, color=f"C{i}", alpha=0.4)
             if r.get("refusal"):
                 continue
-            pts = [row for row in r["table"] if _plottable(r, name, row)]
+            pts = line(r, name)
             if pts:
-                ax.plot([p["d1"] for p in pts], [p[name] for p in pts], "-o", color=f"C{i}", label=label(key)[:60])
-                band = [p for p in pts if p[name + "_ci"]]
+                ax.plot([p["d1"] for p in pts], [p["d2"] for p in pts], "-o", color=f"C{i}", label=label(key)[:60])
+                band = [p for p in pts if p["ci"]]
                 if band:
                     ax.fill_between(
                         [p["d1"] for p in band],
-                        [p[name + "_ci"][0] for p in band],
-                        [p[name + "_ci"][1] for p in band],
+                        [p["ci"][0] for p in band],
+                        [p["ci"][1] for p in band],
                         color=f"C{i}",
                         alpha=0.2,
                     )

@@ -7,12 +7,14 @@
 #   bash results/run_study.sh D    # dense base (same recipe); the budget ladder (5-60% of pretraining FLOPs), seed 0:
 #                                  # topk_softmax, Megatron start, exact start, Drop-Upcycling
 #   bash results/run_study.sh E    # dense base (same recipe); the ladder's seed 1; granularity at 15%
+#   bash results/run_study.sh L    # when to upcycle (issue 31): bases at 25/50/100% of one WSD pretraining x the
+#                                  # ladder's budgets x seeds ($SUNK_SEEDS), topk_softmax; then analysis.law
 # Each part pretrains its own dense base from the one recipe (+scale=study method=pretrain) and compares
 # runs only within the part. Sweeps run side by side (a 50M model leaves the GPU mostly idle
 # between kernels). Outputs: $UPCYCLE_LOGS (default logs/study/<part>); then
 #   python -m analysis.study results/runs --out results
 set -uo pipefail
-part=${1:?usage: run_study.sh A|B|C|D|E}
+part=${1:?usage: run_study.sh A|B|C|D|E|L}
 export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True UPCYCLE_LOGS=${UPCYCLE_LOGS:-logs/study/$part} UPCYCLE_CACHE=${UPCYCLE_CACHE:-.cache} PYTHONUNBUFFERED=1
 mkdir -p "$UPCYCLE_LOGS"
 # a small check of the driver itself (e.g. on a CPU): STUDY_SCALE=cpu, and STUDY_OVERRIDES appended to every job
@@ -26,7 +28,15 @@ job() {  # job TAG ARGS...: one run.py command, its output in TAG.out
   if python run.py "$@" >"$UPCYCLE_LOGS/$tag.out" 2>&1; then say "done $tag"; else say "FAILED $tag (see $tag.out)"; fi
 }
 say "part $part on $(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1), git $(git rev-parse --short HEAD 2>/dev/null)"
-job pretrain "${S[@]}" method=pretrain name=study_pretrain
+if [ "$part" = L ]; then
+  # the grid's bases are shares of one WSD pretraining (the same model, corpus and budget as the other parts' cosine
+  # base): the trunk once, each D1 branching off it in ascending order, before the cells look them up in parallel
+  d1=${SUNK_D1:-0.25 0.5 1.0}
+  job pretrain -m "${S[@]}" +sweep=sunk_cost method=pretrain seed=0 train.pretrain_fraction=0.05 \
+    "pretrain.fraction=${d1// /,}"
+else
+  job pretrain "${S[@]}" method=pretrain name=study_pretrain
+fi
 case $part in
   A)
     job routing -m "${S[@]}" +sweep=routing &
@@ -76,6 +86,30 @@ case $part in
         train.pretrain_fraction=0.15 train.share_trunk=false token_matched_baseline=false seed=1 &
       wait
     fi ;;
-  *) echo "part must be A, B, C, D or E" >&2; exit 2 ;;
+  L)
+    # The sunk-cost grid (sweeps/sweep/sunk_cost.yaml): D1 = 25%, 50%, 100% of the WSD pretraining x D2 = 5%, 15%,
+    # 30%, 60% of its FLOPs x $SUNK_SEEDS, with the ladder's best recipe (part D: topk_softmax, the only variant below
+    # the best dense model of no more FLOPs at 60%), each cell beside its iso-FLOP dense twin and the dense model
+    # from scratch of the same total FLOPs. One stream per (D1, seed), each its budgets ascending off one MoE trunk.
+    # Device time, from part D (results/README.md; 1 H100, 4 streams): the base took 5.4 min for P = 3.6e16 FLOPs
+    # (120M tokens x 3.02e8); the ladder's 3.9 P (4 variants x 0.70 P of MoE, the WSD trunk to 48% plus 4 decays,
+    # and one seed's dense twins) took 19.3 min, 1.2e14 FLOP/s all told (2.0e14 while training at 60%). Here: the
+    # bases 1.15 P (trunk to 80% and 3 decays) ~6 min; per (D1, seed) 0.70 P of MoE and 0.70 P of iso dense twins;
+    # the from-scratch models (7 cells at D1 = 25%, 50%; the others pass 100%) ~1.2 P of decays and trunk. Two
+    # seeds: 9.6 P = 3.5e17 FLOPs, 29-48 min after the bases, ~35-55 min in all: more than one 30-minute lease.
+    # One seed (SUNK_SEEDS=0, then SUNK_SEEDS=1 on the next lease, each into its own folder): 5.4 P, 16-27 min,
+    # ~23-33 min in all; the seeds then sit on two bases (the other parts' bases differ by up to 0.007), which the
+    # law's seed bootstrap counts as seed noise. Six streams of micro-batches of 32 (~13 GiB each) fit an H200.
+    # (SUNK_D1, SUNK_BUDGETS: a smaller grid for a check of the driver, e.g. SUNK_D1="0.5 1.0" SUNK_BUDGETS=0.05,0.15)
+    M=(data.micro_batch_size=32 train.val_every=100)
+    for f in ${SUNK_D1:-0.25 0.5 1.0}; do for seed in ${SUNK_SEEDS:-0 1}; do
+      job "sunk_f${f}_s$seed" -m "${S[@]}" "${M[@]}" +sweep=sunk_cost +variant=topk_softmax \
+        pretrain.fraction=$f seed=$seed ${SUNK_BUDGETS:+train.pretrain_fraction=$SUNK_BUDGETS} &
+    done; done
+    wait
+    say "start law: python -m analysis.law $UPCYCLE_LOGS/multirun/sweep_sunk_cost --out $UPCYCLE_LOGS/law"
+    if python -m analysis.law "$UPCYCLE_LOGS/multirun/sweep_sunk_cost" --out "$UPCYCLE_LOGS/law" \
+      >"$UPCYCLE_LOGS/law.out" 2>&1; then say "done law"; else say "FAILED law (see law.out)"; fi ;;
+  *) echo "part must be A, B, C, D, E or L" >&2; exit 2 ;;
 esac
 say "part $part finished"

@@ -86,3 +86,22 @@ def test_searched_knobs_are_axes_and_searched_floats_read_short(tmp_path):
     table = to_markdown(summarize(df, by), by)
     assert "| 0.002251 | 40 | 0.0778 | **2.0000** |" in table and "| 0.001 | 20 | 0.01 | 3.0000 |" in table
     assert "| seeds | failed | pruned |" in table and table.endswith("| 0.03 | 0 | 0.1 | — | — | — | 0 | 0 | 1 |\n")
+
+
+def test_bases_at_different_shares_of_the_pretraining_are_not_pooled(tmp_path):
+    """A sunk-cost grid's runs differ only by pretrain.fraction (D1): they are separate rows of a report, not seeds
+    of one; runs whose bases are whole pretrainings (no pretrain block, or fraction 1) get no D1 column."""
+    for name, fraction, loss in (("whole", None, 2.0), ("one", 1.0, 2.0), ("half", 0.5, 2.3)):
+        folder = tmp_path / name
+        folder.mkdir()
+        cfg = {"seed": 0, "moe": {"num_experts": 8, "granularity": 1, "top_k": 2, "routing": "softmax_topk"}}
+        if fraction is not None:
+            cfg["pretrain"] = {"fraction": fraction}
+        res = {"status": "complete", "config": cfg, "config_hash": name, "val_loss": loss, "method": "upcycle"}
+        (folder / "results.json").write_text(json.dumps(res))
+    assert "pretrain_fraction_d1" not in collect(tmp_path / "whole", tmp_path / "one")
+    df = collect(tmp_path)
+    by = varying_axes(df)
+    assert by == ["pretrain_fraction_d1"]
+    table = summarize(df, by)
+    assert len(table) == 2 and sorted(table.seeds) == [1, 2]  # fraction 1 and unset: one base; 0.5 its own row

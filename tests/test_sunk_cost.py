@@ -129,3 +129,43 @@ def test_the_sunk_cost_grid_runs_end_to_end_and_analysis_law_writes_every_file(e
     for name in ("law.md", "law.csv", "crossover.png"):
         assert (out / name).stat().st_size > 0, name
     assert "9 runs, 9 (D1, D2) cells, 1 seeds." in (out / "law.md").read_text()
+
+
+@pytest.mark.slow
+def test_the_study_drivers_part_l_runs_the_grid_and_the_law(env, tmp_path):
+    """``bash results/run_study.sh L`` (what the GPU study runs, through results/lease.sh) at the CPU scale on a
+    2-cell grid (D1 = 50%, 100% x the 5% budget, seed 0): the WSD bases first, one stream per (D1, seed), then
+    ``analysis.law`` into $UPCYCLE_LOGS/law (two cells: the law says it cannot fit, and still writes every file)."""
+    import json
+    import subprocess
+
+    logs = tmp_path / "logs"
+    proc = subprocess.run(
+        ["bash", "results/run_study.sh", "L"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env={
+            **env,
+            "UPCYCLE_LOGS": str(logs),
+            "STUDY_SCALE": "cpu",
+            "STUDY_OVERRIDES": "data.micro_batch_size=null train.val_every=5 pretrain.optim.warmup_steps=5 logger=csv",
+            "SUNK_D1": "0.5 1.0",
+            "SUNK_SEEDS": "0",
+            "SUNK_BUDGETS": "0.05",
+        },
+    )
+    log = (logs / "driver.log").read_text()
+    assert proc.returncode == 0 and "FAILED" not in log, log + proc.stderr[-2000:]
+    for tag in ("pretrain", "sunk_f0.5_s0", "sunk_f1.0_s0", "law"):
+        assert f"done {tag}" in log, tag
+    assert log.rstrip().endswith("part L finished")
+    runs = [json.loads(p.read_text()) for p in (logs / "multirun" / "sweep_sunk_cost").glob("*/results.json")]
+    cells = [r for r in runs if r.get("method") == "upcycle"]
+    assert sorted(r["pretrain_fraction"] for r in cells) == [0.5, 1.0] and all(r["status"] == "complete" for r in runs)
+    assert all(r["config"]["moe"]["routing"] == "topk_softmax" for r in cells)  # the ladder's best recipe
+    assert sum("dense_scratch" in r for r in cells) == 1  # 50% + 5% is on the trunk; 100% + 5% is past its end
+    law = logs / "law"
+    assert (law / "law.md").exists() and (law / "law.csv").exists() and (law / "crossover.png").exists()
+    assert "cannot support a 5-parameter law" in (law / "law.md").read_text()
