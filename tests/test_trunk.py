@@ -23,6 +23,8 @@ def test_every_step_before_the_decay_has_the_same_lr_for_any_budget():
 
 @pytest.mark.slow
 def test_a_budget_branched_off_the_trunk_equals_its_own_full_run(env, tmp_path):
+    cache_trunks = Path(env["UPCYCLE_CACHE"]) / "trunks"
+    before = set(cache_trunks.glob("*"))  # the session's cache: other tests' trunks (e.g. a pretraining's) stay out
     proc = run_cli(
         env, tmp_path, "-m", *WSD, "train.tokens=6400,12800", "iso_flop_baseline=false", "token_matched_baseline=true"
     )
@@ -32,7 +34,7 @@ def test_a_budget_branched_off_the_trunk_equals_its_own_full_run(env, tmp_path):
         Path(tmp_path / "multirun" / "default").glob("*/results.json"), key=lambda p: results(p.parent)["tokens"]
     )
     short, branched = (results(p.parent) for p in jobs)
-    trunks = list((Path(env["UPCYCLE_CACHE"]) / "trunks").glob("*/step_*.ckpt"))
+    trunks = [c for d in set(cache_trunks.glob("*")) - before for c in d.glob("step_*.ckpt")]
     # the latest checkpoint of the MoE trunk and of the token-matched dense trunk (decay starts 5, then 10 steps)
     assert sorted(int(p.stem.split("_")[1]) for p in trunks) == [10, 10]
     assert branched["dense_tokens"]["tokens"] == branched["tokens"]
