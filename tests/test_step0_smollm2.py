@@ -47,6 +47,8 @@ def test_default_recipe_starts_at_the_dense_loss(smollm2, e, g, t, routing, tol)
 SHARED_CAPACITY = {
     "E24G4T3S1": dict(num_experts=24, granularity=4, top_k=3, shared_experts=1),
     "E16G4T2S2": dict(num_experts=16, granularity=4, top_k=2, shared_experts=2),
+    # E8G1T2's active FLOPs with a shared expert: the SmolLM2 leg's variant (results/smollm2/run_leg.sh)
+    "E16G2T3S1": dict(num_experts=16, granularity=2, top_k=3, shared_experts=1),
     # C = ceil(4 * N * 2 / 8) = N: no expert can be over capacity, so the layer is the dropless one
     "E8G1T2-cf4": dict(num_experts=8, granularity=1, top_k=2, capacity_factor=4.0),
 }

@@ -57,6 +57,24 @@ def test_smollm2_tables_regenerate_and_pair_by_seed(tmp_path):
         (tmp_path / f"s{seed}" / "results.json").write_text(json.dumps(res))
     row = compare(tmp_path).splitlines()[2]
     assert row.startswith("| topk_softmax | 4,194,304 | 0,1,2 | -0.0110 [-0.0135, -0.0085] | MoE better |")
+    # the leg's variants at the same seed and budget are recipes of their own, never duplicates of E8G1T2
+    moe = src["config"]["moe"]
+    variants = {
+        "shared": {**src, "moe": "E16G2T3S1"},
+        "bias": {
+            **src,
+            "routing": "sigmoid_topk",
+            "config": {**src["config"], "moe": {**moe, "load_balancing": "expert_bias"}},
+        },
+    }
+    for name, res in variants.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "results.json").write_text(json.dumps(res))
+    rows = compare(tmp_path).splitlines()[2:]
+    names = [r.split(" | ")[0].removeprefix("| ") for r in rows]
+    assert names == ["sigmoid_topk expert_bias", "topk_softmax", "topk_softmax E16G2T3S1"]
+    assert rows[1].startswith("| topk_softmax | 4,194,304 | 0,1,2 |")
+    assert "| topk_softmax E16G2T3S1 | 1 |" in table(tmp_path)
     (tmp_path / "dup").mkdir()
     (tmp_path / "dup" / "results.json").write_text((tmp_path / "s2" / "results.json").read_text())
     with pytest.raises(SystemExit, match="two complete runs"):

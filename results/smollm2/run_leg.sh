@@ -13,6 +13,12 @@
 # SMOLLM2_SEEDS, the seeds (default "0"), one after the other: every budget of a seed, the table (after the first
 # seed also the export), then the next seed, so a lease cut short still holds whole seeds. Downstream scores:
 # SMOLLM2_OVERRIDES=eval=local (each run's eval stage scores the MoE, its parent and its iso-FLOP twin).
+# SMOLLM2_QUEUE, instead of the seed loop: "RECIPE:SEED:TOKENS ..." jobs, one budget each, SMOLLM2_PARALLEL of
+# them at once (default 4), in the order given (so a lease cut short holds the first ones); no export. RECIPE:
+# softmax_topk | topk_softmax (E8G1T2) | shared (E16G2T3S1, topk_softmax: E8G1T2's active FLOPs with one shared
+# expert of width d_ff/2) | sigmoid_bias (E8G1T2, sigmoid_topk + expert_bias). A single budget gains nothing from
+# a shared trunk, so these jobs run without one (train.share_trunk=false): no 8.3 GB trunk checkpoint per job,
+# and 4 MoE jobs fit the disk (4 x 2.8 GB weights.pt for the eval stage, ~10 GB dense, ~3 GB inputs).
 set -uo pipefail
 export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True UPCYCLE_LOGS=${UPCYCLE_LOGS:-logs/study/S} UPCYCLE_CACHE=${UPCYCLE_CACHE:-.cache} PYTHONUNBUFFERED=1
 mkdir -p "$UPCYCLE_LOGS" && touch "$UPCYCLE_LOGS/.started"
@@ -62,6 +68,43 @@ export_best() {  # the best MoE that kept its checkpoint, exported and checked i
     else say "export FAILED (see export.out)"; fi
   else say "no MoE run kept a checkpoint: nothing to export"; fi
 }
+recipe() {  # recipe NAME: the run.py overrides of a named recipe
+  case $1 in
+    softmax_topk | topk_softmax) echo "routing=$1" ;;
+    shared) echo "routing=topk_softmax moe=E16G2T3S1" ;;
+    sigmoid_bias) echo "routing=sigmoid_topk moe.load_balancing=expert_bias" ;;
+    *) return 1 ;;
+  esac
+}
+queued() {  # queued RECIPE SEED TOKENS: one job; then its runs' weights.pt go (their eval stage has scored them)
+  local tag="smollm2_$1_s$2_$3" args
+  read -r -a args <<<"$(recipe "$1")"
+  job "$tag" -m "${S[@]}" "${args[@]}" seed="$2" train.tokens="$3" train.share_trunk=false \
+    train.save_checkpoints=false "${extra[@]}"
+  grep -ho "^results: .*/results.json" "$UPCYCLE_LOGS/$tag.out" | sed 's|^results: ||; s|/results.json$||' |
+    while read -r dir; do rm -f "$dir/weights.pt"; done
+}
+if [ -n "${SMOLLM2_QUEUE:-}" ]; then
+  read -r -a queue <<<"$SMOLLM2_QUEUE"
+  for entry in "${queue[@]}"; do  # every entry checked before any compute
+    IFS=: read -r name seed tokens <<<"$entry"
+    recipe "$name" >/dev/null && [[ "$seed" =~ ^[0-9]+$ && "$tokens" =~ ^[0-9]+$ ]] || {
+      say "SMOLLM2_QUEUE entry '$entry' is not RECIPE:SEED:TOKENS with RECIPE one of softmax_topk, topk_softmax, shared, sigmoid_bias"
+      exit 2
+    }
+  done
+  parallel=${SMOLLM2_PARALLEL:-4}
+  say "queue of ${#queue[@]} jobs, $parallel at once: ${queue[*]}"
+  for entry in "${queue[@]}"; do
+    while [ "$(jobs -rp | wc -l)" -ge "$parallel" ]; do wait -n; done
+    IFS=: read -r name seed tokens <<<"$entry"
+    queued "$name" "$seed" "$tokens" &
+  done
+  wait
+  python -m analysis.smollm2 table "$UPCYCLE_LOGS" | tee "$UPCYCLE_LOGS/smollm2.md"
+  say "part S finished"
+  exit 0
+fi
 first=true
 for seed in "${seeds[@]}"; do
   say "seed $seed"
