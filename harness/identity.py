@@ -50,7 +50,7 @@ IDENTITY = "identity.json"
 # keys added after runs were recorded, at the value that computes what those runs computed: left out of the
 # experiment config at that value, so the runs written before the key existed keep their folders, hashes and
 # cached stages (another value is part of the config like any key)
-NEUTRAL = {"pretrain.fraction": 1.0, "scratch_baseline": False}
+NEUTRAL = {"pretrain.fraction": 1.0, "scratch_baseline": False, "optim.fused": "auto"}
 
 
 def resolved(cfg: DictConfig) -> dict:

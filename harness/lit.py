@@ -30,8 +30,13 @@ class OptimConfig:
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0
+    # fused AdamW: "auto" on CUDA. Fused, a step's guards skip its update on the device (the optimizer's
+    # found_inf) and are read on the host during the next step, so the GPU never waits for the host
+    fused: bool | str = "auto"
 
     def validate(self) -> None:
+        if self.fused not in ("auto", True, False):
+            raise ConfigError(f"optim.fused={self.fused!r} must be auto, true or false")
         if self.schedule not in SCHEDULES:
             raise ConfigError(f"optim.schedule={self.schedule!r} is not one of {SCHEDULES}")
         if not self.lr > 0:
@@ -78,10 +83,12 @@ class LitLM(L.LightningModule):
     ):
         super().__init__()
         # numerical guards: a non-finite loss, or a pre-clip gradient norm above max_grad_norm (or non-finite),
-        # stops the run before the update; one expert taking more than collapse_share of the tokens for
-        # collapse_steps steps is a warning. They are read on the host once per optimizer step, together
-        # (``_check_step``): every other host sync would stall a small model's GPU between kernels.
+        # stops the run and its update never reaches the weights; one expert taking more than collapse_share of
+        # the tokens for collapse_steps steps is a warning. They are read on the host together, once per
+        # optimizer step (``_check_step``): before the update, or, with fused AdamW, one step later while the
+        # GPU runs the next step, the bad update skipped on the device (``_guard_on_device``).
         self.max_grad_norm, self.collapse_share, self.collapse_steps = max_grad_norm, collapse_share, collapse_steps
+        self._deferred: tuple[int, torch.Tensor, object] | None = None  # (step, guards on the host, ready event)
         self._loss_ok: torch.Tensor | None = None  # all losses of this optimizer step finite (on the device)
         self._collapsed_for: torch.Tensor | None = None  # consecutive collapsed micro-batches (on the device)
         self._collapse_warned = False
@@ -213,7 +220,9 @@ class LitLM(L.LightningModule):
         decay = [p for n, p in named if n not in self._no_decay]
         no_decay = [p for n, p in named if n in self._no_decay]
         groups = [{"params": decay, "weight_decay": self.optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-        fused = all(p.is_cuda for p in self.model.parameters()) if torch.cuda.is_available() else False
+        fused = self.optim.fused
+        if fused == "auto":
+            fused = all(p.is_cuda for p in self.model.parameters()) if torch.cuda.is_available() else False
         opt = torch.optim.AdamW(groups, lr=self.optim.lr, betas=(self.optim.beta1, self.optim.beta2), fused=fused)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: self.optim.lr_factor(s, self.total_steps))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
@@ -229,26 +238,67 @@ class LitLM(L.LightningModule):
         else:
             norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
         self.log("train/grad_norm", norm)
-        self._check_step(norm)
+        guards = self._guards(norm)
+        if getattr(optimizer, "defaults", {}).get("fused"):
+            self._guard_on_device(optimizer, guards)
+        else:
+            self._check_step(self.global_step, guards.tolist())
 
-    def _check_step(self, norm: torch.Tensor) -> None:
-        """The step's one host sync: the guards, read together before the update."""
+    def _guards(self, norm: torch.Tensor) -> torch.Tensor:
+        """[gradient norm, all losses finite, collapsed micro-batches in a row], on the device."""
         loss_ok = self._loss_ok if self._loss_ok is not None else torch.ones((), dtype=torch.bool, device=norm.device)
         collapsed = self._collapsed_for if self._collapsed_for is not None else torch.zeros((), device=norm.device)
-        value, finite, streak = torch.stack([norm.float(), loss_ok.float(), collapsed.float()]).tolist()
         self._loss_ok = None
-        hint = f"stopping before the update; {self._last_good()}(lower optim.lr or raise optim.warmup_steps)"
+        return torch.stack([norm.float(), loss_ok.float(), collapsed.float()])
+
+    def _guard_on_device(self, optimizer, guards: torch.Tensor) -> None:
+        """Fused AdamW skips the update (and its step count) when ``found_inf`` is nonzero, as under a
+        GradScaler: a bad step leaves the weights as they were without a host sync. The guards go to the host
+        asynchronously; the previous step's are read now, by which time the GPU has long finished them."""
+        norm, finite = guards[0], guards[1] > 0
+        bad = ~finite | ~torch.isfinite(norm)
+        if self.max_grad_norm is not None:
+            bad = bad | (norm > self.max_grad_norm)
+        optimizer.found_inf = bad.float()
+        self.check_deferred()
+        if guards.is_cuda:
+            host = torch.empty(guards.shape, dtype=guards.dtype, pin_memory=True)
+            host.copy_(guards, non_blocking=True)
+            ready = torch.cuda.Event()
+            ready.record()
+        else:
+            host, ready = guards, None
+        self._deferred = (self.global_step, host, ready)
+
+    def check_deferred(self) -> None:
+        """Reads the guards of the last step whose check was deferred (fused AdamW); also called once the fit
+        ends, for its last step."""
+        if self._deferred is None:
+            return
+        step, host, ready = self._deferred
+        self._deferred = None
+        if ready is not None:
+            ready.synchronize()
+        self._check_step(step, host.tolist(), "its update skipped")
+
+    def on_train_end(self) -> None:
+        self.check_deferred()
+
+    def _check_step(self, step: int, guards: list[float], action: str = "stopping before the update") -> None:
+        """The guards of one optimizer step, read on the host: a bad one raises, a long collapse warns."""
+        value, finite, streak = guards
+        hint = f"{action}; {self._last_good()}(lower optim.lr or raise optim.warmup_steps)"
         if not finite:
-            raise FloatingPointError(f"non-finite training loss at step {self.global_step}: {hint}")
+            raise FloatingPointError(f"non-finite training loss at step {step}: {hint}")
         if not math.isfinite(value) or (self.max_grad_norm is not None and value > self.max_grad_norm):
             raise FloatingPointError(
-                f"gradient norm {value:.4g} at step {self.global_step} is not finite or exceeds "
+                f"gradient norm {value:.4g} at step {step} is not finite or exceeds "
                 f"train.max_grad_norm={self.max_grad_norm}: {hint}"
             )
         if streak >= self.collapse_steps and not self._collapse_warned:
             warnings.warn(
                 f"router collapse: one expert has taken > {self.collapse_share:.0%} of the tokens for "
-                f"{self.collapse_steps} steps (step {self.global_step}); consider a larger moe.aux_loss_coef"
+                f"{self.collapse_steps} steps (step {step}); consider a larger moe.aux_loss_coef"
             )
         self._collapse_warned = streak >= self.collapse_steps
 
