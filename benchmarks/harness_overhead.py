@@ -60,6 +60,7 @@ def overrides(args, moe: str, seed: int, name: str) -> list[str]:
         "trainer.enable_progress_bar=false",
         f"seed={seed}",
         f"name={name}",
+        *([f"data.val_tokens={args.val_tokens}"] if args.val_tokens else []),
         *job,
     ]
 
@@ -78,7 +79,15 @@ def job_figures(args, name: str, seed: int) -> dict:
     m = collect.metrics(run)
     tps = m["perf/tokens_per_s"].dropna().tolist()
     steady = statistics.median(tps[len(tps) // 5 :]) if tps else float("nan")
-    return {"steady": steady, "tokens": res["tokens"], "fit_wall_s": res["fit_wall_s"], "wall_s": res["wall_time_s"]}
+    # where the job's seconds went (harness/timing.py): its stages, and inside its fit the setup, compile, steps
+    seconds = {**res.get("timings_s", {}), **{f"fit_{k}": v for k, v in res.get("fit_timings_s", {}).items()}}
+    return {
+        "steady": steady,
+        "tokens": res["tokens"],
+        "fit_wall_s": res["fit_wall_s"],
+        "wall_s": res["wall_time_s"],
+        "seconds": seconds,
+    }
 
 
 def harness(args, moe: str, jobs: int) -> dict:
@@ -95,6 +104,7 @@ def harness(args, moe: str, jobs: int) -> dict:
         "steady": statistics.median(f["steady"] for f in figs),
         "aggregate": sum(f["tokens"] for f in figs) / span,
         "setup_s": statistics.median(f["wall_s"] - f["fit_wall_s"] for f in figs),
+        "seconds": figs[0]["seconds"],
     }
 
 
@@ -108,6 +118,7 @@ def main() -> None:
     ap.add_argument("--vocab", type=int, default=16384)
     ap.add_argument("--steps", type=int, default=200, help="optimizer steps per harness job")
     ap.add_argument("--val-every", type=int, default=100, help="the study's cadence")
+    ap.add_argument("--val-tokens", type=int, default=None, help="data.val_tokens (default: the study's)")
     ap.add_argument("--jobs", type=int, default=6, help="jobs at once on the one GPU for the aggregate")
     ap.add_argument("--pretrain-tokens", type=int, default=2_000_000)
     ap.add_argument("--corpus-bytes", type=int, default=40_000_000)
@@ -117,14 +128,16 @@ def main() -> None:
     args.out = args.out.resolve()
     args.out.mkdir(parents=True, exist_ok=True)
     presets = args.moe.split(",")
-    subprocess.run(  # the corpus and the dense base, once, untimed
+    base = subprocess.run(  # the corpus and the dense base, once, untimed
         [sys.executable, "run.py", *overrides(args, "none", 0, "bench_base"), "method=pretrain"],
         cwd=ROOT,
         env={**os.environ, "UPCYCLE_LOGS": str(args.out / "logs"), "UPCYCLE_CACHE": str(args.out / "cache")},
-        check=True,
         capture_output=True,
+        text=True,
     )
-    rows = []
+    if base.returncode:  # the job's own last line says why (a config error names its key)
+        raise SystemExit(f"the dense base's job failed: {(base.stderr.strip().splitlines() or ['?'])[-1]}")
+    rows, seconds = [], []
     for moe in presets:
         b = bare(args, moe)
         one = harness(args, moe, 1)
@@ -143,9 +156,17 @@ def main() -> None:
             }
         )
         print(json.dumps(rows[-1]), flush=True)
+        seconds.append({"preset": rows[-1]["preset"], **one["seconds"]})
     table = pd.DataFrame(rows)
     print(table.to_string(index=False, float_format=lambda x: f"{x:.3g}"))
     table.to_csv(args.out / "harness_overhead.csv", index=False)
+    spent = pd.DataFrame(seconds)  # one job alone: where its seconds went, in the order it spends them
+    order = ["preset", "startup", "data", "dense_base", "parent_eval", "upcycle", "init_eval", "fit"]
+    order += [f"fit_{k}" for k in ("init", "setup", "first_step", "steps", "validation", "checkpoint", "final_eval")]
+    spent = spent[[c for c in order if c in spent] + [c for c in spent if c not in order]]
+    print("\nseconds of one job alone, by stage (fit_*: inside its MoE fit)")
+    print(spent.to_string(index=False, float_format=lambda x: f"{x:.2f}"))
+    spent.to_csv(args.out / "harness_overhead_seconds.csv", index=False)
 
 
 if __name__ == "__main__":

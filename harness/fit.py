@@ -22,7 +22,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.plugins.environments import LightningEnvironment
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from harness import flops, launch, tracking, trunk
+from harness import flops, launch, timing, tracking, trunk
 from harness.errors import ConfigError
 from harness.experiment import Experiment, compile_enabled
 from harness.io import DiskFull, atomic_write_text, intact_zip, move_aside
@@ -80,7 +80,8 @@ class CheckpointAfterValidation(ModelCheckpoint):
     def _save_checkpoint(self, trainer, filepath: str) -> None:
         """A full disk names the checkpoint (Lightning writes a temp file elsewhere, then moves it here)."""
         try:
-            super()._save_checkpoint(trainer, filepath)
+            with timing.charge_checkpoint(trainer):
+                super()._save_checkpoint(trainer, filepath)
         except OSError as e:
             if e.errno == errno.ENOSPC:
                 raise DiskFull(filepath) from e
@@ -218,10 +219,13 @@ def fit_and_evaluate(
             keep_trunk=keep_trunk,
         )
     done = res["status"] == "complete" and evaluate_after
+    t0 = time.perf_counter()
     val = evaluate(model, exp.data.val_dataloader(), eval_device(cfg)) if done else float("nan")
     model.to("cpu")
     if done and keep_weights and not (out_dir / "checkpoints" / "last.ckpt").exists():
         save_weights(model, out_dir)
+    if "fit_timings_s" in res:  # the final validation on the full set, and the weights kept for the eval stage
+        res["fit_timings_s"]["final_eval"] = round(time.perf_counter() - t0, 3)
     tokens = steps * exp.data.batch_size * exp.data.seq_len
     # the final evaluation is the curve's last point (a validation Lightning also ran at that step is dropped)
     points = [p for p in res.pop("val_points") if not (done and p["step"] >= steps)] + (
@@ -247,6 +251,7 @@ def fit_in_process(
     keep_trunk: bool = False,
 ) -> tuple[dict, L.Trainer]:
     """The Lightning fit itself (one process, or one rank of a multi-process job)."""
+    clock = timing.FitClock()
     seq = exp.data.seq_len
     fpt = flops.count_model(model, seq).train_per_token
     train = exp.train
@@ -282,7 +287,7 @@ def fit_in_process(
     curve = ValCurve(tokens_per_step, fpt)
     save = bool(train.save_checkpoints)
     every = int(train.ckpt_every)
-    callbacks = [curve, TrimResumedLogs()] + (
+    callbacks = [clock, curve, TrimResumedLogs()] + (
         [CheckpointAfterValidation(ckpt_dir, every, int(train.val_every))] if save else []
     )
     callbacks += [instantiate(c) for c in (cfg.get("callbacks") or {}).values()] + list(extra_callbacks)
@@ -321,6 +326,7 @@ def fit_in_process(
         use_distributed_sampler=False,  # the datamodule shards by rank itself, in order
     )
     t0 = time.perf_counter()
+    clock.start()
     try:
         trainer.fit(lit, datamodule=exp.data, ckpt_path=str(start) if start else None)
     finally:
@@ -336,6 +342,7 @@ def fit_in_process(
         "flops_per_token": fpt,
         "train_flops": tokens * fpt,
         "fit_wall_s": wall,
+        "fit_timings_s": clock.finish(),
         "val_points": curve.points,
         "world_size": trainer.world_size,
         "accumulate_grad_batches": accumulate,

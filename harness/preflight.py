@@ -46,8 +46,9 @@ def check_presets(argv: list[str]) -> None:
         presets = sorted({p.stem for d in dirs for p in d.glob("*.yaml")})
         for name in names.split(","):
             if name not in presets and name != "null":
+                article = "an" if group[0] in "aeiou" else "a"
                 raise SystemExit(
-                    f"config error: {typed}={name} is not a {group} preset (presets: {', '.join(presets)})"
+                    f"config error: {typed}={name} is not {article} {group} preset (presets: {', '.join(presets)})"
                 )
 
 

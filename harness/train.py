@@ -26,6 +26,7 @@ from harness.fit import eval_device, fit_and_evaluate, heal_checkpoint
 from harness.io import ReadOnlyCache, disk_full, disk_full_line
 from harness.lit import evaluate
 from harness.pretrain import dense_base, full_pretrain_flops
+from harness.timing import Timings
 from harness.upcycle import top_mass, upcycle
 from harness.weights import wants_weights
 
@@ -145,14 +146,18 @@ def _run(cfg: DictConfig, exp: Experiment, out_dir: Path, config_hash: str) -> f
 def run_experiment(cfg: DictConfig, exp: Experiment, out_dir: Path) -> dict:
     """The stages: dense base, then the upcycled MoE (or the dense continuation) trained, then its dense baselines."""
     t0 = time.time()
-    exp.data.prepare()
-    dense, base_meta = dense_base(exp, cfg)
+    clock = Timings()
+    with clock.phase("data"):
+        exp.data.prepare()
+    with clock.phase("dense_base"):
+        dense, base_meta = dense_base(exp, cfg)
     dense_flops = flops.count(exp.model, exp.data.seq_len)
     moe_flops = flops.count(exp.model, exp.data.seq_len, exp.moe, exp.moe_layers)
     moe_tokens = exp.steps(moe_budget(exp, moe_flops)) * exp.data.batch_size * exp.data.seq_len
     iso_tokens = flops.iso_flop_tokens(moe_tokens, moe_flops.train_per_token, dense_flops.train_per_token)
     val_loader = exp.data.val_dataloader()
-    parent_val = evaluate(dense, val_loader, eval_device(cfg))
+    with clock.phase("parent_eval"):
+        parent_val = evaluate(dense, val_loader, eval_device(cfg))
     res = {
         "method": exp.method,
         "moe": exp.moe.name,
@@ -194,13 +199,13 @@ def run_experiment(cfg: DictConfig, exp: Experiment, out_dir: Path) -> dict:
             r.router_start,
             exp.moe_layers,
         )
-        windows = RandomWindows(exp.data.shard("train"), exp.data.seq_len, 0, 4, exp.data.seed)
-        calib = torch.stack(
-            [windows[i][0] for i in range(len(windows))]
-        )  # the first 4 training sequences: router start
-        model = upcycle(dense, exp.moe, exp.recipe, calib=calib)
-        res["init_top_mass"], res["init_top_mass_uniform"] = top_mass(model, calib)
-        res["init_val_loss"] = evaluate(model, val_loader, eval_device(cfg))
+        with clock.phase("upcycle"):
+            windows = RandomWindows(exp.data.shard("train"), exp.data.seq_len, 0, 4, exp.data.seed)
+            calib = torch.stack([windows[i][0] for i in range(len(windows))])  # the first 4 sequences: router start
+            model = upcycle(dense, exp.moe, exp.recipe, calib=calib)
+            res["init_top_mass"], res["init_top_mass_uniform"] = top_mass(model, calib)
+        with clock.phase("init_eval"):
+            res["init_val_loss"] = evaluate(model, val_loader, eval_device(cfg))
         counts = moe_flops
         steps = exp.steps(moe_tokens)
         stage = "upcycle"
@@ -221,19 +226,20 @@ def run_experiment(cfg: DictConfig, exp: Experiment, out_dir: Path) -> dict:
     )
     heal_checkpoint(out_dir)
     trunk = trunk_dir(cfg, corpus=exp.data.shard_dir.name, dense_base=base_meta["key"])
-    res.update(
-        fit_and_evaluate(
-            model,
-            exp,
-            cfg,
-            out_dir,
-            steps,
-            trunk_dir=trunk,
-            scored=True,
-            own_stage=True,
-            keep_weights=wants_weights(cfg),
+    with clock.phase("fit"):
+        res.update(
+            fit_and_evaluate(
+                model,
+                exp,
+                cfg,
+                out_dir,
+                steps,
+                trunk_dir=trunk,
+                scored=True,
+                own_stage=True,
+                keep_weights=wants_weights(cfg),
+            )
         )
-    )
     start = {"step": 0, "tokens": 0, "flops": 0, "val_loss": res["init_val_loss"]}
     res["val_curve"] = [start] + res["val_curve"]  # the step-0 gap is part of the curve
     if exp.method == "upcycle" and res["status"] == "complete":
@@ -244,13 +250,15 @@ def run_experiment(cfg: DictConfig, exp: Experiment, out_dir: Path) -> dict:
         ]
         for field, tokens, wanted in sorted(baselines, key=lambda b: b[1]):  # shorter first: a WSD trunk grows
             if wanted:
-                cont = dense_continuation(dense, base_meta["key"], tokens, exp, cfg, job_type=field)
+                with clock.phase(field):
+                    cont = dense_continuation(dense, base_meta["key"], tokens, exp, cfg, job_type=field)
                 res[field] = {k: cont[k] for k in ("val_loss", "best_val_loss", "tokens", "train_flops", "cache_dir")}
                 res[field]["val_curve"] = [{**start, "val_loss": parent_val}] + cont["val_curve"]
         if "dense_iso" in res:
             res["dense_iso"]["flop_excess"] = _flop_excess(res["dense_iso"]["train_flops"], res["train_flops"])
         if cfg.get("scratch_baseline"):  # the dense model of the same total FLOPs, the pretraining's own trunk
-            scratch = dense_scratch(exp, cfg, base_meta, res["train_flops"])
+            with clock.phase("dense_scratch"):
+                scratch = dense_scratch(exp, cfg, base_meta, res["train_flops"])
             if scratch is not None:
                 res["dense_scratch"] = scratch
     if exp.method == "dense":
@@ -258,6 +266,11 @@ def run_experiment(cfg: DictConfig, exp: Experiment, out_dir: Path) -> dict:
     if base_meta.get("train_flops"):  # the run's budget as a share of the full pretraining's compute
         res["pretrain_compute_share"] = res["train_flops"] / full_pretrain_flops(exp)
     res["wall_time_s"] = time.time() - t0
+    res["timings_s"] = {k: round(v, 3) for k, v in clock.items()}
+    fit = res.get("fit_timings_s", {})
+    log.info(
+        "time: %s (in the fit: %s)", clock.line(), ", ".join(f"{k.replace('_', ' ')} {v:.1f} s" for k, v in fit.items())
+    )
     return res
 
 

@@ -28,6 +28,8 @@ from pathlib import Path
 from filelock import FileLock
 from lightning.pytorch.callbacks import Callback
 
+from harness.timing import charge_checkpoint
+
 log = logging.getLogger("upcycle")
 _NAME = re.compile(r"step_(\d+)\.ckpt$")
 
@@ -87,7 +89,8 @@ class SaveTrunk(Callback):
             return
         self.trunk_dir.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        trainer.save_checkpoint(tmp)
+        with charge_checkpoint(trainer):
+            trainer.save_checkpoint(tmp)
         if trainer.is_global_zero:
             with FileLock(str(self.trunk_dir / ".lock")):
                 os.replace(tmp, path)

@@ -41,6 +41,15 @@ def test_default_run_moe_vs_iso_flop_dense(env, tmp_path):
     assert abs(iso["train_flops"] - res["train_flops"]) <= step_flops  # iso-FLOP up to one step
     assert (tmp_path / "runs" / "default" / "latest" / "config_resolved.yaml").exists()
     assert (tmp_path / "runs" / "default" / "latest" / "csv").is_dir()
+    # where the seconds went: every stage timed, and the fit's parts add up to its total, none counted twice
+    t, f = res["timings_s"], res["fit_timings_s"]
+    stages = ("startup", "data", "dense_base", "parent_eval", "upcycle", "init_eval", "fit", "dense_iso")
+    assert set(stages) <= set(t) and all(t[k] >= 0 for k in stages)
+    assert sum(t[k] for k in stages[1:]) <= res["wall_time_s"] + 0.01 and t["startup"] > 0
+    parts = ("init", "setup", "first_step", "steps", "validation", "checkpoint")
+    assert all(f[k] > 0 for k in ("first_step", "steps", "validation", "checkpoint"))
+    assert abs(sum(f[k] for k in parts) - f["total"]) < 0.01 + 1e-3 * f["total"]
+    assert f["total"] + f["final_eval"] <= t["fit"] + 0.01
     # second run: complete results for the same config are reused, not recomputed
     again = run_cli(env, tmp_path)
     assert "skipping" in again.stdout + again.stderr
