@@ -2,7 +2,7 @@
 # The GPU figures of benchmarks/RESULTS.md (one H100): the MoE layer, then full train steps.
 #   bash benchmarks/gpu_bench.sh $OUT [part [presets]]   part: layer | step | large | harness | all (= layer, step)
 #   large (issue 22, target 2; an H200): large1b upcycled to E8G1T2 in every layer beside its dense parent, batch 8
-# writes moe_layer.txt/json, train_step.jsonl and (harness) harness_overhead.csv under $OUT
+# writes moe_layer.txt/json, train_step.jsonl and (harness) harness_overhead*.csv under $OUT
 set -u
 out=${1:-bench_out}; part=${2:-all}; mkdir -p "$out"; export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 if [[ $part == all || $part == layer ]]; then
@@ -35,6 +35,8 @@ PY
 fi
 if [[ $part == harness ]]; then  # run.py jobs against the bare step, alone and six at once (~4 min per preset)
   presets=${3:-none,E8G1T2}         # a second call (machine still warm): E64G8T8; the base and corpus stay cached
-  timeout 570 python3 benchmarks/harness_overhead.py --moe "$presets" --out /tmp/harness_bench 2>&1 | tail -6
-  cp /tmp/harness_bench/harness_overhead.csv "$out/harness_overhead_${presets//,/_}.csv" 2>/dev/null
+  timeout 570 python3 benchmarks/harness_overhead.py --moe "$presets" --out /tmp/harness_bench 2>&1 | tail -12
+  for f in harness_overhead harness_overhead_seconds; do  # the figures, and where one job's seconds went
+    cp /tmp/harness_bench/$f.csv "$out/${f}_${presets//,/_}.csv" 2>/dev/null
+  done
 fi
