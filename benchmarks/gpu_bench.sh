@@ -35,7 +35,11 @@ PY
 fi
 if [[ $part == harness ]]; then  # run.py jobs against the bare step, alone and six at once (~4 min per preset)
   presets=${3:-none,E8G1T2}         # a second call (machine still warm): E64G8T8; the base and corpus stay cached
-  timeout 570 python3 benchmarks/harness_overhead.py --moe "$presets" --out /tmp/harness_bench 2>&1 | tail -12
+  # the startup a job pays before its first stage: the harness's imports (cumulative us, largest first), CUDA's init
+  python3 -X importtime -c "import harness.train" 2>"$out/importtime.txt"
+  sort -t'|' -k2 -n -r "$out/importtime.txt" | head -12
+  python3 -c "import time, torch; t = time.perf_counter(); torch.zeros(1, device='cuda'); print(f'CUDA init {time.perf_counter() - t:.2f} s')"
+  timeout 570 python3 benchmarks/harness_overhead.py --moe "$presets" --out /tmp/harness_bench 2>&1 | tail -16
   for f in harness_overhead harness_overhead_seconds; do  # the figures, and where one job's seconds went
     cp /tmp/harness_bench/$f.csv "$out/${f}_${presets//,/_}.csv" 2>/dev/null
   done

@@ -118,7 +118,9 @@ def main() -> None:
     ap.add_argument("--vocab", type=int, default=16384)
     ap.add_argument("--steps", type=int, default=200, help="optimizer steps per harness job")
     ap.add_argument("--val-every", type=int, default=100, help="the study's cadence")
-    ap.add_argument("--val-tokens", type=int, default=None, help="data.val_tokens (default: the study's)")
+    # not the study's 524288: the corpus is the installed packages' source (data.source=python), so it changes with
+    # what a machine has installed; on the H200 with the eval wheels its split held 517,720 validation tokens
+    ap.add_argument("--val-tokens", type=int, default=262144, help="data.val_tokens (0: the study's)")
     ap.add_argument("--jobs", type=int, default=6, help="jobs at once on the one GPU for the aggregate")
     ap.add_argument("--pretrain-tokens", type=int, default=2_000_000)
     ap.add_argument("--corpus-bytes", type=int, default=40_000_000)

@@ -115,8 +115,8 @@ class LitLM(L.LightningModule):
         self.log_dict(
             {
                 "train/loss": out.loss,
-                "train/tokens": float(tokens),
-                "flops/train_total": float(tokens) * self.flops_per_token,
+                "train/tokens": _host(tokens),
+                "flops/train_total": _host(tokens * self.flops_per_token),
             },
             prog_bar=False,
         )
@@ -129,11 +129,11 @@ class LitLM(L.LightningModule):
         now = time.perf_counter()
         if self._t_last is not None:
             tps = x.numel() * self.trainer.world_size / (now - self._t_last)
-            self.log("perf/tokens_per_s", tps)
+            self.log("perf/tokens_per_s", _host(tps))
             if x.is_cuda:
-                self.log("perf/max_mem_gib", torch.cuda.max_memory_allocated(x.device) / 2**30)
+                self.log("perf/max_mem_gib", _host(torch.cuda.max_memory_allocated(x.device) / 2**30))
             if self.peak_flops:
-                self.log("perf/mfu", tps * self.flops_per_token / (self.peak_flops * self.trainer.world_size))
+                self.log("perf/mfu", _host(tps * self.flops_per_token / (self.peak_flops * self.trainer.world_size)))
         self._t_last = now
         return loss
 
@@ -207,7 +207,7 @@ class LitLM(L.LightningModule):
         self._val_sum = s if self._val_sum is None else self._val_sum + s
         self._val_windows = n if self._val_windows is None else self._val_windows + n
         if batch_idx == 0 and self.tokens_per_step:  # the x-axis value in val/loss's own row (W&B plots by FLOPs)
-            self.log("flops/train_total", float(self.global_step * self.tokens_per_step * self.flops_per_token))
+            self.log("flops/train_total", _host(self.global_step * self.tokens_per_step * self.flops_per_token))
 
     def on_validation_epoch_end(self):
         if self._val_sum is None:
@@ -230,7 +230,7 @@ class LitLM(L.LightningModule):
     def on_before_optimizer_step(self, optimizer):
         """Clip here rather than through the Trainer: Lightning's AMP plugin refuses to clip for
         fused AdamW, and bf16 needs no gradient unscaling."""
-        self.log("lr", optimizer.param_groups[0]["lr"])
+        self.log("lr", _host(optimizer.param_groups[0]["lr"]))
         clip = self.optim.grad_clip if self.optim.grad_clip > 0 else float("inf")  # inf: measure, do not clip
         root = self.trainer.strategy.model if self._trainer is not None else None
         if type(root).__name__ == "FullyShardedDataParallel":  # sharded grads: the norm needs a collective
@@ -308,6 +308,13 @@ class LitLM(L.LightningModule):
 
         last = Path(self.trainer.default_root_dir) / "checkpoints" / "last.ckpt"
         return f"{last} is the last good state " if last.exists() else "no checkpoint was saved before it "
+
+
+def _host(value: float) -> torch.Tensor:
+    """A number the host knows, as a CPU tensor for ``self.log``. Lightning turns a Python number into a tensor on
+    the module's device: a blocking host-to-device copy, which waits for the GPU's queue to drain (a stream sync
+    per logged number, six per training step)."""
+    return torch.tensor(float(value), dtype=torch.get_default_dtype())
 
 
 def _clean(name: str) -> str:

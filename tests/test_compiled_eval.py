@@ -8,6 +8,7 @@ from harness.lit import evaluate
 from harness.model import Decoder
 from harness.moe import MoEConfig
 from harness.upcycle import Recipe, upcycle
+
 from helpers.models import tiny_config
 
 

@@ -1,0 +1,71 @@
+"""What a training step logs costs the GPU nothing: Lightning turns a Python number given to ``self.log`` into a
+tensor on the module's device, a blocking copy that waits for the GPU's queue (a stream sync per number, per
+step). So every value LitLM logs is a tensor already: the device's own, or a CPU tensor for what the host knows
+(tokens, FLOPs, tokens/s, MFU, learning rate). The numbers themselves stay those of the run."""
+
+import lightning as L
+import pytest
+import torch
+
+from harness.lit import LitLM, OptimConfig
+from harness.model import Decoder
+from harness.moe import MoEConfig
+from harness.upcycle import Recipe, upcycle
+
+from helpers.models import tiny_config
+
+
+class Recording(LitLM):
+    """LitLM that keeps every (name, value) it hands to Lightning's logging."""
+
+    def log(self, name, value, *args, **kwargs):
+        self.logged.append((name, value))
+        return super().log(name, value, *args, **kwargs)
+
+
+def _fit(model: Decoder, steps: int = 3):
+    torch.manual_seed(0)
+    lit = Recording(
+        model,
+        OptimConfig(warmup_steps=1),
+        total_steps=steps,
+        train_flops_per_token=7,
+        peak_flops=1e12,
+        tokens_per_step=64,
+    )
+    lit.logged = []
+    gen = torch.Generator().manual_seed(1)
+    batches = [(x, torch.roll(x, -1, 1)) for x in (torch.randint(0, 97, (4, 16), generator=gen) for _ in range(steps))]
+    trainer = L.Trainer(
+        max_steps=steps,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        val_check_interval=steps,
+        num_sanity_val_steps=0,
+    )
+    loader = torch.utils.data.DataLoader(batches, batch_size=None)
+    trainer.fit(lit, train_dataloaders=loader, val_dataloaders=loader)
+    return lit, trainer
+
+
+@pytest.mark.parametrize("kind", ["dense", "moe"])
+def test_every_logged_value_is_a_tensor_and_the_host_numbers_are_right(kind):
+    torch.manual_seed(0)
+    model = Decoder(tiny_config())
+    if kind == "moe":
+        model = upcycle(model, MoEConfig(num_experts=4, top_k=2), Recipe())
+    lit, trainer = _fit(model)
+    names = {name for name, _ in lit.logged}
+    assert {"train/tokens", "flops/train_total", "perf/tokens_per_s", "perf/mfu", "lr", "val/loss"} <= names
+    numbers = sorted({name for name, value in lit.logged if not isinstance(value, torch.Tensor)})
+    assert not numbers, f"logged as Python numbers (a device copy and stream sync each on a GPU): {numbers}"
+    metrics = trainer.callback_metrics
+    assert metrics["train/tokens"].item() == 3 * 64  # the last step's tokens seen
+    lrs = [v.item() for n, v in lit.logged if n == "lr"]  # each step's rate, before its update
+    assert lrs == pytest.approx([lit.optim.lr * lit.optim.lr_factor(s, 3) for s in range(3)], rel=1e-6)
+    tps = [v.item() for n, v in lit.logged if n == "perf/tokens_per_s"]
+    mfu = [v.item() for n, v in lit.logged if n == "perf/mfu"]
+    assert all(t > 0 for t in tps) and mfu == pytest.approx([t * 7 / 1e12 for t in tps], rel=1e-6)
