@@ -52,22 +52,59 @@ def _stdlib_files() -> list[Path]:
     return _py_files(Path(sysconfig.get_paths()["stdlib"]))
 
 
-def _python_files() -> list[Path]:
-    """The stdlib, then every installed package's source (site-packages of the running interpreter):
-    a larger real corpus (hundreds of MB on a machine with torch), still with no download. Identical
-    files (vendored copies) are kept once."""
+def _python_roots() -> list[Path]:
+    """The stdlib, then the installed packages (site-packages of the running interpreter)."""
     roots = [Path(sysconfig.get_paths()["stdlib"])]
-    roots += sorted({Path(sysconfig.get_paths()[k]) for k in ("purelib", "platlib")} - set(roots))
-    seen, files = set(), []
-    for root in roots:
-        if not root.is_dir():
-            continue
-        for f in _py_files(root):
-            digest = hashlib.sha1(f.read_bytes()).digest()
-            if digest not in seen:
-                seen.add(digest)
-                files.append(f)
-    return files
+    return roots + sorted({Path(sysconfig.get_paths()[k]) for k in ("purelib", "platlib")} - set(roots))
+
+
+def _python_files() -> list[Path]:
+    """data.source=python: the stdlib, then every installed package's source: a larger real corpus (hundreds of
+    MB on a machine with torch), still with no download. Identical files (vendored copies) are read once."""
+    return [f for root in _python_roots() if root.is_dir() for f in _py_files(root)]
+
+
+# data.source=machine: the other text the interpreter's machine holds (type stubs, C/C++/CUDA headers and
+# sources of the installed packages and the system, documentation), after the Python corpus
+MACHINE_SUFFIXES = (".pyi", ".pyx", ".h", ".hh", ".hpp", ".cuh", ".c", ".cc", ".cpp", ".cu", ".md", ".rst", ".txt")
+# (the system's Python packages add their .py too: the interpreter's own roots gave theirs already)
+SYSTEM_ROOTS = (
+    "/usr/include",
+    "/usr/local/include",
+    "/usr/local/cuda/include",
+    "/usr/lib/python3/dist-packages",
+    "/usr/share/doc",
+)
+
+
+def _text_files(root: Path, suffixes: tuple[str, ...]) -> list[Path]:
+    files = [
+        p
+        for p in root.rglob("*")
+        if p.suffix in suffixes
+        and not SKIP_DIRS & set(p.relative_to(root).parts)
+        and not p.is_symlink()
+        and p.is_file()
+        and p.stat().st_size <= MAX_FILE_BYTES
+    ]
+    return sorted(files, key=lambda p: str(p.relative_to(root)))
+
+
+def _machine_files() -> list[Path]:
+    """data.source=machine: the Python corpus (data.source=python's files first), then every type stub, C/C++/CUDA
+    header and source and Markdown/reST/plain-text document under the same roots and the system's include and doc
+    folders: the largest corpus a machine offers with no download. Identical files are read once."""
+    python = [r.resolve() for r in _python_roots() if r.is_dir()]
+    system = [r for r in dict.fromkeys(Path(r).resolve() for r in SYSTEM_ROOTS if Path(r).is_dir()) if r not in python]
+    return (
+        _python_files()
+        + [f for root in python for f in _text_files(root, MACHINE_SUFFIXES)]
+        + [f for root in system for f in _text_files(root, (".py", *MACHINE_SUFFIXES))]
+    )
+
+
+# data.source -> (its files in order, whether identical files are kept once)
+SOURCES = {"stdlib": (_stdlib_files, False), "python": (_python_files, True), "machine": (_machine_files, True)}
 
 
 def _user_files(path: str) -> list[Path]:
@@ -121,19 +158,31 @@ def _jsonl_texts(f: Path, raw: str) -> list[str]:
     return texts
 
 
+def _source_files(source: str, path: str | None) -> tuple[list[Path], bool]:
+    """The corpus's files in order (before identical ones are dropped) and whether they are to be."""
+    if path:
+        return _user_files(path), False
+    if source not in SOURCES:
+        raise ConfigError(f"data.source={source!r} is not one of {sorted(SOURCES)} (or give data.path=)")
+    files, unique = SOURCES[source]
+    return files(), unique
+
+
 def read_documents(source: str, path: str | None, max_bytes: int) -> list[str]:
     """Documents of the corpus, in a fixed order, up to ``max_bytes`` of UTF-8 text."""
-    if path:
-        files = _user_files(path)
-    elif source == "stdlib":
-        files = _stdlib_files()
-    elif source == "python":
-        files = _python_files()
-    else:
-        raise ConfigError(f"data.source={source!r} is not 'stdlib' or 'python' (or give data.path=)")
-    docs, total, bad, bad_files = [], 0, 0, 0
+    files, unique = _source_files(source, path)
+    docs, total, bad, bad_files, seen = [], 0, 0, 0, set()
     for f in files:
-        raw, n_bad = _decode(f) if path else (f.read_bytes().decode("utf-8", errors="replace"), 0)
+        if path:
+            raw, n_bad = _decode(f)
+        else:
+            blob = f.read_bytes()
+            if unique:  # while reading: the files past max_bytes are never read
+                digest = hashlib.sha1(blob).digest()
+                if digest in seen:
+                    continue
+                seen.add(digest)
+            raw, n_bad = blob.decode("utf-8", errors="replace"), 0
         bad, bad_files = bad + n_bad, bad_files + bool(n_bad)
         for t in _jsonl_texts(f, raw) if f.suffix == ".jsonl" else [raw]:
             if t.strip():
@@ -200,6 +249,46 @@ def _eot_id(tok) -> int:
     raise ConfigError("the tokenizer has no end-of-text token (looked for <|endoftext|>, </s>, <|im_end|>, <eos>)")
 
 
+ENCODE_CHUNK = 2048  # documents tokenized at a time
+# this process's shard folders by their inputs: a job's stages (and a warm launcher worker's next jobs) find their
+# corpus without reading and hashing its text again, while its files are unchanged (path, size, mtime)
+_BUILT: dict[tuple, Path] = {}
+
+
+def _memo_key(source, path, max_bytes, vocab_size, val_fraction, cache_dir, tokenizer_path) -> tuple:
+    files = _source_files(source, path)[0]
+    if tokenizer_path is not None:
+        files = [*files, Path(tokenizer_path).expanduser() / "tokenizer.json"]
+    listing = tuple((str(f), *_stat(f)) for f in files)
+    return (
+        None if path else source,
+        path,
+        max_bytes,
+        vocab_size,
+        val_fraction,
+        str(Path(cache_dir).expanduser().resolve()),
+        tokenizer_path,
+        listing,
+    )
+
+
+def _stat(f: Path) -> tuple[int, int]:
+    try:
+        st = f.stat()
+    except OSError:
+        return -1, -1
+    return st.st_size, st.st_mtime_ns
+
+
+def _intact(out: Path) -> bool:
+    """The folder still holds its shards at their recorded sizes (a full checksum runs on every first use)."""
+    try:
+        checksums = json.loads((out / "meta.json").read_text())["checksums"]
+        return all((out / n).stat().st_size == int(c.split(":")[0]) for n, c in checksums.items())
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return False
+
+
 def build_shards(
     source: str,
     path: str | None,
@@ -215,6 +304,9 @@ def build_shards(
         raise ConfigError(f"data.vocab_size={vocab_size} must be in (256, 65535] (uint16 shards)")
     if not 0 < val_fraction < 0.5:
         raise ConfigError(f"data.val_fraction={val_fraction} must be in (0, 0.5)")
+    memo = _memo_key(source, path, max_bytes, vocab_size, val_fraction, cache_dir, tokenizer_path)
+    if memo in _BUILT and _intact(_BUILT[memo]):
+        return _BUILT[memo]
     docs = read_documents(source, path, max_bytes)
     # the key covers everything the shards depend on: the text, the tokenizer (trained: its settings and
     # the library version; given: its file), the split rule
@@ -237,6 +329,7 @@ def build_shards(
             bad = corrupt_files(out, meta["checksums"])
             if not bad:
                 log.info("token shards: cached %s", out)
+                _BUILT[memo] = out
                 return out
         if not writable:
             raise read_only_miss(out, "the token shards")
@@ -253,7 +346,10 @@ def build_shards(
         tok = load_tokenizer(tokenizer_path) if tokenizer_path else train_tokenizer(docs, vocab_size)
         eot = _eot_id(tok)
         dtype = np.uint16 if tok.get_vocab_size() <= 65536 else np.uint32
-        stream = np.concatenate([np.asarray(enc.ids + [eot], dtype=dtype) for enc in tok.encode_batch(docs)])
+        pieces = []  # in chunks: a whole corpus's Encoding objects would hold ~60 bytes a token at once
+        for i in range(0, len(docs), ENCODE_CHUNK):
+            pieces += [np.asarray(e.ids + [eot], dtype=dtype) for e in tok.encode_batch(docs[i : i + ENCODE_CHUNK])]
+        stream = np.concatenate(pieces)
         split = dict(zip(("train", "val"), split_stream(stream, val_fraction)))
         for name, arr in split.items():
             atomic_write_bytes(out / f"{name}.bin", arr.tobytes())
@@ -270,6 +366,7 @@ def build_shards(
             "checksums": {n: file_digest(out / n) for n in ("train.bin", "val.bin", "tokenizer.json")},
         }
         atomic_write_text(out / "meta.json", json.dumps(meta, indent=1))
+    _BUILT[memo] = out
     return out
 
 

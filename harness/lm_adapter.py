@@ -75,6 +75,7 @@ class DecoderLM(TemplateLM):
             logits = self.model.lm_head(hidden)
         return F.log_softmax(logits.float(), dim=-1)
 
+    @torch.no_grad()  # the LM head runs here too: with grad on it built a graph per scored row
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
         """(sum of continuation log-probs, whether greedy decoding gives the continuation), in request order."""
         rows = []  # (request index, model input, continuation)

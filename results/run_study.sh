@@ -7,6 +7,9 @@
 #   bash results/run_study.sh D    # dense base (same recipe); the budget ladder (5-60% of pretraining FLOPs), seed 0:
 #                                  # topk_softmax, Megatron start, exact start, Drop-Upcycling
 #   bash results/run_study.sh E    # dense base (same recipe); the ladder's seed 1; granularity at 15%
+#   bash results/run_study.sh F    # the ladder of D at seeds $LADDER_SEEDS (default 0 1 2, one after the other) on
+#                                  # data.source=machine: every text file of the machine (~4x the Python corpus), so
+#                                  # pretraining plus the 60% rung read the corpus about once; its own dense base
 #   bash results/run_study.sh L    # when to upcycle (issue 31): bases at 25/50/100% of one WSD pretraining x the
 #                                  # ladder's budgets x seeds ($SUNK_SEEDS), topk_softmax; then analysis.law
 # Each part pretrains its own dense base from the one recipe (+scale=study method=pretrain) and compares
@@ -14,12 +17,16 @@
 # between kernels). Outputs: $UPCYCLE_LOGS (default logs/study/<part>); then
 #   python -m analysis.study results/runs --out results
 set -uo pipefail
-part=${1:?usage: run_study.sh A|B|C|D|E|L}
+part=${1:?usage: run_study.sh A|B|C|D|E|F|L}
 export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True UPCYCLE_LOGS=${UPCYCLE_LOGS:-logs/study/$part} UPCYCLE_CACHE=${UPCYCLE_CACHE:-.cache} PYTHONUNBUFFERED=1
+case $part in A|B|C|D|E|F|L) ;; *) echo "run_study.sh: part must be A, B, C, D, E, F or L (got $part)" >&2; exit 2 ;; esac
 mkdir -p "$UPCYCLE_LOGS"
 # a small check of the driver itself (e.g. on a CPU): STUDY_SCALE=cpu, and STUDY_OVERRIDES appended to every job
 S=(+scale=${STUDY_SCALE:-study} trainer.enable_progress_bar=false print_config=false)
 read -r -a extra <<<"${STUDY_OVERRIDES:-}"
+# part F's corpus: the machine's text up to CORPUS_BYTES (1 GB: ~230M tokens, more than pretraining's 120M plus the
+# 60% rung's 72M dense tokens); its census (bytes by kind, before that cap) goes to corpus_census.json
+[ "$part" = F ] && S+=(data.source=machine "data.max_bytes=${CORPUS_BYTES:-1000000000}")
 say() { echo "[$(date -u +%FT%TZ)] $*" | tee -a "$UPCYCLE_LOGS/driver.log"; }
 job() {  # job TAG ARGS...: one run.py command, its output in TAG.out
   local tag=$1; shift
@@ -86,6 +93,25 @@ case $part in
         train.pretrain_fraction=0.15 train.share_trunk=false token_matched_baseline=false seed=1 &
       wait
     fi ;;
+  F)
+    # part D's ladder (the same four variants, budgets, dense twins and micro-batches) on the machine corpus, seed by
+    # seed so that a lease cut short leaves whole seeds; each seed one sweep of four workers, one per variant
+    # (LADDER_SEEDS, LADDER_VARIANTS, LADDER_BUDGETS: a smaller ladder for a check of the driver)
+    python - "$UPCYCLE_LOGS/corpus_census.json" <<'PY' || say "corpus census FAILED"
+import collections, json, sys
+from harness.data import _machine_files
+by = collections.Counter()
+for f in _machine_files():
+    by[f.suffix] += f.stat().st_size
+json.dump({"bytes_by_suffix": dict(by.most_common()), "bytes": sum(by.values()), "note": "before dedup and data.max_bytes"},
+          open(sys.argv[1], "w"), indent=1)
+PY
+    M=(data.micro_batch_size=32 train.val_every=100)
+    for seed in ${LADDER_SEEDS:-0 1 2}; do
+      job "ladder_s$seed" -m "${S[@]}" "${M[@]}" +sweep=ladder seed=$seed hydra/launcher=parallel hydra.launcher.n_jobs=4 \
+        "+variant=${LADDER_VARIANTS:-topk_softmax,megatron_start,exact_start,drop_upcycling}" \
+        ${LADDER_BUDGETS:+train.pretrain_fraction=$LADDER_BUDGETS}
+    done ;;
   L)
     # The sunk-cost grid (sweeps/sweep/sunk_cost.yaml): D1 = 25%, 50%, 100% of the WSD pretraining x D2 = 5%, 15%,
     # 30%, 60% of its FLOPs x $SUNK_SEEDS, with the ladder's best recipe (part D: topk_softmax, the only variant below
@@ -110,6 +136,6 @@ case $part in
     say "start law: python -m analysis.law $UPCYCLE_LOGS/multirun/sweep_sunk_cost --out $UPCYCLE_LOGS/law"
     if python -m analysis.law "$UPCYCLE_LOGS/multirun/sweep_sunk_cost" --out "$UPCYCLE_LOGS/law" \
       >"$UPCYCLE_LOGS/law.out" 2>&1; then say "done law"; else say "FAILED law (see law.out)"; fi ;;
-  *) echo "part must be A, B, C, D, E or L" >&2; exit 2 ;;
+  *) echo "part must be A, B, C, D, E, F or L" >&2; exit 2 ;;
 esac
 say "part $part finished"

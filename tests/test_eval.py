@@ -79,6 +79,16 @@ def test_the_adapter_scores_as_lm_evals_hflm_on_the_exported_checkpoint(trained)
     assert ours.generate_until(gen) == ref.generate_until(gen)
 
 
+def test_scoring_builds_no_autograd_graph_on_a_model_whose_weights_require_grad(trained):
+    model, tok, _ = trained
+    assert all(p.requires_grad for p in model.parameters())  # as a run's model or load_run's is
+    lm = DecoderLM(model, tok, _eot_id(tok), batch_size=4, device="cpu")
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(tuple(t.shape)) or t, lambda t: t):
+        scores = lm.loglikelihood(_requests("loglikelihood", [("import", " os"), ("def", " main():")]))
+    assert len(scores) == 2 and not saved, saved[:3]
+
+
 def _ngrams(text, n=13):
     w = re.findall(r"[a-z0-9]+", text.lower())
     return {" ".join(w[i : i + n]) for i in range(len(w) - n + 1)}
