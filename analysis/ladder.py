@@ -9,8 +9,10 @@ that got the same training FLOPs (iso-FLOP) and with the one that saw the same t
 of :func:`analysis.stats.verdict` on those paired differences. A third baseline is the best dense model the
 same base and seed hold within the MoE's training FLOPs (the parent itself, or any dense continuation of no more
 FLOPs): when repeated data or a re-warmed learning rate makes longer dense training worse, beating the iso-FLOP
-twin is not enough to say that upcycling paid off. Rungs are grouped by the whole recipe and the dense base
-(``dense_base``, the base's cache key): seeds on different bases are never pooled.
+twin is not enough to say that upcycling paid off. Rungs are grouped by the whole recipe, the corpus and the dense
+base (``dense_base``, the base's cache key): seeds on different bases are never pooled, and each base gets a section
+of its own with "corpus reads": the base's pretraining tokens plus the iso-FLOP twin's, over the corpus's training
+tokens (above 1, the twin re-reads what pretraining saw).
 """
 
 from __future__ import annotations
@@ -23,11 +25,11 @@ import pandas as pd
 
 from analysis.collect import get as _get
 from analysis.collect import metrics
-from analysis.stats import paired, verdict
+from analysis.stats import MIN_SEEDS, paired, verdict
 from harness.moe import preset_name
 
 # a rung's recipe: every knob the ladder varies, the LR, and the dense base it upcycles
-VARIANT = ["moe", "routing", "weight_scaling", "router_start", "router_init", "drop_ratio", "lr", "base"]
+VARIANT = ["moe", "routing", "weight_scaling", "router_start", "router_init", "drop_ratio", "lr", "corpus", "base"]
 
 
 def _step_flops(twin: dict, cfg: dict) -> float:
@@ -37,6 +39,20 @@ def _step_flops(twin: dict, cfg: dict) -> float:
     "no more FLOPs" when it exceeds the MoE's by less than one of its own steps."""
     step_tokens = _get(cfg, "data", "batch_size", default=0) * _get(cfg, "data", "seq_len", default=0)
     return twin["train_flops"] / twin["tokens"] * step_tokens if twin.get("tokens") else 0.0
+
+
+def _reads(res: dict, cfg: dict) -> float:
+    """(base pretraining tokens + the iso-FLOP twin's tokens) / the corpus's training tokens."""
+    corpus = (res.get("data") or {}).get("train_tokens")
+    twin = (res.get("dense_iso") or {}).get("tokens")
+    pretrain = _get(cfg, "pretrain", "tokens")
+    return (pretrain + twin) / corpus if corpus and twin and pretrain else math.nan
+
+
+def _verdict(diffs: pd.Series) -> str:
+    """verdict's rule (positive = the MoE lower); with fewer seeds no verdict (the CI is in the table beside it)."""
+    n = len(diffs)
+    return verdict(-diffs) if n >= MIN_SEEDS or n == 0 else f"{n} seed{'s' if n > 1 else ''}: no verdict"
 
 
 def ladder_runs(root: str | Path) -> pd.DataFrame:
@@ -60,6 +76,7 @@ def ladder_runs(root: str | Path) -> pd.DataFrame:
                 "router_init": _get(cfg, "upcycle", "router_init", default="-"),
                 "drop_ratio": float(_get(cfg, "upcycle", "drop_ratio", default=0.0)),
                 "lr": float(_get(cfg, "optim", "lr", default=math.nan)),
+                "corpus": _get(cfg, "data", "path") or _get(cfg, "data", "source", default="-"),
                 "base": base,
                 "budget": float(share),
                 "compute_share": res.get("pretrain_compute_share"),
@@ -70,6 +87,7 @@ def ladder_runs(root: str | Path) -> pd.DataFrame:
                 "dense_parent_val_loss": res["dense_parent_val_loss"],
                 "dense_iso_val_loss": (res.get("dense_iso") or {}).get("val_loss"),
                 "dense_tokens_val_loss": (res.get("dense_tokens") or {}).get("val_loss"),
+                "corpus_reads": _reads(res, cfg),
                 "train_flops": res["train_flops"],
                 "run_dir": str(path.parent),
             }
@@ -130,10 +148,10 @@ def rungs(df: pd.DataFrame) -> pd.DataFrame:
                 "best_dense_val_loss": g.best_dense_val_loss.mean(),
                 "vs_best": best.mean(),
                 "vs_best_pct": 100 * (best / g.best_dense_val_loss).mean(),
-                # verdict's convention: positive = the favoured side (the MoE) is lower
-                "vs_iso_verdict": verdict(-iso),
-                "vs_tokens_verdict": verdict(-tok),
-                "vs_best_verdict": verdict(-best),
+                "corpus_reads": g.corpus_reads.mean(),
+                "vs_iso_verdict": _verdict(iso),
+                "vs_tokens_verdict": _verdict(tok),
+                "vs_best_verdict": _verdict(best),
                 **ci,
             }
         )
@@ -165,6 +183,18 @@ def crossover(r: pd.DataFrame, against: str = "iso", twin: str = "its iso-FLOP d
 
 
 def ladder_markdown(r: pd.DataFrame) -> str:
+    """One section per corpus and dense base: its rungs, then where each variant crosses its dense twins."""
+    sections = []
+    for (corpus, base), g in r.groupby(["corpus", "base"], sort=True):
+        reads = g.corpus_reads.max()
+        sections.append(
+            f"### data.source={corpus}, base {str(base)[:8]}: the iso-FLOP twin's data reads the corpus up to "
+            f"{reads:.2f} times\n\n{_section(g)}"
+        )
+    return "\n".join(sections)
+
+
+def _section(r: pd.DataFrame) -> str:
     def num(x, std=math.nan):
         return "-" if x != x else f"{x:.4f}" + ("" if std != std else f" ± {std:.4f}")
 
@@ -173,14 +203,15 @@ def ladder_markdown(r: pd.DataFrame) -> str:
         return "-" if mean != mean else f"{mean:+.4f} " + ("[-]" if lo != lo else f"[{lo:+.4f}, {hi:+.4f}]")
 
     lines = [
-        "| variant | budget (of pretraining FLOPs) | MoE tokens | seeds | step 0 | MoE | dense iso-FLOP | "
-        "dense same tokens | best dense ≤ FLOPs | MoE − iso: mean [95% CI] | MoE − iso | vs iso | "
+        "| variant | budget (of pretraining FLOPs) | MoE tokens | corpus reads | seeds | step 0 | MoE | "
+        "dense iso-FLOP | dense same tokens | best dense ≤ FLOPs | MoE − iso: mean [95% CI] | MoE − iso | vs iso | "
         "MoE − same tokens: mean [95% CI] | vs same tokens | MoE − best: mean [95% CI] | MoE − best | vs best |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in r.itertuples():
+        reads = "-" if row.corpus_reads != row.corpus_reads else f"{row.corpus_reads:.2f}"
         lines.append(
-            f"| {row.variant} | {row.budget:.0%} | {row.tokens:,} | {row.seeds} | "
+            f"| {row.variant} | {row.budget:.0%} | {row.tokens:,} | {reads} | {row.seeds} | "
             f"{num(row.init_val_loss)} | {num(row.val_loss, row.val_loss_std)} | {num(row.dense_iso_val_loss)} | "
             f"{num(row.dense_tokens_val_loss)} | {num(row.best_dense_val_loss)} | {diff(row, 'iso')} | "
             f"{row.vs_iso_pct:+.2f}% | **{row.vs_iso_verdict}** | {diff(row, 'tokens')} | {row.vs_tokens_verdict} | "
@@ -190,7 +221,8 @@ def ladder_markdown(r: pd.DataFrame) -> str:
         "",
         "Seeds pair within one dense base (the variant names it). Best dense ≤ FLOPs: the lowest loss among the same "
         "base and seed's dense parent and dense continuations that used no more training FLOPs than the MoE (less "
-        "than one dense step over it: the iso-FLOP twin rounds its steps up).",
+        "than one dense step over it: the iso-FLOP twin rounds its steps up). Corpus reads: (pretraining tokens + "
+        "the iso-FLOP twin's tokens) / the corpus's training tokens.",
         "",
         "Where each variant crosses its iso-FLOP dense twin:",
         "",
@@ -237,8 +269,10 @@ def cut_off_markdown(root: str | Path) -> str:
     import yaml
 
     lines = []
-    for base in sorted(Path(root).rglob("runs/study_pretrain/results.json")):
-        part = base.parents[2]
+    bases = {}  # <part>/runs/study_pretrain/<run>/results.json, once per part (its "latest" link names it again)
+    for path in sorted(Path(root).rglob("runs/study_pretrain/*/results.json")):
+        bases.setdefault(path.parents[3], path)
+    for part, base in bases.items():
         runs = sorted(d for d in part.glob("multirun/*/*/") if not (d / "results.json").exists())
         if not runs:
             continue
@@ -251,7 +285,7 @@ def cut_off_markdown(root: str | Path) -> str:
         for d in runs:
             cfg = yaml.safe_load((d / "config_resolved.yaml").read_text())
             m = metrics(d)
-            val = m.dropna(subset=["val/loss"])
+            val = m.dropna(subset=["val/loss"]) if "val/loss" in m else m.iloc[:0]  # cut before its first validation
             row = pd.Series(
                 {
                     "moe": preset_name(cfg["moe"]["num_experts"], cfg["moe"]["granularity"], cfg["moe"]["top_k"]),
@@ -267,7 +301,7 @@ def cut_off_markdown(root: str | Path) -> str:
             last = f"{int(val.step.iloc[-1]) + 1}, {val['val/loss'].iloc[-1]:.4f}" if len(val) else "-"
             lines.append(
                 f"| {label(row)} | {cfg['seed']} | {cfg['train']['pretrain_fraction']:.0%} | "
-                f"{int(m.step.max()) + 1} | {last} |"
+                f"{int(m.step.max()) + 1 if 'step' in m and len(m) else '-'} | {last} |"
             )
         lines.append("")
     return "\n".join(lines)

@@ -73,7 +73,7 @@ def test_the_best_dense_pool_and_the_rungs_keep_bases_apart(tmp_path):
     r = rungs(ladder_runs(tmp_path)).set_index("base")
     assert list(r.seeds) == [1, 1]  # one seed on each base, not "2 seeds"
     assert r.loc["b1", "vs_iso"] == pytest.approx(0.05) and r.loc["b2", "vs_iso"] == pytest.approx(0.05)
-    assert r.loc["b1", "vs_iso_verdict"] == "1 seed: no CI"
+    assert r.loc["b1", "vs_iso_verdict"] == "1 seed: no verdict"
     assert r.loc["b1", "variant"] != r.loc["b2", "variant"]
 
 
@@ -87,3 +87,25 @@ def test_rungs_part_by_router_init_and_lr(tmp_path):
         path.write_text(json.dumps(res))
     r = rungs(ladder_runs(tmp_path))
     assert len(r) == 3 and list(r.seeds) == [1, 1, 1]
+
+
+def test_the_committed_ladder_on_the_machine_corpus_reads_it_about_once_and_lists_its_cut_off_runs(tmp_path):
+    """results/ladder/F as committed (H200, 2026-12-04): each base a section with its corpus reads; under 3 seeds
+    no verdict is printed (the paired CI stands beside it, in the MoE's sign); a lease's cut-off runs are listed."""
+    from analysis.ladder import ladder
+
+    from helpers.e2e import ROOT
+
+    text = ladder(ROOT / "results" / "ladder", tmp_path)["ladder_md"].read_text()
+    head = [line for line in text.splitlines() if line.startswith("### data.source=")]
+    assert head == [
+        "### data.source=machine, base 0a7f8421: the iso-FLOP twin's data reads the corpus up to 1.14 times",
+        "### data.source=python, base 8a30e43a: the iso-FLOP twin's data reads the corpus up to 2.99 times",
+    ]
+    assert "CI [" not in text and "2 seeds: no verdict" in text
+    row = next(
+        line for line in text.splitlines() if line.startswith("| E8G1T2 topk_softmax") and "0a7f8421 | 5% |" in line
+    )
+    assert "| 2 |" in row and "+0.0040 [+0.0033, +0.0047]" in row  # MoE - iso over seeds 0 and 1, MoE worse
+    cut = text[text.index("### F: runs cut off") :].splitlines()
+    assert sum(line.startswith("| E8G1T2") and "| 1 | 15% |" in line for line in cut) == 4
