@@ -123,6 +123,9 @@ def rungs(df: pd.DataFrame) -> pd.DataFrame:
     CIs and verdicts."""
     out = []
     for key, g in df.groupby(VARIANT + ["budget"], sort=True, dropna=False):
+        if g.seed.duplicated().any():  # two runs of one seed would count as two seeds
+            twice = g[g.seed.duplicated(keep=False)].run_dir.tolist()
+            raise ValueError(f"one rung holds a seed twice (drop one): {twice}")
         iso = (g.val_loss - g.dense_iso_val_loss).dropna()
         tok = (g.val_loss - g.dense_tokens_val_loss).dropna()
         best = g.val_loss - g.best_dense_val_loss

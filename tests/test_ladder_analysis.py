@@ -109,3 +109,11 @@ def test_the_committed_ladder_on_the_machine_corpus_reads_it_about_once_and_list
     assert "| 2 |" in row and "+0.0040 [+0.0033, +0.0047]" in row  # MoE - iso over seeds 0 and 1, MoE worse
     cut = text[text.index("### F: runs cut off") :].splitlines()
     assert sum(line.startswith("| E8G1T2") and "| 1 | 15% |" in line for line in cut) == 4
+
+
+def test_a_rung_that_holds_one_seed_twice_stops_naming_both_runs(tmp_path):
+    """A seed re-run on a retrained base of the same recipe (same base key) beside its first run must not pool."""
+    _run(tmp_path, "a", 0, 0.05, 100, 1.90, ("iso", 100, 1.91), ("tok", 60, 1.95))
+    _run(tmp_path, "a_again", 0, 0.05, 100, 1.89, ("iso", 100, 1.91), ("tok", 60, 1.95))
+    with pytest.raises(ValueError, match=r"one rung holds a seed twice .*a_again"):
+        rungs(ladder_runs(tmp_path))
