@@ -3,34 +3,24 @@
 from __future__ import annotations
 
 import json
-import subprocess
 
 import pytest
 
-from helpers.e2e import ROOT
+from helpers.e2e import run_study_driver
 
 
 @pytest.mark.slow
 def test_part_f_runs_the_ladder_seed_after_seed_on_the_machine_corpus_and_takes_its_census(env, tmp_path):
     logs = tmp_path / "logs"
-    proc = subprocess.run(
-        ["bash", "results/run_study.sh", "F"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=900,
-        env={
-            **env,
-            "UPCYCLE_LOGS": str(logs),
-            "STUDY_SCALE": "cpu",
-            "STUDY_OVERRIDES": "data.micro_batch_size=null train.val_every=5 pretrain.optim.warmup_steps=5 logger=csv",
-            "CORPUS_BYTES": "1500000",
-            "LADDER_SEEDS": "0 1",
-            "LADDER_VARIANTS": "topk_softmax",
-            "LADDER_BUDGETS": "0.05,0.15",
-        },
+    proc, log = run_study_driver(
+        env,
+        "F",
+        logs,
+        CORPUS_BYTES="1500000",
+        LADDER_SEEDS="0 1",
+        LADDER_VARIANTS="topk_softmax",
+        LADDER_BUDGETS="0.05,0.15",
     )
-    log = (logs / "driver.log").read_text()
     assert proc.returncode == 0 and "FAILED" not in log, log + proc.stderr[-2000:]
     order = [line.split("] ", 1)[1] for line in log.splitlines() if "] done " in line]
     assert order == ["done pretrain", "done ladder_s0", "done ladder_s1"]  # seed after seed: a cut leaves whole seeds

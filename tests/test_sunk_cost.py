@@ -11,7 +11,7 @@ from harness.model import Decoder
 from harness.pretrain import fraction_steps, full_pretrain_flops, full_steps
 from harness.train import moe_budget
 
-from helpers.e2e import FAST, ROOT
+from helpers.e2e import FAST, ROOT, run_study_driver
 
 WSD_BASE = ["pretrain.optim.schedule=wsd", "train.pretrain_fraction=0.3"]
 
@@ -137,26 +137,9 @@ def test_the_study_drivers_part_l_runs_the_grid_and_the_law(env, tmp_path):
     2-cell grid (D1 = 50%, 100% x the 5% budget, seed 0): the WSD bases first, one stream per (D1, seed), then
     ``analysis.law`` into $UPCYCLE_LOGS/law (two cells: the law says it cannot fit, and still writes every file)."""
     import json
-    import subprocess
 
     logs = tmp_path / "logs"
-    proc = subprocess.run(
-        ["bash", "results/run_study.sh", "L"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=900,
-        env={
-            **env,
-            "UPCYCLE_LOGS": str(logs),
-            "STUDY_SCALE": "cpu",
-            "STUDY_OVERRIDES": "data.micro_batch_size=null train.val_every=5 pretrain.optim.warmup_steps=5 logger=csv",
-            "SUNK_D1": "0.5 1.0",
-            "SUNK_SEEDS": "0",
-            "SUNK_BUDGETS": "0.05",
-        },
-    )
-    log = (logs / "driver.log").read_text()
+    proc, log = run_study_driver(env, "L", logs, SUNK_D1="0.5 1.0", SUNK_SEEDS="0", SUNK_BUDGETS="0.05")
     assert proc.returncode == 0 and "FAILED" not in log, log + proc.stderr[-2000:]
     for tag in ("pretrain", "sunk_f0.5_s0", "sunk_f1.0_s0", "law"):
         assert f"done {tag}" in log, tag

@@ -36,6 +36,24 @@ def run_cli(env, logs, *args, check=True):
     return proc
 
 
+# the study driver at the CPU scale: the GPU's micro-batches off, frequent validation, CSV logs
+STUDY_CPU = "data.micro_batch_size=null train.val_every=5 pretrain.optim.warmup_steps=5 logger=csv"
+
+
+def run_study_driver(env, part: str, logs: Path, **variables: str) -> tuple[subprocess.CompletedProcess, str]:
+    """``bash results/run_study.sh PART`` (what a GPU lease runs) at the CPU scale into ``logs``, with the
+    driver's own variables (SUNK_D1=..., LADDER_SEEDS=...); returns the process and its driver.log."""
+    proc = subprocess.run(
+        ["bash", "results/run_study.sh", part],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env={**env, "UPCYCLE_LOGS": str(logs), "STUDY_SCALE": "cpu", "STUDY_OVERRIDES": STUDY_CPU, **variables},
+    )
+    return proc, (logs / "driver.log").read_text()
+
+
 def results(path: Path) -> dict:
     return json.loads((path / "results.json").read_text())
 
