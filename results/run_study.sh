@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The study of results/README.md on one GPU, in two parts (each fits one ~30-minute H100 lease):
+# The study of results/README.md on one GPU, in parts (each fits one ~30-minute lease):
 #   bash results/run_study.sh A    # dense base; routing, granularity (+ iso-FLOP dense), weight scaling
 #   bash results/run_study.sh B    # dense base (same recipe); init (copy, virtual group, Drop-Upcycling),
 #                                  # peak LR (+ iso-FLOP dense at the lowest), granularity G=1 vs G=4
@@ -8,7 +8,8 @@
 #                                  # topk_softmax, Megatron start, exact start, Drop-Upcycling
 #   bash results/run_study.sh E    # dense base (same recipe); the ladder's seed 1; granularity at 15%
 #   bash results/run_study.sh F    # the ladder of D at seeds $LADDER_SEEDS (default 0 1 2, one after the other) on
-#                                  # data.source=machine: every text file of the machine (~4x the Python corpus), so
+#                                  # data.source=machine: every text file of the machine (620 MB on the H200 image,
+#                                  # 2.5x the parts' 250 MB Python corpus), so
 #                                  # pretraining plus the 60% rung read the corpus about once; its own dense base
 #   bash results/run_study.sh L    # when to upcycle (issue 31): bases at 25/50/100% of one WSD pretraining x the
 #                                  # ladder's budgets x seeds ($SUNK_SEEDS), topk_softmax; then analysis.law

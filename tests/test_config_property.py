@@ -2,6 +2,7 @@
 
 import math
 
+import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from hypothesis import HealthCheck, given, settings
@@ -60,3 +61,29 @@ def test_config_builds_and_steps_or_names_the_bad_key(overrides):
     loss = out.loss + (out.aux_loss if out.aux_loss is not None else 0.0)
     loss.backward()
     assert math.isfinite(loss.item())
+
+
+def test_the_preflight_key_check_passes_every_documented_override_and_sweep_parameter():
+    """``harness.preflight`` stops a top-level key no config has (``trian.tokens=10``) before Hydra; it must never
+    stop one that exists: every override in the READMEs' ``python run.py`` lines and every sweep's parameters."""
+    import re
+
+    import yaml
+
+    from harness.preflight import _check_key, _top_level_keys
+
+    known = _top_level_keys()
+    args = []
+    for readme in (ROOT / "README.md", ROOT / "results" / "README.md"):
+        for line in re.findall(r"python run\.py([^`\n#]*)", readme.read_text()):
+            args += [a for a in line.split() if "=" in a and not a.startswith(("+", "~", "-", "$"))]
+    for f in (ROOT / "sweeps").rglob("*.yaml"):
+        params = ((yaml.safe_load(f.read_text()) or {}).get("hydra") or {}).get("sweeper", {}).get("params") or {}
+        args += [f"{k}={v}" for k, v in params.items() if not k.startswith(("+", "~"))]
+    assert len(args) > 40
+    for arg in args:
+        _check_key(arg, known)  # raises SystemExit on a key it thinks is misspelled
+    with pytest.raises(
+        SystemExit, match=r"trian.tokens: the config has no key 'trian' \(did you mean train.tokens\?\)"
+    ):
+        _check_key("trian.tokens=10", known)

@@ -126,6 +126,7 @@ def test_resume_continues_the_same_curve(env, tmp_path):
         ("-m moe=E8G1T2,E8G1T3", "moe=E8G1T3 is not a moe preset (presets: E16G2T2"),
         ("-m +sweep=rouitng", "+sweep=rouitng is not a sweep preset (presets: balancing, batch_size,"),
         ("data.val_batches=4", "data.val_batches is gone: set data.val_tokens"),
+        ("trian.tokens=10", "trian.tokens: the config has no key 'trian' (did you mean train.tokens?)"),
     ],
 )
 def test_bad_config_fails_fast_with_one_line(env, tmp_path, override, needle):
