@@ -11,6 +11,8 @@
 #                                  # data.source=machine: every text file of the machine (620 MB on the H200 image,
 #                                  # 2.5x the parts' 250 MB Python corpus), so
 #                                  # pretraining plus the 60% rung read the corpus about once; its own dense base
+#   bash results/run_study.sh G    # on F's corpus and recipe: granularity at the ladder's largest budget (60%), seeds
+#                                  # $GRAN_SEEDS (default 0 1 2): E8G1T1 (+ iso-FLOP dense), E32G4T4, E64G8T8
 #   bash results/run_study.sh L    # when to upcycle (issue 31): bases at 25/50/100% of one WSD pretraining x the
 #                                  # ladder's budgets x seeds ($SUNK_SEEDS), topk_softmax; then analysis.law
 # Each part pretrains its own dense base from the one recipe (+scale=study method=pretrain) and compares
@@ -18,16 +20,16 @@
 # between kernels). Outputs: $UPCYCLE_LOGS (default logs/study/<part>); then
 #   python -m analysis.study results/runs --out results
 set -uo pipefail
-part=${1:?usage: run_study.sh A|B|C|D|E|F|L}
+part=${1:?usage: run_study.sh A|B|C|D|E|F|G|L}
 export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True UPCYCLE_LOGS=${UPCYCLE_LOGS:-logs/study/$part} UPCYCLE_CACHE=${UPCYCLE_CACHE:-.cache} PYTHONUNBUFFERED=1
-case $part in A|B|C|D|E|F|L) ;; *) echo "run_study.sh: part must be A, B, C, D, E, F or L (got $part)" >&2; exit 2 ;; esac
+case $part in A|B|C|D|E|F|G|L) ;; *) echo "run_study.sh: part must be A, B, C, D, E, F, G or L (got $part)" >&2; exit 2 ;; esac
 mkdir -p "$UPCYCLE_LOGS"
 # a small check of the driver itself (e.g. on a CPU): STUDY_SCALE=cpu, and STUDY_OVERRIDES appended to every job
 S=(+scale=${STUDY_SCALE:-study} trainer.enable_progress_bar=false print_config=false)
 read -r -a extra <<<"${STUDY_OVERRIDES:-}"
-# part F's corpus: the machine's text up to CORPUS_BYTES (1 GB: ~230M tokens, more than pretraining's 120M plus the
+# parts F, G and L's corpus: the machine's text up to CORPUS_BYTES (1 GB: ~230M tokens, more than pretraining's 120M plus the
 # 60% rung's 72M dense tokens); its census (bytes by kind, before that cap) goes to corpus_census.json
-[ "$part" = F ] && S+=(data.source=machine "data.max_bytes=${CORPUS_BYTES:-1000000000}")
+case $part in F|G|L) S+=(data.source=machine "data.max_bytes=${CORPUS_BYTES:-1000000000}") ;; esac
 say() { echo "[$(date -u +%FT%TZ)] $*" | tee -a "$UPCYCLE_LOGS/driver.log"; }
 job() {  # job TAG ARGS...: one run.py command, its output in TAG.out
   local tag=$1; shift
@@ -113,6 +115,19 @@ PY
         "+variant=${LADDER_VARIANTS:-topk_softmax,megatron_start,exact_start,drop_upcycling}" \
         ${LADDER_BUDGETS:+train.pretrain_fraction=$LADDER_BUDGETS}
     done ;;
+  G)
+    # granularity at equal active FLOPs (T/G = 1 dense MLP; virtual-group init, exact start) at the ladder's largest
+    # budget, with part F's recipe (WSD, LR 3e-4) on its corpus: seed after seed, each seed three processes. E8G1T1
+    # runs beside its iso-FLOP dense twin; E32G4T4 and E64G8T8 pair with E8G1T1 by seed (their own twins would
+    # differ from its by the router's FLOPs only). Per seed 3 x 0.6 P of MoE + 0.6 P of dense (P: the base's
+    # pretraining FLOPs): ~10 min of an H200 at part F's pace.
+    M=(data.micro_batch_size=32 train.val_every=100 +sweep=ladder train.share_trunk=false token_matched_baseline=false)
+    for seed in ${GRAN_SEEDS:-0 1 2}; do
+      job "granularity_g1_s$seed" -m "${S[@]}" "${M[@]}" seed=$seed moe=E8G1T1 "train.pretrain_fraction=${GRAN_BUDGET:-0.6}" &
+      job "granularity_s$seed" -m "${S[@]}" "${M[@]}" seed=$seed moe=E32G4T4,E64G8T8 iso_flop_baseline=false \
+        "train.pretrain_fraction=${GRAN_BUDGET:-0.6}" hydra/launcher=parallel hydra.launcher.n_jobs=2 &
+      wait
+    done ;;
   L)
     # The sunk-cost grid (sweeps/sweep/sunk_cost.yaml): D1 = 25%, 50%, 100% of the WSD pretraining x D2 = 5%, 15%,
     # 30%, 60% of its FLOPs x $SUNK_SEEDS, with the ladder's best recipe (part D: topk_softmax, the only variant below
@@ -137,6 +152,6 @@ PY
     say "start law: python -m analysis.law $UPCYCLE_LOGS/multirun/sweep_sunk_cost --out $UPCYCLE_LOGS/law"
     if python -m analysis.law "$UPCYCLE_LOGS/multirun/sweep_sunk_cost" --out "$UPCYCLE_LOGS/law" \
       >"$UPCYCLE_LOGS/law.out" 2>&1; then say "done law"; else say "FAILED law (see law.out)"; fi ;;
-  *) echo "part must be A, B, C, D, E, F or L" >&2; exit 2 ;;
+  *) echo "part must be A, B, C, D, E, F, G or L" >&2; exit 2 ;;
 esac
 say "part $part finished"

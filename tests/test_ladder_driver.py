@@ -36,3 +36,23 @@ def test_part_f_runs_the_ladder_seed_after_seed_on_the_machine_corpus_and_takes_
     for r in runs:
         assert r["status"] == "complete" and r["config"]["data"]["source"] == "machine"
         assert r["config"]["moe"]["routing"] == "topk_softmax" and {"dense_iso", "dense_tokens"} <= set(r)
+
+
+@pytest.mark.slow
+def test_part_g_runs_the_granularity_trio_at_one_budget_with_e8g1t1s_dense_twin(env, tmp_path):
+    logs = tmp_path / "logs"
+    proc, log = run_study_driver(env, "G", logs, CORPUS_BYTES="1500000", GRAN_SEEDS="0", GRAN_BUDGET="0.05")
+    assert proc.returncode == 0 and "FAILED" not in log, log + proc.stderr[-2000:]
+    assert "done granularity_g1_s0" in log and "done granularity_s0" in log and log.rstrip().endswith("finished")
+    runs = [json.loads(p.read_text()) for p in (logs / "multirun" / "sweep_ladder").glob("*/results.json")]
+    assert sorted(r["moe"] for r in runs) == ["E32G4T4", "E64G8T8", "E8G1T1"]
+    for r in runs:
+        cfg = r["config"]
+        assert r["status"] == "complete" and cfg["data"]["source"] == "machine"
+        assert cfg["train"]["pretrain_fraction"] == 0.05 and cfg["upcycle"]["router_init"] == "virtual_group"
+    twins = sorted((r["moe"], bool(r.get("dense_iso"))) for r in runs)
+    assert twins == [
+        ("E32G4T4", False),
+        ("E64G8T8", False),
+        ("E8G1T1", True),
+    ]  # E8G1T1 beside its iso-FLOP twin, the others paired with it

@@ -139,7 +139,9 @@ def test_the_study_drivers_part_l_runs_the_grid_and_the_law(env, tmp_path):
     import json
 
     logs = tmp_path / "logs"
-    proc, log = run_study_driver(env, "L", logs, SUNK_D1="0.5 1.0", SUNK_SEEDS="0", SUNK_BUDGETS="0.05")
+    proc, log = run_study_driver(
+        env, "L", logs, CORPUS_BYTES="1500000", SUNK_D1="0.5 1.0", SUNK_SEEDS="0", SUNK_BUDGETS="0.05"
+    )
     assert proc.returncode == 0 and "FAILED" not in log, log + proc.stderr[-2000:]
     for tag in ("pretrain", "sunk_f0.5_s0", "sunk_f1.0_s0", "law"):
         assert f"done {tag}" in log, tag
@@ -148,6 +150,7 @@ def test_the_study_drivers_part_l_runs_the_grid_and_the_law(env, tmp_path):
     cells = [r for r in runs if r.get("method") == "upcycle"]
     assert sorted(r["pretrain_fraction"] for r in cells) == [0.5, 1.0] and all(r["status"] == "complete" for r in runs)
     assert all(r["config"]["moe"]["routing"] == "topk_softmax" for r in cells)  # the ladder's best recipe
+    assert all(r["config"]["data"]["source"] == "machine" for r in runs)  # part F's corpus, read about once
     assert sum("dense_scratch" in r for r in cells) == 1  # 50% + 5% is on the trunk; 100% + 5% is past its end
     law = logs / "law"
     assert (law / "law.md").exists() and (law / "law.csv").exists() and (law / "crossover.png").exists()
