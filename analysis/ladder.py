@@ -185,6 +185,100 @@ def crossover(r: pd.DataFrame, against: str = "iso", twin: str = "its iso-FLOP d
     return said
 
 
+# recipes against each other at one rung, paired by seed on one base: (name, recipe a, recipe b); a row matches a
+# recipe when every listed column has that value
+_COPY = {"moe": "E8G1T2", "weight_scaling": "exact", "router_start": "data", "drop_ratio": 0.0}
+PAIRS = [
+    (
+        "topk_softmax − softmax_topk (exact start)",
+        {**_COPY, "routing": "topk_softmax"},
+        {**_COPY, "routing": "softmax_topk"},
+    ),
+    (
+        "Megatron's start − the exact start (softmax_topk)",
+        {**_COPY, "routing": "softmax_topk", "weight_scaling": "paper", "router_start": "fixed"},
+        {**_COPY, "routing": "softmax_topk"},
+    ),
+    (
+        "Drop-Upcycling r=0.5 − copy (softmax_topk, exact start)",
+        {**_COPY, "routing": "softmax_topk", "drop_ratio": 0.5},
+        {**_COPY, "routing": "softmax_topk"},
+    ),
+    (
+        "E32G4T4 − E8G1T1 (equal active FLOPs)",
+        {"moe": "E32G4T4", "drop_ratio": 0.0},
+        {"moe": "E8G1T1", "drop_ratio": 0.0},
+    ),
+    (
+        "E64G8T8 − E8G1T1 (equal active FLOPs)",
+        {"moe": "E64G8T8", "drop_ratio": 0.0},
+        {"moe": "E8G1T1", "drop_ratio": 0.0},
+    ),
+]
+
+
+def _matching(df: pd.DataFrame, recipe: dict) -> pd.DataFrame:
+    keep = pd.Series(True, index=df.index)
+    for column, value in recipe.items():
+        keep &= df[column] == value
+    return df[keep]
+
+
+def pairs(df: pd.DataFrame) -> pd.DataFrame:
+    """Per comparison of ``PAIRS``, corpus, base and budget with runs of both recipes: the paired difference in
+    validation loss (a − b) over the seeds both hold, its 95% CI and p, and the verdict (a lower: "a better")."""
+    out = []
+    for name, a, b in PAIRS:
+        for (corpus, base, budget), g in df.groupby(["corpus", "base", "budget"], sort=True):
+            ra, rb = _matching(g, a), _matching(g, b)
+            for side in (ra, rb):  # one recipe per side: a recipe that also varies another knob is not paired here
+                if side[VARIANT].drop_duplicates().shape[0] > 1 or side.seed.duplicated().any():
+                    raise ValueError(f"{name}: more than one run per seed at {corpus}, {base}, {budget:.0%}")
+            both = ra.merge(rb, on="seed", suffixes=("_a", "_b"))
+            if both.empty:
+                continue
+            d = both.val_loss_a - both.val_loss_b
+            st = paired(d)
+            n = st.n
+            out.append(
+                {
+                    "comparison": name,
+                    "corpus": corpus,
+                    "base": base,
+                    "budget": budget,
+                    "seeds": n,
+                    "a": both.val_loss_a.mean(),
+                    "b": both.val_loss_b.mean(),
+                    "diff": st.mean,
+                    "diff_pct": 100 * (d / both.val_loss_b).mean(),
+                    "ci_lo": st.lo,
+                    "ci_hi": st.hi,
+                    "p": st.p,
+                    "verdict": {"agrees": "a better", "disagrees": "b better"}.get(v := _verdict(d), v),
+                }
+            )
+    return pd.DataFrame(out)
+
+
+def pairs_markdown(pr: pd.DataFrame) -> str:
+    lines = [
+        "### Recipes against each other at one rung (paired by seed on one base)",
+        "",
+        "| comparison (a − b) | data.source, base | budget | seeds | a | b | a − b: mean [95% CI] | a − b | p | "
+        "verdict |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in pr.itertuples():
+        ci = "[-]" if row.ci_lo != row.ci_lo else f"[{row.ci_lo:+.4f}, {row.ci_hi:+.4f}]"
+        p = "-" if row.p != row.p else f"{row.p:.2g}"
+        lines.append(
+            f"| {row.comparison} | {row.corpus}, {str(row.base)[:8]} | {row.budget:.0%} | {row.seeds} | {row.a:.4f} | "
+            f"{row.b:.4f} | {row.diff:+.4f} {ci} | {row.diff_pct:+.2f}% | {p} | **{row.verdict}** |"
+        )
+    lines += ["", "A verdict needs 3 seeds and a 95% CI that excludes 0 (a better: a's loss is lower).", ""]
+    return "\n".join(lines)
+
+
 def ladder_markdown(r: pd.DataFrame) -> str:
     """One section per corpus and dense base: its rungs, then where each variant crosses its dense twins."""
     sections = []
@@ -317,10 +411,13 @@ def ladder(root: str | Path, out: str | Path) -> dict[str, Path]:
     files = {"ladder_md": out / "ladder.md"}
     text = ""
     if len(df):
-        r = rungs(df)
-        text = ladder_markdown(r)
+        r, pr = rungs(df), pairs(df)
+        text = ladder_markdown(r) + ("\n" + pairs_markdown(pr) if len(pr) else "")
         files["ladder_csv"] = out / "ladder.csv"
         r.to_csv(files["ladder_csv"], index=False, float_format="%.6f")
+        if len(pr):
+            files["ladder_pairs_csv"] = out / "ladder_pairs.csv"
+            pr.to_csv(files["ladder_pairs_csv"], index=False, float_format="%.6f")
         files["ladder_png"] = crossover_plot(df, r, out / "ladder_crossover.png")
     else:
         text = "No rung of the ladder has finished yet.\n"

@@ -117,3 +117,20 @@ def test_a_rung_that_holds_one_seed_twice_stops_naming_both_runs(tmp_path):
     _run(tmp_path, "a_again", 0, 0.05, 100, 1.89, ("iso", 100, 1.91), ("tok", 60, 1.95))
     with pytest.raises(ValueError, match=r"one rung holds a seed twice .*a_again"):
         rungs(ladder_runs(tmp_path))
+
+
+def test_recipes_pair_by_seed_at_one_rung_and_the_lower_one_is_called_better(tmp_path):
+    """topk_softmax 0.01 below softmax_topk at 3 seeds (noise 0.001): "a better"; the sign is a's loss minus b's."""
+    from analysis.ladder import pairs
+
+    for seed, noise in enumerate((0.0, 0.001, -0.001)):
+        for routing, loss in (("softmax_topk", 1.90), ("topk_softmax", 1.89 + noise)):
+            name = f"{routing}_s{seed}"
+            _run(tmp_path, name, seed, 0.05, 100, loss, ("iso", 100, 1.91), ("tok", 60, 1.95))
+            res = json.loads((tmp_path / name / "results.json").read_text())
+            res["config"]["moe"]["routing"] = routing
+            (tmp_path / name / "results.json").write_text(json.dumps(res))
+    pr = pairs(ladder_runs(tmp_path)).set_index("comparison")
+    row = pr.loc["topk_softmax − softmax_topk (exact start)"]
+    assert row.seeds == 3 and row["diff"] == pytest.approx(-0.01) and row.ci_hi < 0 and row.verdict == "a better"
+    assert len(pr) == 1  # no other comparison has both sides here
