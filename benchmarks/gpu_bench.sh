@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU figures of benchmarks/RESULTS.md (one H100): the MoE layer, then full train steps.
-#   bash benchmarks/gpu_bench.sh $OUT [part [presets]]   part: layer | step | large | harness | all (= layer, step)
+#   bash benchmarks/gpu_bench.sh $OUT [part [presets]]   part: layer | step | large | accum | harness | all (= layer, step)
 #   large (issue 22, target 2; an H200): large1b upcycled to E8G1T2 in every layer beside its dense parent, batch 8
+#   accum (issue 28, target 3): the same at a 1B run's global batch of 32 x 2048, 4-8 micro-batches per AdamW step
 # writes moe_layer.txt/json, train_step.jsonl and (harness) harness_overhead*.csv under $OUT
 set -u
 out=${1:-bench_out}; part=${2:-all}; mkdir -p "$out"; export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
@@ -15,8 +16,13 @@ if [[ $part == large ]]; then  # selective recompute instead of full: which fits
   ts --model large1b --moe E8G1T2 --batch 8 --compile --ckpt selective
   ts --model large1b --moe E8G1T2 --batch 4 --compile --ckpt full
 fi
-if [[ $part == all || $part == step || $part == large ]]; then
-  if [[ $part != large ]]; then
+if [[ $part == accum ]]; then  # a 1B run's global batch (32 x 2048 = 64k tokens): the clip + AdamW over 6.7B parameters once per 4-8 passes
+  ts --model large1b --moe none --batch 8 --accum 4 --steps 6 --compile
+  ts --model large1b --moe E8G1T2 --batch 8 --accum 4 --steps 6 --compile --ckpt selective
+  ts --model large1b --moe E8G1T2 --batch 4 --accum 8 --steps 6 --compile
+fi
+if [[ $part == all || $part == step || $part == large || $part == accum ]]; then
+  if [[ $part != large && $part != accum ]]; then
   ts --model large1b --moe none --batch 4 --compile
   ts --model large1b --moe E8G1T2 --moe-layers every_4 --batch 4 --compile
   ts --model large1b --moe E8G1T2 --moe-layers every_4 --batch 4 --compile --ckpt
@@ -25,12 +31,13 @@ if [[ $part == all || $part == step || $part == large ]]; then
   fi
   python3 - "$out/train_step.jsonl" <<'PY'
 import json, sys
-print(f"{'model':11} {'moe':7} {'layers':8} {'comp':4} {'ckpt':4} {'batch':>5} {'total':>7} {'active':>7} {'tok/s':>8} {'MFU808':>6} {'MFU989':>6} {'GiB':>5}")
+print(f"{'model':11} {'moe':7} {'layers':8} {'comp':4} {'ckpt':4} {'batch':>5} {'accum':>5} {'total':>7} {'active':>7} {'tok/s':>8} {'MFU808':>6} {'MFU989':>6} {'GiB':>5} {'opt%':>5}")
 for line in open(sys.argv[1]):
     r = json.loads(line)
+    opt = r.get("optimizer_share")
     print(f"{r['model']:11} {r['moe']:7} {r['moe_layers']:8} {str(r['compile'])[0]:4} {str(r['ckpt'] or '-')[:4]:4} {r['batch']:5} "
-          f"{r['params_total']/1e9:6.2f}B {r['params_active']/1e9:6.2f}B {r['tokens_per_s']:8.0f} "
-          f"{r['mfu_808']:6.1%} {r['mfu_989']:6.1%} {r['peak_mem_gib']:5.1f}")
+          f"{r.get('accum', 1):5} {r['params_total']/1e9:6.2f}B {r['params_active']/1e9:6.2f}B {r['tokens_per_s']:8.0f} "
+          f"{r['mfu_808']:6.1%} {r['mfu_989']:6.1%} {r['peak_mem_gib']:5.1f} {'-' if opt is None else f'{opt:.1%}':>5}")
 PY
 fi
 if [[ $part == harness ]]; then  # run.py jobs against the bare step, alone and six at once (~4 min per preset)

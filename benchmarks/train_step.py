@@ -6,6 +6,12 @@ without Lightning's loop around it.
 
     python benchmarks/train_step.py --model medium350m --moe E8G1T2 --compile
     python benchmarks/train_step.py --model large1b --moe none --compile --ckpt
+    python benchmarks/train_step.py --model large1b --moe E8G1T2 --compile --ckpt selective --accum 4
+
+``--accum N`` runs N micro-batches of ``--batch`` per optimizer step (a real 1B run's global batch): the clip and
+the AdamW update over every parameter then run once per N forward-backward passes. Each step also records how
+much of its GPU time the clip + update take (``optimizer_share``), timed with CUDA events so that the host does
+not wait between steps.
 """
 
 from __future__ import annotations
@@ -52,7 +58,8 @@ def main() -> None:
     ap.add_argument("--moe-layers", default="all")
     ap.add_argument("--routing", default="softmax_topk")
     ap.add_argument("--seq", type=int, default=2048)
-    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--batch", type=int, default=8, help="micro-batch (sequences per forward-backward)")
+    ap.add_argument("--accum", type=int, default=1, help="micro-batches per optimizer step")
     ap.add_argument("--vocab", type=int, default=32768)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
@@ -68,6 +75,8 @@ def main() -> None:
     ap.add_argument("--json", default=None)
     ap.add_argument("--device", default="cuda")
     args = ap.parse_args()
+    if args.accum < 1:
+        ap.error(f"--accum={args.accum} must be >= 1")
 
     model, count = build(args)
     model = model.to(args.device)
@@ -83,17 +92,25 @@ def main() -> None:
         betas=(0.9, 0.95),
         fused=cuda,
     )
-    x = torch.randint(0, args.vocab, (args.batch, args.seq + 1), device=args.device)
-    inp, tgt = x[:, :-1], x[:, 1:]
+    # one batch per micro-batch slot, so that no two micro-batches of a step are the same tensor
+    xs = [torch.randint(0, args.vocab, (args.batch, args.seq + 1), device=args.device) for _ in range(args.accum)]
+    opt_events: list = []  # (start, end) CUDA events around clip + update, read once after the timed steps
 
     def step():
-        with torch.autocast(args.device.split(":")[0], dtype=torch.bfloat16):
-            out = model(inp, tgt)
-        loss = out.loss + (out.aux_loss if out.aux_loss is not None else 0.0)
-        loss.backward()
+        for x in xs:
+            with torch.autocast(args.device.split(":")[0], dtype=torch.bfloat16):
+                out = model(x[:, :-1], x[:, 1:])
+            loss = out.loss + (out.aux_loss if out.aux_loss is not None else 0.0)
+            (loss / args.accum).backward()
+        if cuda:
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
+        if cuda:
+            b.record()
+            opt_events.append((a, b))
 
     t0 = time.perf_counter()
     for _ in range(args.warmup):
@@ -103,12 +120,14 @@ def main() -> None:
     warm_s = time.perf_counter() - t0
     if cuda:
         torch.cuda.reset_peak_memory_stats()
+    opt_events.clear()
     t0 = time.perf_counter()
     for _ in range(args.steps):
         step()
     sync()
     dt = (time.perf_counter() - t0) / args.steps
-    tps = args.batch * args.seq / dt
+    tps = args.accum * args.batch * args.seq / dt
+    opt_s = sum(a.elapsed_time(b) for a, b in opt_events) / 1e3 / args.steps if cuda else None
     fpt = count.train_per_token
     row = dict(
         model=args.model,
@@ -118,9 +137,12 @@ def main() -> None:
         ckpt=args.ckpt,
         seq=args.seq,
         batch=args.batch,
+        accum=args.accum,
         params_total=count.params_total,
         params_active=count.params_active,
         step_ms=dt * 1e3,
+        optimizer_ms=opt_s * 1e3 if cuda else None,
+        optimizer_share=opt_s / dt if cuda else None,
         tokens_per_s=tps,
         achieved_tflops=tps * fpt / 1e12,
         mfu_808=flops.mfu(tps, fpt, flops.H100_BF16_PEAK_MEASURED),
