@@ -3,11 +3,13 @@
 #   bash benchmarks/gpu_bench.sh $OUT [part [presets]]   part: layer | step | large | accum | harness | all (= layer, step)
 #   large (issue 22, target 2; an H200): large1b upcycled to E8G1T2 in every layer beside its dense parent, batch 8
 #   accum (issue 28, target 3): the same at a 1B run's global batch of 32 x 2048, 4-8 micro-batches per AdamW step
-# writes moe_layer.txt/json, train_step.jsonl and (harness) harness_overhead*.csv under $OUT
+# writes moe_layer.txt/json, moe_recipes.txt/json, train_step.jsonl and (harness) harness_overhead*.csv under $OUT
 set -u
 out=${1:-bench_out}; part=${2:-all}; mkdir -p "$out"; export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 if [[ $part == all || $part == layer ]]; then
   timeout 420 python3 benchmarks/moe_layer.py --profile --json "$out/moe_layer.json" 2>&1 | tee "$out/moe_layer.txt" | grep -v "^-\|^ \|^Self\|^Name\|^=" | tail -8
+  # the modern recipes (sigmoid + expert bias, capacity, a shared expert) at E8G1T2's active FLOPs
+  timeout 300 python3 benchmarks/moe_layer.py --recipes --json "$out/moe_recipes.json" 2>&1 | tee "$out/moe_recipes.txt" | tail -9
 fi
 ts() { timeout 150 python3 benchmarks/train_step.py --json "$out/train_step.jsonl" "$@" 2>>"$out/train_step.err" | tail -1 >/dev/null; }
 if [[ $part == large ]]; then  # selective recompute instead of full: which fits, and at what MFU

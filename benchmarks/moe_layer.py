@@ -4,6 +4,7 @@ times Hugging Face transformers' own MoE block (``MixtralSparseMoeBlock`` with i
 holding the same weights, after checking that it computes our output.
 
     python benchmarks/moe_layer.py            # d=2048, f=8192, 16k tokens; prints a table
+    python benchmarks/moe_layer.py --recipes  # the modern recipes at E8G1T2's active FLOPs, against the same MLP
 """
 
 from __future__ import annotations
@@ -118,6 +119,57 @@ def sync_check(d: int, f: int, tokens: int) -> None:
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=60))
 
 
+# The recipes of modern MoE practice at E8G1T2's active FLOPs (2 of the dense width f per token): what each
+# costs in the layer against the same dense MLP. The shared-expert shape E16G2T3S1 routes 3 of 16 half-width
+# experts beside one always-on half-width expert (2f active). expert_bias's bias update runs after the optimizer
+# step, outside the layer's forward-backward, so its row is the biased top-k and sigmoid scores alone.
+RECIPES = {
+    "E8G1T2 softmax_topk aux_loss": dict(num_experts=8, top_k=2),
+    "E8G1T2 topk_softmax": dict(num_experts=8, top_k=2, routing="topk_softmax"),
+    "E8G1T2 sigmoid_topk expert_bias": dict(
+        num_experts=8, top_k=2, routing="sigmoid_topk", load_balancing="expert_bias", norm_topk_prob=True
+    ),
+    "E8G1T2 capacity 1.25": dict(num_experts=8, top_k=2, capacity_factor=1.25),
+    "E8G1T2 capacity 1.0": dict(num_experts=8, top_k=2, capacity_factor=1.0),
+    "E16G2T3S1 shared expert": dict(num_experts=16, granularity=2, top_k=3, shared_experts=1),
+}
+
+
+def recipes(d: int, f: int, tokens: int, rounds: int, device: str) -> list[dict]:
+    """Each recipe's compiled step (fp32 weights, bf16 autocast, as training runs it) against the dense MLP of
+    the same active FLOPs, timed in turns with it (``interleaved``). On a CPU each step runs once, untimed."""
+    cuda = device == "cuda"
+    x = torch.randn(tokens, d, device=device, requires_grad=True)
+    dense = MLP(d, 2 * f, "swiglu").to(device)
+    layers = {"dense MLP, width 2f": dense}
+    for name, kw in RECIPES.items():
+        torch.manual_seed(0)
+        cfg = MoEConfig(router_init_std=0.02, aux_loss_coef=0.01, **kw)
+        layers[name] = MoE(d, f, "swiglu", cfg).to(device)
+
+    def step(layer):
+        fresh_grads(layer)
+        x.grad = None
+        with torch.autocast(device, dtype=torch.bfloat16):
+            out = layer(x)
+        y, aux = out if isinstance(out, tuple) else (out, None)
+        loss = y.float().square().mean() + (aux.loss if aux is not None else 0.0)
+        loss.backward()
+
+    compiled = {name: torch.compile(layer) for name, layer in layers.items()}
+    if not cuda:
+        for c in compiled.values():
+            step(c)
+        return [dict(recipe=name, timed=False) for name in compiled]
+    timed = interleaved({name: (lambda c=c: step(c)) for name, c in compiled.items()}, rounds)
+    flops = 6 * 3 * d * 2 * f * tokens  # fwd+bwd of the active expert matmuls (router excluded)
+    base = timed["dense MLP, width 2f"][1]
+    return [
+        dict(recipe=name, ms_steady=st * 1e3, tflops_steady=flops / st / 1e12, dense_over_layer_steady=base / st)
+        for name, (_, st) in timed.items()
+    ]
+
+
 def rel(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
@@ -146,9 +198,26 @@ def main():
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds for the compiled dense/MoE pair")
     ap.add_argument("--profile", action="store_true", help="print the top CUDA kernels of the compiled MoE step")
     ap.add_argument("--sync-check", action="store_true", help="only: list host syncs of the compiled E8G1T2 step")
+    ap.add_argument("--recipes", action="store_true", help="only: the modern recipes against the same dense MLP")
+    ap.add_argument("--device", default="cuda", help="--recipes only: cpu runs each step once, untimed")
     args = ap.parse_args()
     if args.sync_check:
         return sync_check(args.d, args.f, args.tokens)
+    if args.recipes:
+        torch._dynamo.config.recompile_limit = 64
+        rows = recipes(args.d, args.f, args.tokens, args.rounds, args.device)
+        print(f"d={args.d} f={args.f} tokens={args.tokens}, compiled, fp32 weights under bf16 autocast, steady")
+        print(f"{'layer':34} {'ms':>7} {'TF/s':>6} {'dense/layer':>11}")
+        for r in rows:
+            if r.get("timed", True):
+                ms, tf, ratio = r["ms_steady"], r["tflops_steady"], r["dense_over_layer_steady"]
+                print(f"{r['recipe']:34} {ms:7.2f} {tf:6.0f} {ratio:11.3f}")
+            else:
+                print(f"{r['recipe']:34} ran once on {args.device} (timing needs CUDA)")
+        if args.json:
+            with open(args.json, "w") as fh:
+                json.dump(rows, fh, indent=1)
+        return
     dev, dt = "cuda", torch.bfloat16
     torch._dynamo.config.recompile_limit = 64  # one layer is recompiled per shape, dtype and router mode
     rows = []
