@@ -9,15 +9,14 @@ from __future__ import annotations
 import logging
 import re
 import shutil
-from pathlib import Path
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
+from harness.config_keys import PRESET_DIRS, check_key
+
 log = logging.getLogger("upcycle")
 
-ROOT = Path(__file__).resolve().parents[1]
-PRESET_DIRS = (ROOT / "conf", ROOT / "sweeps")  # the config search path (hydra_plugins/upcycle_searchpath)
 _CHOICE = re.compile(r"^\+{0,2}([a-z_][\w/]*)=([\w.,-]+)$")  # group=name or a sweep group=a,b (no functions)
 # keys that are gone, with what replaces them (Hydra's own message would only say the key is not in the struct)
 REMOVED = {
@@ -25,50 +24,19 @@ REMOVED = {
 }
 
 
-def _top_level_keys() -> set[str]:
-    """Every key a composed config can have at its top: config.yaml's, the config groups', and those the
-    ``@package _global_`` presets (scales, sweeps, searches) set."""
-    import yaml
-
-    keys = {"hydra"} | set(yaml.safe_load((ROOT / "conf" / "config.yaml").read_text()))
-    for d in PRESET_DIRS:
-        for f in d.rglob("*.yaml"):
-            if f.parent != d:
-                keys.add(f.relative_to(d).parts[0])
-            text = f.read_text()
-            if "@package _global_" in text:
-                keys |= set(yaml.safe_load(text) or {})
-    return keys - {"defaults"}
-
-
-def _check_key(arg: str, known: set[str]) -> None:
-    """``trian.tokens=10``: one line naming the key that does not exist (Hydra's message is seven lines)."""
-    key = arg.split("=", 1)[0]
-    top = key.split(".", 1)[0]
-    if top in known or not re.fullmatch(r"[a-z_][\w.]*", key):
-        return
-    import difflib
-
-    near = difflib.get_close_matches(top, sorted(known), n=1)
-    hint = f" (did you mean {near[0]}{key[len(top) :]}?)" if near else ""
-    raise SystemExit(f"config error: {key}: the config has no key {top!r}{hint}; a new key is added with +{key}=...")
-
-
 def check_presets(argv: list[str]) -> None:
     """A preset name that does not exist (``routing=softmax``, ``+sweep=rouitng``) stops in one line naming it
-    and the group's presets, and so does a top-level key that no config has (``trian.tokens=10``); Hydra's own
-    messages are seven to eleven lines. Anything this cannot read for sure (nested keys, sweep functions,
-    another config dir) is left to Hydra."""
+    and the group's presets, and so does a key at any depth that no config has (``trian.tokens=10``,
+    ``train.tokns=1``, ``+train.lr=1``: harness/config_keys.py); Hydra's own messages are seven to eleven lines.
+    Anything this cannot read for sure (sweep functions, another config dir) is left to Hydra."""
     if any(a.startswith(("--config-dir", "-cd", "--config-path", "-cp", "hydra.searchpath")) for a in argv):
         return
-    known = None
     for arg in argv:
         key = arg.split("=", 1)[0].lstrip("+~")
         if key in REMOVED:
             raise SystemExit(f"config error: {key} is gone: {REMOVED[key]}")
-        if "=" in arg and not arg.startswith(("+", "~", "-")):
-            known = known or _top_level_keys()
-            _check_key(arg, known)
+        if "=" in arg and not arg.startswith(("~", "-")):
+            check_key(arg)
         m = _CHOICE.match(arg)
         if not m or m.group(1).startswith("hydra/"):
             continue

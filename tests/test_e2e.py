@@ -127,6 +127,8 @@ def test_resume_continues_the_same_curve(env, tmp_path):
         ("-m +sweep=rouitng", "+sweep=rouitng is not a sweep preset (presets: balancing, batch_size,"),
         ("data.val_batches=4", "data.val_batches is gone: set data.val_tokens"),
         ("trian.tokens=10", "trian.tokens: the config has no key 'trian' (did you mean train.tokens?)"),
+        ("-m train.tokns=1,2", "train.tokns: train (TrainConfig) has no key 'tokns' (did you mean train.tokens?)"),
+        ("+train.lr=1", "+train.lr: train (TrainConfig) has no key 'lr' (did you mean optim.lr?)"),
     ],
 )
 def test_bad_config_fails_fast_with_one_line(env, tmp_path, override, needle):
