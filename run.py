@@ -3,12 +3,18 @@
 import sys
 
 import hydra
+from hydra.errors import CompactHydraException
 from omegaconf import DictConfig
 
 from harness.preflight import check_presets
 from harness.resolvers import register
 
 register()
+
+
+class JobFailed(CompactHydraException):
+    """A sweep job's config or run-folder error: Hydra reports it in one line (after the job's overrides)
+    instead of a traceback, and the sweep still exits non-zero; the preflight named it before the sweep."""
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
@@ -22,9 +28,9 @@ def main(cfg: DictConfig) -> float:
         from hydra.core.hydra_config import HydraConfig
         from hydra.types import RunMode
 
-        if HydraConfig.get().mode == RunMode.MULTIRUN:  # an ordinary job failure: the sweep's other jobs go on
-            raise type(e)(str(e)) from None  # named before the sweep began (harness/preflight.py): one frame
         kind = "config error" if isinstance(e, ConfigError) else "error"
+        if HydraConfig.get().mode == RunMode.MULTIRUN:  # an ordinary job failure: the sweep's other jobs go on
+            raise JobFailed(f"{kind}: {e}") from None  # Hydra prints it after the job's overrides, no traceback
         raise SystemExit(f"{kind}: {e}") from None  # one line naming the bad key or file, no traceback
 
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 import logging
 import re
 import shutil
+import sys
+import time
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
@@ -105,9 +107,11 @@ class CheckSweep(Callback):
         if bad and len(bad) == len(jobs):  # nothing would run: stop here, as a single run does
             raise SystemExit(f"config error: every job of the sweep has a bad config ({len(jobs)} named above)")
         if bad:
+            wait = 5 if sys.stderr.isatty() else 0  # someone watching: time to read the lines and stop the sweep
             log.error(
-                "%d of %d jobs have a bad config: each fails and is recorded in its folder; the others run "
-                "(Ctrl-C now to fix the sweep first)",
+                "%d of %d jobs have a bad config: each fails and is recorded in its folder; the others run%s",
                 len(bad),
                 len(jobs),
+                f" (starting in {wait} s: Ctrl-C to fix the sweep first)" if wait else "",
             )
+            time.sleep(wait)

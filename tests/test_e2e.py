@@ -280,6 +280,9 @@ def test_a_bad_config_in_a_sweep_is_named_before_any_job_and_fails_that_job_only
     line = "config error in job moe.top_k=16: moe.top_k=16 > moe.num_experts=8"
     assert out.count(line) == 1 and out.index(line) < out.index("Launching 2 jobs")
     assert "1 of 2 jobs have a bad config" in out
+    # the failed job is reported by Hydra in one line after its overrides, not as a traceback
+    assert "Traceback" not in out
+    assert "config error: moe.top_k=16 > moe.num_experts=8" in out.split("Error executing job with overrides")[-1]
     # a sweep none of whose jobs can run stops there, in one line, and writes nothing
     none = run_cli(env, tmp_path / "none", "-m", "moe.top_k=16,32", check=False)
     assert none.returncode != 0 and "Traceback" not in none.stderr
