@@ -153,7 +153,10 @@ def curves(df: pd.DataFrame) -> pd.DataFrame:
 def metrics(run_dir: str | Path) -> pd.DataFrame:
     """The CSV logger's metrics of one run (all versions, i.e. across resumes, or a lone ``metrics.csv`` copied
     beside its config), one row per step."""
-    files = sorted(Path(run_dir).glob("csv/version_*/metrics.csv")) or sorted(Path(run_dir).glob("metrics.csv"))
+    run_dir = Path(run_dir)
+    if (run_dir / "results.json").is_symlink():  # a job skipped for its config's run elsewhere: that run's logs
+        run_dir = (run_dir / "results.json").resolve().parent
+    files = sorted(run_dir.glob("csv/version_*/metrics.csv")) or sorted(run_dir.glob("metrics.csv"))
     if not files:
         return pd.DataFrame()
     df = pd.concat([pd.read_csv(f) for f in files], ignore_index=True)

@@ -104,7 +104,10 @@ def main() -> None:
         print(files["downstream"].read_text())
     print("wrote", ", ".join(str(p) for p in files.values()))
     if "load" not in files:
-        print("expert_load.png: not drawn (no run logged moe/expert_load_cv: dense runs only)")
+        print(
+            "expert_load.png: not drawn (no run logged moe/expert_load_cv: dense runs only, or MoE runs shorter "
+            "than trainer.log_every_n_steps)"
+        )
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ def summarize(df: pd.DataFrame, by: list[str] | None = None) -> pd.DataFrame:
         dense_iso_val_loss=("dense_iso_val_loss", "mean"),
         dense_iso_std=("dense_iso_val_loss", "std"),
         train_flops=("train_flops", "mean"),
+        **({"tokens": ("tokens", "mean")} if "tokens" in ok else {}),
     ).reset_index()
     for col, rows in (("failed", df[~df.status.isin(["complete", "pruned"])]), ("pruned", df[df.status == "pruned"])):
         counts = rows.groupby(by, dropna=False).size().rename(col).reset_index()
@@ -50,15 +51,25 @@ def _cell(value) -> str:
     return f"{value:.4g}" if isinstance(value, float) and len(str(value)) > 8 else str(value)
 
 
+BUDGET_AXES = ("train_tokens", "pretrain_fraction")  # settings a run rounds up to whole optimizer steps
+
+
 def _rows(table: pd.DataFrame, by: list[str], bold) -> tuple[list[str], list[list[str]]]:
+    """Axis cells read per column (``iterrows`` would upcast an integer axis beside float columns: 2000.0); a
+    budget axis is followed by the tokens the runs really trained (train.tokens=96000 trains 96,256 at 1,024 a
+    step)."""
     pruned = bool(table.pruned.sum())  # an Optuna study's: stopped early by the pruner, not failed
-    header = by + ["val loss", "iso-FLOP dense", "step-0 loss", "seeds", "failed"] + (["pruned"] if pruned else [])
+    trained = "tokens" in table and any(a in by for a in BUDGET_AXES)
+    header = by + (["tokens trained"] if trained else []) + ["val loss", "iso-FLOP dense", "step-0 loss", "seeds"]
+    header += ["failed"] + (["pruned"] if pruned else [])
     best = table.val_loss.min()
     rows = []
-    for _, r in table.iterrows():
+    for i in range(len(table)):
+        r = table.iloc[i]
         loss = _pm(r.val_loss, r.val_loss_std)
         rows.append(
-            [_cell(r[a]) for a in by]
+            [_cell(table[a].iloc[i]) for a in by]
+            + ([("—" if pd.isna(r.tokens) else f"{r.tokens:,.0f}")] if trained else [])
             + [
                 bold(loss) if r.val_loss == best else loss,
                 _pm(r.dense_iso_val_loss, r.dense_iso_std),
@@ -67,7 +78,7 @@ def _rows(table: pd.DataFrame, by: list[str], bold) -> tuple[list[str], list[lis
                 str(int(r.failed)),
             ]
             + ([str(int(r.pruned))] if pruned else [])
-        )  # iterrows upcasts an all-numeric row to float
+        )
     return header, rows
 
 

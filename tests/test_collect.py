@@ -105,3 +105,41 @@ def test_bases_at_different_shares_of_the_pretraining_are_not_pooled(tmp_path):
     assert by == ["pretrain_fraction_d1"]
     table = summarize(df, by)
     assert len(table) == 2 and sorted(table.seeds) == [1, 2]  # fraction 1 and unset: one base; 0.5 its own row
+
+
+def test_a_budget_axis_reads_as_an_integer_beside_the_tokens_really_trained(tmp_path):
+    """train.tokens=2000 trains 2,048 (whole steps of 1,024): the table shows both, and the setting as 2000, not
+    the 2000.0 a row of numbers comes back as."""
+    for tokens, trained, loss in ((2000, 2048, 3.65), (4000, 4096, 3.66)):
+        folder = tmp_path / f"train.tokens={tokens},cfg={tokens}"
+        folder.mkdir()
+        cfg = {"seed": 0, "train": {"tokens": tokens}, "moe": {"routing": "softmax_topk"}}
+        res = {"status": "complete", "config": cfg, "config_hash": str(tokens), "val_loss": loss, "tokens": trained}
+        (folder / "results.json").write_text(json.dumps({**res, "method": "upcycle", "init_val_loss": 3.7}))
+    df = collect(tmp_path)
+    by = varying_axes(df)
+    assert by == ["train_tokens"]
+    md = to_markdown(summarize(df, by), by)
+    assert "| train_tokens | tokens trained | val loss |" in md
+    assert "| 2000 | 2,048 | **3.6500** |" in md and "| 4000 | 4,096 | 3.6600 |" in md
+
+
+def test_a_skipped_jobs_link_reads_the_logs_of_the_run_it_points_to(tmp_path):
+    """A sweep job skipped for its config's run elsewhere holds only a results.json link (harness.results.link):
+    its metrics, and so the expert-load plot, are that run's."""
+    from analysis.collect import metrics
+    from analysis.plots import expert_load
+    from harness.results import link
+
+    real = tmp_path / "runs" / "default" / "cfg=aaaa"
+    _run(real, "aaaa", 0)
+    (real / "csv" / "version_0").mkdir(parents=True)
+    (real / "csv" / "version_0" / "metrics.csv").write_text("step,moe/expert_load_cv\n4,0.30\n9,0.25\n")
+    stub = tmp_path / "multirun" / "sweep" / "routing=softmax_topk,cfg=aaaa"
+    stub.mkdir(parents=True)
+    link(stub, real)
+    assert (stub / "results.json").is_symlink()
+    assert list(metrics(stub)["moe/expert_load_cv"]) == [0.30, 0.25]
+    df = collect(tmp_path / "multirun")
+    assert df.run_dir.tolist() == [str(stub / "results.json").rsplit("/", 1)[0]]
+    assert expert_load(df, ["moe"], tmp_path / "load.png") is not None
