@@ -1,13 +1,17 @@
 """Hydra entry point: compose the config, run the experiment, return the objective (val loss)."""
 
-import sys
+import time
 
-import hydra
-from hydra.errors import CompactHydraException
-from omegaconf import DictConfig
+STARTED = time.perf_counter()  # before the imports: the first job's startup seconds count from here (harness/timing.py)
 
-from harness.preflight import check_presets
-from harness.resolvers import register
+import sys  # noqa: E402
+
+import hydra  # noqa: E402
+from hydra.errors import CompactHydraException  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
+
+from harness.preflight import check_presets  # noqa: E402
+from harness.resolvers import register  # noqa: E402
 
 register()
 

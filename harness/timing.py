@@ -5,12 +5,23 @@ line, so the fixed cost of a sweep's short jobs is measured on every run, not gu
 from __future__ import annotations
 
 import os
+import sys
 import time
 from contextlib import contextmanager
 
 from lightning.pytorch.callbacks import Callback
 
 _FIRST_JOB = [True]  # the process's first job also pays the interpreter's start and the imports
+
+
+def startup_seconds() -> float | None:
+    """Seconds before the process's first job: from the entry point's ``STARTED`` mark (run.py's first line)
+    where it has one, since a shell that execs python (``bash -c 'prep; python run.py'``) hands it its own
+    birth time; else (a launcher's worker process) the process's age."""
+    started = getattr(sys.modules.get("__main__"), "STARTED", None)
+    if isinstance(started, float):
+        return time.perf_counter() - started
+    return process_age()
 
 
 def process_age() -> float | None:
@@ -32,7 +43,7 @@ class Timings(dict):
         super().__init__()
         if _FIRST_JOB[0]:
             _FIRST_JOB[0] = False
-            age = process_age()
+            age = startup_seconds()
             if age is not None:
                 self["startup"] = age  # interpreter, imports and config composition, before this job began
 
