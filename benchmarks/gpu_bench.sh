@@ -3,7 +3,8 @@
 #   bash benchmarks/gpu_bench.sh $OUT [part [presets]]   part: layer | step | large | accum | harness | all (= layer, step)
 #   large (issue 22, target 2; an H200): large1b upcycled to E8G1T2 in every layer beside its dense parent, batch 8
 #   accum (issue 28, target 3): the same at a 1B run's global batch of 32 x 2048, 4-8 micro-batches per AdamW step
-# writes moe_layer.txt/json, moe_recipes.txt/json, train_step.jsonl and (harness) harness_overhead*.csv under $OUT
+# writes moe_layer.txt/json, moe_recipes.txt/json, train_step.jsonl and (harness) harness_overhead*.csv and
+# harness_profiles_*.tgz under $OUT
 set -u
 out=${1:-bench_out}; part=${2:-all}; mkdir -p "$out"; export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 if [[ $part == all || $part == layer ]]; then
@@ -48,8 +49,13 @@ if [[ $part == harness ]]; then  # run.py jobs against the bare step, alone and 
   python3 -X importtime -c "import harness.train" 2>"$out/importtime.txt"
   sort -t'|' -k2 -n -r "$out/importtime.txt" | head -12
   python3 -c "import time, torch; t = time.perf_counter(); torch.zeros(1, device='cuda'); print(f'CUDA init {time.perf_counter() - t:.2f} s')"
-  timeout 570 python3 benchmarks/harness_overhead.py --moe "$presets" --out /tmp/harness_bench 2>&1 | tail -16
+  # HARNESS_FLAGS: e.g. --launcher-workers 3 (the jobs as one run.py -m sweep through the joblib launcher)
+  read -r -a flags <<<"${HARNESS_FLAGS:-}"
+  timeout 540 python3 benchmarks/harness_overhead.py --moe "$presets" --out /tmp/harness_bench ${flags[@]+"${flags[@]}"} 2>&1 | tail -24
+  tag=${presets//,/_}${HARNESS_FLAGS:+_launcher}
   for f in harness_overhead harness_overhead_seconds; do  # the figures, and where one job's seconds went
-    cp /tmp/harness_bench/$f.csv "$out/${f}_${presets//,/_}.csv" 2>/dev/null
+    cp /tmp/harness_bench/$f.csv "$out/${f}_$tag.csv" 2>/dev/null
   done
+  # each lone job's profiled window (train.profile_steps): its summary, figures and Chrome trace, in one file
+  (cd /tmp/harness_bench && tar czf "$out/harness_profiles_$tag.tgz" profile_* 2>/dev/null)
 fi

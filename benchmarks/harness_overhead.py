@@ -9,7 +9,7 @@ how well it is trained.
 
     python benchmarks/harness_overhead.py --moe none,E8G1T2,E64G8T8 --jobs 6 --out bench_out     # one H100
     python benchmarks/harness_overhead.py --model tiny --trainer cpu --seq 64 --batch 8 --steps 6 \\
-        --moe none,E8G1T2 --jobs 2 --corpus-bytes 1000000 --no-compile                            # CPU smoke run
+        --moe none,E8G1T2 --jobs 2 --corpus-bytes 1000000 --val-tokens 4096 --no-compile           # CPU smoke run
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -40,7 +41,7 @@ def bare(args, moe: str) -> float:
     return json.loads(out.strip().splitlines()[-1])["tokens_per_s"]
 
 
-def overrides(args, moe: str, seed: int, name: str) -> list[str]:
+def overrides(args, moe: str, seed: int, name: str, profile: bool = False) -> list[str]:
     job = ["method=dense", "moe=E8G1T2"] if moe == "none" else ["method=upcycle", f"moe={moe}"]
     return [
         "+scale=study",
@@ -61,27 +62,53 @@ def overrides(args, moe: str, seed: int, name: str) -> list[str]:
         f"seed={seed}",
         f"name={name}",
         *([f"data.val_tokens={args.val_tokens}"] if args.val_tokens else []),
+        *([f"train.profile_steps={args.profile_steps}"] if profile and args.profile_steps else []),
         *job,
     ]
 
 
-def start(args, moe: str, seed: int, name: str) -> subprocess.Popen:
+def start(args, moe: str, seed: int, name: str, profile: bool = False) -> subprocess.Popen:
     env = {**os.environ, "UPCYCLE_LOGS": str(args.out / "logs"), "UPCYCLE_CACHE": str(args.out / "cache")}
     log = open(args.out / f"{name}_s{seed}.log", "w")
-    cmd = [sys.executable, "run.py", *overrides(args, moe, seed, f"{name}_s{seed}")]
+    cmd = [sys.executable, "run.py", *overrides(args, moe, seed, f"{name}_s{seed}", profile)]
     return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
 
 
-def job_figures(args, name: str, seed: int) -> dict:
+def sweep(args, moe: str, jobs: int, name: str) -> subprocess.Popen:
+    """The study driver's way: one ``run.py -m`` sweep of ``jobs`` seeds through the joblib launcher, its
+    ``--launcher-workers`` worker processes each running job after job."""
+    env = {**os.environ, "UPCYCLE_LOGS": str(args.out / "logs"), "UPCYCLE_CACHE": str(args.out / "cache")}
+    log = open(args.out / f"{name}.log", "w")
+    own = [o for o in overrides(args, moe, 0, name) if not o.startswith("seed=")]
+    seeds = ",".join(str(s) for s in range(1, jobs + 1))
+    launcher = ["hydra/launcher=parallel", f"hydra.launcher.n_jobs={args.launcher_workers}"]
+    cmd = [sys.executable, "run.py", "-m", *own, *launcher, f"seed={seeds}"]
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+
+def run_folders(args, name: str, jobs: int) -> list[Path]:
+    """The jobs' run folders: ``runs/<name>_s<seed>/latest`` for separate processes, the sweep's job folders
+    (``multirun/<name>/*``, by seed) for a launcher sweep."""
+    if not (args.launcher_workers and jobs > 1):
+        return [(args.out / "logs" / "runs" / f"{name}_s{seed}" / "latest").resolve() for seed in range(1, jobs + 1)]
+    found = sorted(p.parent for p in (args.out / "logs" / "multirun" / name).glob("*/results.json"))
+    if len(found) != jobs:
+        raise SystemExit(f"the sweep {name} left {len(found)} results of {jobs}; see {args.out}/{name}.log")
+    return found
+
+
+def job_figures(args, run: Path, name: str) -> dict:
     """Steady tokens/s (median past the first fifth), tokens, and the run's own wall times."""
-    run = (args.out / "logs" / "runs" / f"{name}_s{seed}" / "latest").resolve()
     res = json.loads((run / "results.json").read_text())
     m = collect.metrics(run)
     tps = m["perf/tokens_per_s"].dropna().tolist()
     steady = statistics.median(tps[len(tps) // 5 :]) if tps else float("nan")
     # where the job's seconds went (harness/timing.py): its stages, and inside its fit the setup, compile, steps
     seconds = {**res.get("timings_s", {}), **{f"fit_{k}": v for k, v in res.get("fit_timings_s", {}).items()}}
+    if "profile" in res:  # the job's profiled window (train.profile_steps), kept beside the figures
+        shutil.copytree(run / "profile", args.out / f"profile_{name}", dirs_exist_ok=True)
     return {
+        "profile": res.get("profile"),
         "steady": steady,
         "tokens": res["tokens"],
         "fit_wall_s": res["fit_wall_s"],
@@ -91,21 +118,34 @@ def job_figures(args, name: str, seed: int) -> dict:
 
 
 def harness(args, moe: str, jobs: int) -> dict:
-    """``jobs`` run.py jobs started together (seeds 1..jobs): per-job and aggregate figures."""
+    """``jobs`` run.py jobs started together (seeds 1..jobs): per-job and aggregate figures. A job alone profiles
+    ``--profile-steps`` of its steps (a quarter of the way in; the steady median past the first fifth hardly moves)."""
     name = f"bench_{moe}_x{jobs}"
     t0 = time.time()
-    procs = [start(args, moe, seed, name) for seed in range(1, jobs + 1)]
+    if args.launcher_workers and jobs > 1:
+        procs = [sweep(args, moe, jobs, name)]
+    else:
+        procs = [start(args, moe, seed, name, profile=jobs == 1) for seed in range(1, jobs + 1)]
     codes = [p.wait() for p in procs]
     span = time.time() - t0
     if any(codes):
-        raise SystemExit(f"a harness job failed (exit codes {codes}); see {args.out}/{name}_s*.log")
-    figs = [job_figures(args, name, seed) for seed in range(1, jobs + 1)]
+        raise SystemExit(f"a harness job failed (exit codes {codes}); see {args.out}/{name}*.log")
+    figs = [job_figures(args, run, name) for run in run_folders(args, name, jobs)]
     return {
         "steady": statistics.median(f["steady"] for f in figs),
         "aggregate": sum(f["tokens"] for f in figs) / span,
         "setup_s": statistics.median(f["wall_s"] - f["fit_wall_s"] for f in figs),
         "seconds": figs[0]["seconds"],
+        "profile": figs[0]["profile"],
     }
+
+
+def _profiled(report: dict | None) -> dict:
+    """The lone job's profiled window in three columns: its step, the GPU's busy share of it, the host's waits."""
+    if not report:
+        return {}
+    waits = sum(report["host_waits_by_site"].values()) / max(1, report["steps"][1] - report["steps"][0])
+    return {"prof_step_ms": report["step_ms"], "prof_gpu_busy": report["gpu_busy_share"], "prof_waits_per_step": waits}
 
 
 def main() -> None:
@@ -122,9 +162,17 @@ def main() -> None:
     # what a machine has installed; on the H200 with the eval wheels its split held 517,720 validation tokens
     ap.add_argument("--val-tokens", type=int, default=262144, help="data.val_tokens (0: the study's)")
     ap.add_argument("--jobs", type=int, default=6, help="jobs at once on the one GPU for the aggregate")
+    ap.add_argument(
+        "--launcher-workers",
+        type=int,
+        default=0,
+        help="> 0: the --jobs run as one run.py -m sweep through the joblib launcher with this many workers "
+        "(the study driver's way); 0: --jobs separate run.py processes",
+    )
     ap.add_argument("--pretrain-tokens", type=int, default=2_000_000)
     ap.add_argument("--corpus-bytes", type=int, default=40_000_000)
     ap.add_argument("--no-compile", dest="compile", action="store_false")
+    ap.add_argument("--profile-steps", type=int, default=8, help="steps of the lone job under the profiler (0: none)")
     ap.add_argument("--out", type=Path, default=Path("bench_out"))
     args = ap.parse_args()
     args.out = args.out.resolve()
@@ -154,11 +202,17 @@ def main() -> None:
                 "job_setup_s": one["setup_s"],
                 f"x{args.jobs}_aggregate_tok_s": many["aggregate"],
                 f"x{args.jobs}_vs_one_job": many["aggregate"] / one["aggregate"],
+                f"x{args.jobs}_vs_bare": many["aggregate"] / b,
                 f"x{args.jobs}_steady_per_job": many["steady"],
+                **_profiled(one["profile"]),
             }
         )
         print(json.dumps(rows[-1]), flush=True)
         seconds.append({"preset": rows[-1]["preset"], **one["seconds"]})
+        write(args, rows, seconds)  # after every preset: a call cut off at its limit keeps the presets it finished
+
+
+def write(args, rows: list[dict], seconds: list[dict]) -> None:
     table = pd.DataFrame(rows)
     print(table.to_string(index=False, float_format=lambda x: f"{x:.3g}"))
     table.to_csv(args.out / "harness_overhead.csv", index=False)
@@ -167,7 +221,7 @@ def main() -> None:
     order += [f"fit_{k}" for k in ("init", "setup", "first_step", "steps", "validation", "checkpoint", "final_eval")]
     spent = spent[[c for c in order if c in spent] + [c for c in spent if c not in order]]
     print("\nseconds of one job alone, by stage (fit_*: inside its MoE fit)")
-    print(spent.to_string(index=False, float_format=lambda x: f"{x:.2f}"))
+    print(spent.to_string(index=False, float_format=lambda x: f"{x:.2f}"), flush=True)
     spent.to_csv(args.out / "harness_overhead_seconds.csv", index=False)
 
 

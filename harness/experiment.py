@@ -46,11 +46,15 @@ class TrainConfig:
     max_grad_norm: float | None = 1000.0  # a pre-clip gradient norm above this (or NaN/Inf) stops the run
     collapse_share: float = 0.9  # one expert taking more than this share of the tokens ...
     collapse_steps: int = 100  # ... for this many steps in a row: moe/router_collapse=1 and a warning
+    # profile this many steady steps of the run's own stage (harness/profiling.py: profile/ in its folder); 0: off
+    profile_steps: int = 0
 
     def __post_init__(self) -> None:
         for key in ("tokens", "ckpt_every", "val_every"):
             if int(getattr(self, key)) <= 0:
                 raise ConfigError(f"train.{key}={getattr(self, key)!r} must be > 0")
+        if isinstance(self.profile_steps, bool) or not isinstance(self.profile_steps, int) or self.profile_steps < 0:
+            raise ConfigError(f"train.profile_steps={self.profile_steps!r} must be a whole number >= 0 (0: off)")
         mgn, share = self.max_grad_norm, self.collapse_share
         if mgn is not None and not (isinstance(mgn, (int, float)) and mgn > 0):
             raise ConfigError(f"train.max_grad_norm={mgn!r} must be > 0 (or null)")

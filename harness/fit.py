@@ -22,7 +22,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.plugins.environments import LightningEnvironment
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from harness import flops, launch, timing, tracking, trunk
+from harness import flops, launch, profiling, timing, tracking, trunk
 from harness.errors import ConfigError
 from harness.experiment import Experiment, compile_enabled
 from harness.io import DiskFull, atomic_write_text, intact_zip, move_aside
@@ -181,16 +181,18 @@ def fit_and_evaluate(
     ``scored``: this is the stage an Optuna trial is scored on, so its validation losses go to the trial, which
     may prune it; the dense base and the dense baselines are caches that other trials share, never pruned.
     ``own_stage``: this is the stage the run's ``method`` names (the MoE for upcycle, the dense run for dense, the
-    base for pretrain), the only one ``train.stop_after_steps`` stops; the caches it shares with other runs
-    (the base, the dense baselines) always train to the end, so a simulated crash never half-trains them.
+    base for pretrain), the only one ``train.stop_after_steps`` stops and ``train.profile_steps`` profiles; the
+    caches it shares with other runs (the base, the dense baselines) always train to the end, so a simulated crash
+    never half-trains them.
     ``keep_weights``: a finished model with no ``last.ckpt`` leaves its weights in ``out_dir/weights.pt`` (the
     eval stage scores them; a third of a checkpoint with Adam's moments). ``keep_trunk``: the WSD trunk keeps
     every checkpoint, not only its latest (the pretraining trunk: bases at several shares branch off it)."""
-    if not own_stage and exp.train.stop_after_steps is not None:
-        exp = dataclasses.replace(exp, train=dataclasses.replace(exp.train, stop_after_steps=None))
+    if not own_stage and (exp.train.stop_after_steps is not None or exp.train.profile_steps):
+        exp = dataclasses.replace(exp, train=dataclasses.replace(exp.train, stop_after_steps=None, profile_steps=0))
         cfg = copy.deepcopy(cfg)
         with open_dict(cfg):
             cfg.train.stop_after_steps = None
+            cfg.train.profile_steps = 0
     if trunk_dir is not None and launch.needs_launch(cfg.trainer):
         raise ConfigError("train.share_trunk=true runs on one device for now (trainer.devices=1)")
     if launch.needs_launch(cfg.trainer):
@@ -294,6 +296,10 @@ def fit_in_process(
     stop = train.stop_after_steps
     if stop:
         callbacks.append(StopAfter(int(stop)))
+    profiler = None
+    if train.profile_steps:  # rank 0 profiles a window of steady steps: profile/ beside the checkpoints
+        profiler = profiling.StepProfiler(out_dir, *profiling.window(steps, train.profile_steps, int(train.val_every)))
+        callbacks.append(profiler)
     last = ckpt_dir / "last.ckpt"
     start = last if last.exists() else None
     if trunk_dir is not None:  # WSD ladder: branch off the shared stable phase, and extend it for the next budget
@@ -335,6 +341,9 @@ def fit_in_process(
             (ckpt_dir / "trunk.ckpt").unlink(missing_ok=True)
     wall = time.perf_counter() - t0
     tokens = steps * tokens_per_step
+    report = profiler.report if profiler is not None else None
+    if report is not None:
+        log.info("profile (%s): %s", out_dir / "profile", profiling.render(report).splitlines()[0])
     return {
         "status": "complete" if trainer.global_step >= steps else "interrupted",
         "steps": trainer.global_step,
@@ -346,6 +355,7 @@ def fit_in_process(
         "val_points": curve.points,
         "world_size": trainer.world_size,
         "accumulate_grad_batches": accumulate,
+        **({"profile": report} if report is not None else {}),
     }, trainer
 
 

@@ -38,6 +38,7 @@ COSMETIC = (
     "optuna",
     "callbacks.progress_bar",
     "train.stop_after_steps",
+    "train.profile_steps",  # a profiler and CUDA's sync check watch the steps; they change nothing computed
     "train._target_",  # the class that checks the block, not part of the experiment
     "pretrain._target_",
     "trainer.enable_progress_bar",

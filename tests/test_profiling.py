@@ -1,0 +1,70 @@
+"""``train.profile_steps``: a window of steady steps of the run's own stage under the profiler, written beside the
+run and into results.json, without changing which folder the run lives in or what it computes."""
+
+import json
+import random
+import traceback
+
+import pytest
+import torch
+
+from harness.profiling import SyncAudit, busy_us, call_site, window
+
+from helpers.e2e import results, run_cli
+
+
+def test_the_window_starts_past_warm_up_and_stops_before_a_validation():
+    assert window(200, 5, 100) == (50, 55)
+    assert window(200, 80, 100) == (50, 100)  # validation at step 100 is not charged to the steps
+    assert window(8, 5, 100) == (3, 8)  # a short fit: from step 3 to its end
+    assert window(3, 5, 100) == (3, 3)  # nothing left to profile: an empty window
+
+
+def test_busy_time_is_the_union_of_the_intervals():
+    rng = random.Random(0)
+    for _ in range(200):
+        spans = [(a, a + rng.randint(0, 20)) for a in (rng.randint(0, 100) for _ in range(rng.randint(0, 12)))]
+        covered = {t for a, b in spans for t in range(a, b)}  # unit cells, counted independently of the merge
+        assert busy_us([(float(a), float(b)) for a, b in spans]) == len(covered)
+
+
+def test_a_wait_is_charged_to_the_line_that_asked_for_the_value():
+    def ask():
+        return traceback.extract_stack()
+
+    site = call_site(ask())
+    assert site.startswith("test_profiling.py:") and site.endswith(" ask")
+
+
+def test_a_profiled_run_writes_its_window_and_keeps_its_folder(env, tmp_path):
+    args = ("name=prof", "method=dense", "iso_flop_baseline=false")
+    run_cli(env, tmp_path, *args)
+    plain = (tmp_path / "runs" / "prof" / "latest").resolve()
+    run_cli(env, tmp_path, *args, "train.profile_steps=4", "force=true")
+    profiled = (tmp_path / "runs" / "prof" / "latest").resolve()
+    assert profiled == plain  # the same config: the same folder, its hash untouched by the profiler
+    report = results(profiled)["profile"]
+    steps = results(profiled)["steps"]
+    assert report["steps"] == list(window(steps, 4, 10))
+    assert report["step_ms"] > 0 and report["top_host"], report
+    assert report["gpu_busy_share"] is None  # a CPU run: no device activity to measure
+    on_disk = sorted(p.name for p in (profiled / "profile").iterdir())
+    assert on_disk == ["profile.json", "summary.txt", "trace.json.gz"]
+    assert json.loads((profiled / "profile" / "profile.json").read_text()) == report
+    assert "aten::" in (profiled / "profile" / "summary.txt").read_text()  # the host ops of a training step
+
+
+def test_a_bad_profile_steps_stops_in_one_line(env, tmp_path):
+    proc = run_cli(env, tmp_path, "train.profile_steps=-2", check=False)
+    assert proc.returncode != 0 and "train.profile_steps=-2" in proc.stderr
+
+
+@pytest.mark.gpu
+def test_the_sync_check_names_a_planted_item_call():
+    x = torch.ones(4, device="cuda")
+    with SyncAudit() as audit:
+        for _ in range(3):
+            value = (x * 2).sum().item()  # a planted host wait
+    assert value == 8.0
+    (site, count), *_ = audit.sites.items()
+    assert "test_profiling.py" in site and count == 3, audit.sites
