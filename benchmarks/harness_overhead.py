@@ -105,6 +105,7 @@ def job_figures(args, run: Path, name: str) -> dict:
     steady = statistics.median(tps[len(tps) // 5 :]) if tps else float("nan")
     # where the job's seconds went (harness/timing.py): its stages, and inside its fit the setup, compile, steps
     seconds = {**res.get("timings_s", {}), **{f"fit_{k}": v for k, v in res.get("fit_timings_s", {}).items()}}
+    seconds |= {f"compile_{k}": v for k, v in res.get("fit_compile", {}).items()}  # what its MoE fit traced
     if "profile" in res:  # the job's profiled window (train.profile_steps), kept beside the figures
         shutil.copytree(run / "profile", args.out / f"profile_{name}", dirs_exist_ok=True)
     return {

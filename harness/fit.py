@@ -332,6 +332,7 @@ def fit_in_process(
         use_distributed_sampler=False,  # the datamodule shards by rank itself, in order
     )
     t0 = time.perf_counter()
+    compiled = timing.compile_counts()
     clock.start()
     try:
         trainer.fit(lit, datamodule=exp.data, ckpt_path=str(start) if start else None)
@@ -352,6 +353,7 @@ def fit_in_process(
         "train_flops": tokens * fpt,
         "fit_wall_s": wall,
         "fit_timings_s": clock.finish(),
+        "fit_compile": timing.since(compiled),
         "val_points": curve.points,
         "world_size": trainer.world_size,
         "accumulate_grad_batches": accumulate,

@@ -110,6 +110,32 @@ class FitClock(Callback):
         return {k: round(v, 3) for k, v in self.seconds.items()}
 
 
+# torch.compile's counters a fit reports: frames traced, graphs made, graph breaks, and the on-disk caches' hits
+# (a job whose stages or a warm worker's jobs recompile what an earlier one compiled shows it here)
+_COMPILE_COUNTERS = (
+    ("frames", "frames", "total"),
+    ("graphs", "stats", "unique_graphs"),
+    ("fx_cache_hits", "inductor", "fxgraph_cache_hit"),
+    ("fx_cache_misses", "inductor", "fxgraph_cache_miss"),
+    ("autograd_cache_hits", "aot_autograd", "autograd_cache_hit"),
+    ("autograd_cache_misses", "aot_autograd", "autograd_cache_miss"),
+)
+
+
+def compile_counts() -> dict:
+    """torch.compile's process-wide counters now, plus its graph breaks (subtract two readings for a fit's own)."""
+    from torch._dynamo.utils import counters
+
+    out = {name: int(counters[group][key]) for name, group, key in _COMPILE_COUNTERS}
+    out["graph_breaks"] = int(sum(counters["graph_break"].values()))
+    return out
+
+
+def since(before: dict) -> dict:
+    """What the counters gained since ``before``."""
+    return {k: v - before.get(k, 0) for k, v in compile_counts().items()}
+
+
 @contextmanager
 def charge_checkpoint(trainer):
     """Times a checkpoint write into the trainer's FitClock, if it has one."""

@@ -41,3 +41,24 @@ def test_run_py_marks_its_start_before_any_other_import():
     first = [n for n in body if not (isinstance(n, ast.Expr) and isinstance(n.value, ast.Constant))]
     assert isinstance(first[0], ast.Import) and [a.name for a in first[0].names] == ["time"]
     assert isinstance(first[1], ast.Assign) and first[1].targets[0].id == "STARTED"
+
+
+def test_a_fits_compile_counts_are_what_it_traced_and_broke():
+    import torch
+
+    from harness.timing import compile_counts, since
+
+    def step(x):
+        y = x * 2
+        torch._dynamo.graph_break()  # two graphs and one break a call
+        return y + 1
+
+    compiled = torch.compile(step, backend="eager")
+    torch._dynamo.reset()
+    before = compile_counts()
+    compiled(torch.ones(3))
+    first = since(before)
+    assert first["frames"] >= 1 and first["graphs"] == 2 and first["graph_breaks"] == 1, first
+    again = compile_counts()
+    compiled(torch.ones(3))  # the same shapes: nothing traced again
+    assert since(again)["frames"] == 0 and since(again)["graphs"] == 0
