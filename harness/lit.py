@@ -197,9 +197,12 @@ class LitLM(L.LightningModule):
     def validation_step(self, batch, batch_idx):
         """Sums each window's mean token loss (a window a rank holds only as padding weighs 0, see
         ``harness.data.RankShard``); ``on_validation_epoch_end`` divides by the windows over all ranks, so
-        val/loss is the mean over the validation windows on 1 or N devices alike."""
+        val/loss is the mean over the validation windows on 1 or N devices alike. Eager even where the blocks were
+        compiled: eval mode under inference mode is a new graph per block, compiled at the fit's first validation
+        (seconds a job, against a pass that eager runs in about one)."""
         x, y, *weight = batch
-        logits = self.model(x).logits.float()
+        with torch.compiler.set_stance("force_eager"):  # see ``evaluate``: no eval-mode graphs for one pass
+            logits = self.model(x).logits.float()
         per_window = torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none")
         per_window = per_window.view(y.shape).mean(1)
         w = weight[0].to(per_window) if weight else torch.ones_like(per_window)

@@ -30,3 +30,42 @@ def test_evaluating_a_compiled_moe_traces_no_graph_and_gives_the_eager_loss():
     assert evaluate(moe, loader) == eager
     assert _graphs() == traced, "evaluate traced new graphs for the compiled blocks (a recompile per evaluation)"
     assert moe.training, "evaluate leaves the model in the mode it found"
+
+
+def test_validating_a_compiled_moe_in_the_fit_traces_no_graph():
+    import lightning as L
+
+    from harness.lit import LitLM, OptimConfig
+
+    torch.manual_seed(0)
+    moe = upcycle(Decoder(tiny_config()), MoEConfig(num_experts=8, granularity=1, top_k=2), Recipe())
+    moe.compile_blocks(backend="eager")
+    torch._dynamo.reset()
+    gen = torch.Generator().manual_seed(1)
+    batches = [(x, torch.roll(x, -1, 1)) for x in (torch.randint(0, 97, (4, 16), generator=gen) for _ in range(4))]
+    lit = LitLM(moe, OptimConfig(warmup_steps=1), total_steps=4, train_flops_per_token=1, tokens_per_step=64)
+    trainer = L.Trainer(
+        max_steps=4,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        val_check_interval=2,
+        num_sanity_val_steps=0,
+    )
+    traced = []
+
+    class Count(L.Callback):
+        def on_validation_start(self, *_):
+            traced.append(_graphs())
+
+        def on_validation_end(self, *_):
+            traced.append(_graphs())
+
+    trainer.callbacks.append(Count())
+    loader = torch.utils.data.DataLoader(batches, batch_size=None)
+    trainer.fit(lit, train_dataloaders=loader, val_dataloaders=loader)
+    assert len(traced) == 4 and traced[0] > 0, traced  # two validations, after the training graphs were traced
+    assert traced[1] == traced[0] and traced[3] == traced[2], f"a validation traced graphs: {traced}"
+    assert torch.isfinite(trainer.callback_metrics["val/loss"])
