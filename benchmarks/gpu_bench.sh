@@ -49,13 +49,14 @@ if [[ $part == harness ]]; then  # run.py jobs against the bare step, alone and 
   python3 -X importtime -c "import harness.train" 2>"$out/importtime.txt"
   sort -t'|' -k2 -n -r "$out/importtime.txt" | head -12
   python3 -c "import time, torch; t = time.perf_counter(); torch.zeros(1, device='cuda'); print(f'CUDA init {time.perf_counter() - t:.2f} s')"
-  # HARNESS_FLAGS: e.g. --launcher-workers 3 (the jobs as one run.py -m sweep through the joblib launcher)
+  # HARNESS_FLAGS: e.g. --launcher-workers 3 (the jobs as one run.py -m sweep through the joblib launcher),
+  # --cprofile none (one more dense job under cProfile: where the fixed seconds go, by function)
   read -r -a flags <<<"${HARNESS_FLAGS:-}"
   timeout 540 python3 benchmarks/harness_overhead.py --moe "$presets" --out /tmp/harness_bench ${flags[@]+"${flags[@]}"} 2>&1 | tail -24
   tag=${presets//,/_}${HARNESS_FLAGS:+_launcher}
   for f in harness_overhead harness_overhead_seconds; do  # the figures, and where one job's seconds went
     cp /tmp/harness_bench/$f.csv "$out/${f}_$tag.csv" 2>/dev/null
   done
-  # each lone job's profiled window (train.profile_steps): its summary, figures and Chrome trace, in one file
-  (cd /tmp/harness_bench && tar czf "$out/harness_profiles_$tag.tgz" profile_* 2>/dev/null)
+  # each lone job's profiled window (train.profile_steps: summary, figures, Chrome trace) and any cProfile tables
+  (cd /tmp/harness_bench && tar czf "$out/harness_profiles_$tag.tgz" profile_* cprofile_*.txt 2>/dev/null)
 fi

@@ -74,6 +74,21 @@ def start(args, moe: str, seed: int, name: str, profile: bool = False) -> subpro
     return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
 
 
+def cprofile(args, moe: str) -> None:
+    """One more lone job under cProfile, untimed (it slows every Python call): where its seconds before the first
+    step and between steps go, by function, cumulative (``cprofile_<preset>.txt``, the top 60)."""
+    import pstats
+
+    name = f"bench_{moe}_cprofile"
+    env = {**os.environ, "UPCYCLE_LOGS": str(args.out / "logs"), "UPCYCLE_CACHE": str(args.out / "cache")}
+    stats = args.out / f"{name}.pstats"
+    cmd = [sys.executable, "-m", "cProfile", "-o", str(stats), "run.py", *overrides(args, moe, 1, name)]
+    with open(args.out / f"{name}.log", "w") as log:
+        subprocess.run(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, check=True)
+    with open(args.out / f"cprofile_{moe}.txt", "w") as fh:
+        pstats.Stats(str(stats), stream=fh).sort_stats("cumulative").print_stats(60)
+
+
 def sweep(args, moe: str, jobs: int, name: str) -> subprocess.Popen:
     """The study driver's way: one ``run.py -m`` sweep of ``jobs`` seeds through the joblib launcher, its
     ``--launcher-workers`` worker processes each running job after job."""
@@ -173,6 +188,7 @@ def main() -> None:
     ap.add_argument("--pretrain-tokens", type=int, default=2_000_000)
     ap.add_argument("--corpus-bytes", type=int, default=40_000_000)
     ap.add_argument("--no-compile", dest="compile", action="store_false")
+    ap.add_argument("--cprofile", default="", help="comma-separated presets: one more job each under cProfile")
     ap.add_argument("--profile-steps", type=int, default=8, help="steps of the lone job under the profiler (0: none)")
     ap.add_argument("--out", type=Path, default=Path("bench_out"))
     args = ap.parse_args()
@@ -211,6 +227,8 @@ def main() -> None:
         print(json.dumps(rows[-1]), flush=True)
         seconds.append({"preset": rows[-1]["preset"], **one["seconds"]})
         write(args, rows, seconds)  # after every preset: a call cut off at its limit keeps the presets it finished
+    for moe in filter(None, args.cprofile.split(",")):
+        cprofile(args, moe)
 
 
 def write(args, rows: list[dict], seconds: list[dict]) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import sysconfig
 import warnings
 from pathlib import Path
@@ -39,13 +40,28 @@ SKIP_DIRS = {"test", "tests", "idlelib", "site-packages", "dist-packages", "lib2
 MAX_FILE_BYTES = 1_000_000  # larger .py files are generated tables or data, not prose-like code
 
 
-def _py_files(root: Path) -> list[Path]:
-    files = [
-        p
-        for p in root.rglob("*.py")
-        if not SKIP_DIRS & set(p.relative_to(root).parts) and p.is_file() and p.stat().st_size <= MAX_FILE_BYTES
-    ]
+def _walk(root: Path, wanted, links: bool) -> list[Path]:
+    """The files under ``root`` whose name ``wanted`` accepts, outside SKIP_DIRS folders, up to MAX_FILE_BYTES,
+    sorted by their path under ``root`` (``links=False``: symbolic links left out). os.walk never enters a
+    skipped folder or a linked one (as ``Path.rglob`` before Python 3.13, which walked a skipped folder's whole
+    tree to filter it afterwards: 3x slower over site-packages, and every job lists its corpus)."""
+    files = []
+    for folder, dirs, names in os.walk(root):
+        dirs[:] = [d for d in dirs if d not in SKIP_DIRS]
+        for name in names:
+            if name in SKIP_DIRS or not wanted(name):
+                continue
+            p = Path(folder, name)
+            try:
+                if (links or not p.is_symlink()) and p.is_file() and p.stat().st_size <= MAX_FILE_BYTES:
+                    files.append(p)
+            except OSError:
+                continue
     return sorted(files, key=lambda p: str(p.relative_to(root)))
+
+
+def _py_files(root: Path) -> list[Path]:
+    return _walk(root, lambda name: name.endswith(".py"), links=True)
 
 
 def _stdlib_files() -> list[Path]:
@@ -78,16 +94,7 @@ SYSTEM_ROOTS = (
 
 
 def _text_files(root: Path, suffixes: tuple[str, ...]) -> list[Path]:
-    files = [
-        p
-        for p in root.rglob("*")
-        if p.suffix in suffixes
-        and not SKIP_DIRS & set(p.relative_to(root).parts)
-        and not p.is_symlink()
-        and p.is_file()
-        and p.stat().st_size <= MAX_FILE_BYTES
-    ]
-    return sorted(files, key=lambda p: str(p.relative_to(root)))
+    return _walk(root, lambda name: Path(name).suffix in suffixes, links=False)
 
 
 def _machine_files() -> list[Path]:
@@ -168,9 +175,12 @@ def _source_files(source: str, path: str | None) -> tuple[list[Path], bool]:
     return files(), unique
 
 
-def read_documents(source: str, path: str | None, max_bytes: int) -> list[str]:
-    """Documents of the corpus, in a fixed order, up to ``max_bytes`` of UTF-8 text."""
-    files, unique = _source_files(source, path)
+def read_documents(
+    source: str, path: str | None, max_bytes: int, listing: tuple[list[Path], bool] | None = None
+) -> list[str]:
+    """Documents of the corpus, in a fixed order, up to ``max_bytes`` of UTF-8 text (``listing``: its files as
+    ``_source_files`` gave them a moment ago, so that a build lists the folders once)."""
+    files, unique = listing if listing is not None else _source_files(source, path)
     docs, total, bad, bad_files, seen = [], 0, 0, 0, set()
     for f in files:
         if path:
@@ -255,8 +265,7 @@ ENCODE_CHUNK = 2048  # documents tokenized at a time
 _BUILT: dict[tuple, Path] = {}
 
 
-def _memo_key(source, path, max_bytes, vocab_size, val_fraction, cache_dir, tokenizer_path) -> tuple:
-    files = _source_files(source, path)[0]
+def _memo_key(files, source, path, max_bytes, vocab_size, val_fraction, cache_dir, tokenizer_path) -> tuple:
     if tokenizer_path is not None:
         files = [*files, Path(tokenizer_path).expanduser() / "tokenizer.json"]
     listing = tuple((str(f), *_stat(f)) for f in files)
@@ -304,18 +313,21 @@ def build_shards(
         raise ConfigError(f"data.vocab_size={vocab_size} must be in (256, 65535] (uint16 shards)")
     if not 0 < val_fraction < 0.5:
         raise ConfigError(f"data.val_fraction={val_fraction} must be in (0, 0.5)")
-    memo = _memo_key(source, path, max_bytes, vocab_size, val_fraction, cache_dir, tokenizer_path)
+    listing = _source_files(source, path)
+    memo = _memo_key(listing[0], source, path, max_bytes, vocab_size, val_fraction, cache_dir, tokenizer_path)
     if memo in _BUILT and _intact(_BUILT[memo]):
         return _BUILT[memo]
-    docs = read_documents(source, path, max_bytes)
+    known = _listed(memo, cache_dir)
+    if known is not None:
+        _BUILT[memo] = known
+        return known
+    docs = read_documents(source, path, max_bytes, listing)
     # the key covers everything the shards depend on: the text, the tokenizer (trained: its settings and
     # the library version; given: its file), the split rule
-    import tokenizers
-
     h = hashlib.sha256()
     for d in docs:
         h.update(d.encode())
-    h.update(f"|v{vocab_size}|val{val_fraction}|bpe1|stream-split1|tokenizers{tokenizers.__version__}".encode())
+    h.update(f"|v{vocab_size}|val{val_fraction}|{_rules()}".encode())
     if tokenizer_path is not None:
         h.update(
             (Path(tokenizer_path).expanduser() / "tokenizer.json").read_bytes()
@@ -330,6 +342,7 @@ def build_shards(
             if not bad:
                 log.info("token shards: cached %s", out)
                 _BUILT[memo] = out
+                _list(memo, cache_dir, out)
                 return out
         if not writable:
             raise read_only_miss(out, "the token shards")
@@ -367,7 +380,46 @@ def build_shards(
         }
         atomic_write_text(out / "meta.json", json.dumps(meta, indent=1))
     _BUILT[memo] = out
+    _list(memo, cache_dir, out)
     return out
+
+
+def _rules() -> str:
+    """How text becomes shards (the BPE, the split, the tokenizers library): part of both keys."""
+    import tokenizers
+
+    return f"bpe1|stream-split1|tokenizers{tokenizers.__version__}"
+
+
+def _listing_path(memo: tuple, cache_dir: str) -> Path:
+    key = hashlib.sha256(f"{memo!r}|{_rules()}".encode()).hexdigest()[:20]
+    return Path(cache_dir).expanduser() / "data" / "listings" / f"{key}.json"
+
+
+def _listed(memo: tuple, cache_dir: str) -> Path | None:
+    """The shards a process built from this very listing (every file's path, size and mtime, and the settings),
+    when they are still whole (full checksums, once per process): a job finds its corpus without reading and
+    hashing the text (620 MB for data.source=machine, a few seconds a job), as ``_BUILT`` does within a process."""
+    record = _listing_path(memo, cache_dir)
+    try:
+        out = record.parent.parent / json.loads(record.read_text())["shards"]
+        meta = json.loads((out / "meta.json").read_text())
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if corrupt_files(out, meta.get("checksums") or {"meta.json": ""}):
+        return None  # damaged shards: the full build below finds and rebuilds them
+    log.info("token shards: cached %s (the corpus's files unchanged since they were built)", out)
+    return out
+
+
+def _list(memo: tuple, cache_dir: str, out: Path) -> None:
+    """Records which shards this listing gave (best effort: a read-only cache keeps the slower path)."""
+    try:
+        record = _listing_path(memo, cache_dir)
+        record.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(record, json.dumps({"shards": out.name}) + "\n")
+    except OSError:
+        pass
 
 
 class RandomWindows(Dataset):

@@ -66,7 +66,7 @@ def _folder(tmp_path, n=12):
     return folder
 
 
-def test_a_process_finds_its_shards_again_without_reading_the_text_until_a_file_changes(tmp_path, monkeypatch):
+def test_a_job_finds_its_shards_again_without_reading_the_text_until_a_file_changes(tmp_path, monkeypatch):
     folder, cache = _folder(tmp_path), str(tmp_path / "cache")
     reads = []
     real = data.read_documents
@@ -81,6 +81,11 @@ def test_a_process_finds_its_shards_again_without_reading_the_text_until_a_file_
     with pytest.warns(UserWarning, match="is corrupt"):
         assert build_shards("stdlib", str(folder), 10**9, 300, 0.05, cache) == edited
     assert len(reads) == 4
+    data._BUILT.clear()  # a new process (another job, or a job's next stage in a fresh worker)
+    assert build_shards("stdlib", str(folder), 10**9, 300, 0.05, cache) == edited and len(reads) == 4
+    (folder / "doc05.py").write_text(_text(98, 8000))  # a file changed since: the text is read again
+    data._BUILT.clear()
+    assert build_shards("stdlib", str(folder), 10**9, 300, 0.05, cache) != edited and len(reads) == 5
     meta = json.loads((edited / "meta.json").read_text())
     assert (edited / "train.bin").stat().st_size == int(meta["checksums"]["train.bin"].split(":")[0])
 
@@ -93,3 +98,36 @@ def test_tokenizing_in_chunks_gives_the_stream_of_one_batch(tmp_path, monkeypatc
     chunked = build_shards("stdlib", str(folder), 10**9, 300, 0.05, str(tmp_path / "b"))
     for name in ("train.bin", "val.bin"):
         assert (chunked / name).read_bytes() == (whole / name).read_bytes()
+
+
+def _rglob_reference(root, suffixes, links):
+    """The listing as Path.rglob gave it (Python 3.11/3.12: no linked folder entered, a skipped folder walked and
+    filtered afterwards): the corpus a committed study read, so the faster walk must list the same files."""
+    return sorted(
+        (
+            p
+            for p in root.rglob("*")
+            if p.suffix in suffixes
+            and not data.SKIP_DIRS & set(p.relative_to(root).parts)
+            and (links or not p.is_symlink())
+            and p.is_file()
+            and p.stat().st_size <= data.MAX_FILE_BYTES
+        ),
+        key=lambda p: str(p.relative_to(root)),
+    )
+
+
+def test_the_walk_lists_what_rglob_listed(machine, tmp_path):
+    std, site, inc, doc = machine
+    deep = site / "pkg" / "sub" / "tests" / "inner"  # a skipped folder anywhere in the path
+    deep.mkdir(parents=True)
+    (deep / "t.py").write_text(_text(6))
+    (site / "pkg" / "sub" / "c.py").write_text(_text(7))
+    (site / "pkg" / "sub" / "Z.h").write_text("int z;\n")  # upper case sorts before lower case
+    (site / "linked").symlink_to(inc, target_is_directory=True)  # a linked folder is not entered
+    (site / "pkg" / "alias.py").symlink_to(site / "pkg" / "b.py")  # a linked .py file is read (python corpus)
+    (site / "pkg" / "dangling.h").symlink_to(tmp_path / "nowhere.h")
+    for root in (std, site, inc, doc):
+        assert data._py_files(root) == _rglob_reference(root, (".py",), links=True)
+        assert data._text_files(root, data.MACHINE_SUFFIXES) == _rglob_reference(root, data.MACHINE_SUFFIXES, False)
+    assert site / "pkg" / "sub" / "c.py" in data._py_files(site) and site / "pkg" / "alias.py" in data._py_files(site)
