@@ -9,6 +9,7 @@ from harness.model import Decoder
 from harness.moe import MoEConfig
 from harness.upcycle import Recipe, upcycle
 
+from helpers.fit import quiet_trainer, token_batches
 from helpers.models import tiny_config
 
 
@@ -41,19 +42,9 @@ def test_validating_a_compiled_moe_in_the_fit_traces_no_graph():
     moe = upcycle(Decoder(tiny_config()), MoEConfig(num_experts=8, granularity=1, top_k=2), Recipe())
     moe.compile_blocks(backend="eager")
     torch._dynamo.reset()
-    gen = torch.Generator().manual_seed(1)
-    batches = [(x, torch.roll(x, -1, 1)) for x in (torch.randint(0, 97, (4, 16), generator=gen) for _ in range(4))]
+    batches = token_batches(4)
     lit = LitLM(moe, OptimConfig(warmup_steps=1), total_steps=4, train_flops_per_token=1, tokens_per_step=64)
-    trainer = L.Trainer(
-        max_steps=4,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        val_check_interval=2,
-        num_sanity_val_steps=0,
-    )
+    trainer = quiet_trainer(4, val_check_interval=2, num_sanity_val_steps=0)
     traced = []
 
     class Count(L.Callback):

@@ -4,7 +4,6 @@ aux-loss-free expert bias), each against a reference written out here (Megatron-
 import copy
 import math
 
-import lightning as L
 import pytest
 import torch
 
@@ -12,6 +11,8 @@ from harness.errors import ConfigError
 from harness.lit import LitLM, OptimConfig
 from harness.moe import MoE, MoEConfig, record_loads, route
 from harness.upcycle import Recipe, activation_scale, upcycle
+
+from helpers.fit import quiet_trainer, token_batches
 
 
 def _reference_sigmoid(logits, top_k, norm, gamma, bias=None):
@@ -206,22 +207,13 @@ def test_lightning_updates_the_bias_from_the_global_batch_and_checkpoints_it(tmp
     and it is saved in the Lightning checkpoint and restored from it."""
     model = _tiny_upcycled("expert_bias")
     before = copy.deepcopy(model).train()
-    gen = torch.Generator().manual_seed(5)
-    batches = [(x, torch.roll(x, -1, 1)) for x in (torch.randint(0, 97, (4, 16), generator=gen) for _ in range(2))]
+    batches = token_batches(2, seed=5)
     loads = [sum(before(x, y).router[i].tokens_per_expert for x, y in batches) for i in (0, 1)]
     lit = LitLM(model, OptimConfig(warmup_steps=0), total_steps=1, train_flops_per_token=1)
     opt = lit.configure_optimizers()["optimizer"]
     biases = [b.mlp.expert_bias for b in model.blocks]
     assert not any(p is b for g in opt.param_groups for p in g["params"] for b in biases)
-    trainer = L.Trainer(
-        max_steps=1,
-        accumulate_grad_batches=2,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
+    trainer = quiet_trainer(1, accumulate_grad_batches=2)
     trainer.fit(lit, train_dataloaders=torch.utils.data.DataLoader(batches, batch_size=None))
     for i, load in enumerate(loads):
         bias = model.blocks[i].mlp.expert_bias

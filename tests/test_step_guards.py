@@ -4,7 +4,6 @@ Fused AdamW runs on CPU too, so the deferred path is tested here on real trainin
 
 import copy
 
-import lightning as L
 import pytest
 import torch
 
@@ -12,6 +11,7 @@ from harness.errors import ConfigError
 from harness.lit import LitLM, OptimConfig
 from harness.model import Decoder
 
+from helpers.fit import quiet_trainer, token_batches
 from helpers.models import tiny_config
 
 
@@ -43,16 +43,8 @@ def _fit(fused: bool, steps: int = 6, nan_at: int = -1, max_grad_norm=None):
         max_grad_norm=max_grad_norm,
         nan_at=nan_at,
     )
-    gen = torch.Generator().manual_seed(1)
-    batches = [(x, torch.roll(x, -1, 1)) for x in (torch.randint(0, 97, (4, 16), generator=gen) for _ in range(steps))]
-    trainer = L.Trainer(
-        max_steps=steps,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
+    batches = token_batches(steps)
+    trainer = quiet_trainer(steps)
     error = None
     try:
         trainer.fit(lit, train_dataloaders=torch.utils.data.DataLoader(batches, batch_size=None))

@@ -3,7 +3,6 @@ tensor on the module's device, a blocking copy that waits for the GPU's queue (a
 step). So every value LitLM logs is a tensor already: the device's own, or a CPU tensor for what the host knows
 (tokens, FLOPs, tokens/s, MFU, learning rate). The numbers themselves stay those of the run."""
 
-import lightning as L
 import pytest
 import torch
 
@@ -12,6 +11,7 @@ from harness.model import Decoder
 from harness.moe import MoEConfig
 from harness.upcycle import Recipe, upcycle
 
+from helpers.fit import quiet_trainer, token_batches
 from helpers.models import tiny_config
 
 
@@ -34,18 +34,8 @@ def _fit(model: Decoder, steps: int = 3):
         tokens_per_step=64,
     )
     lit.logged = []
-    gen = torch.Generator().manual_seed(1)
-    batches = [(x, torch.roll(x, -1, 1)) for x in (torch.randint(0, 97, (4, 16), generator=gen) for _ in range(steps))]
-    trainer = L.Trainer(
-        max_steps=steps,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        val_check_interval=steps,
-        num_sanity_val_steps=0,
-    )
+    batches = token_batches(steps)
+    trainer = quiet_trainer(steps, val_check_interval=steps, num_sanity_val_steps=0)
     loader = torch.utils.data.DataLoader(batches, batch_size=None)
     trainer.fit(lit, train_dataloaders=loader, val_dataloaders=loader)
     return lit, trainer
