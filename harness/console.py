@@ -86,9 +86,11 @@ class StepProgressBar(TQDMProgressBar):
         return Tqdm(disable=True)
 
     def get_metrics(self, trainer, pl_module):
+        """The last training loss (read from the device now, once a redraw) and what Lightning holds (val/loss)."""
         metrics = super().get_metrics(trainer, pl_module)
         metrics.pop("v_num", None)
-        return metrics
+        loss = getattr(pl_module, "last_loss", None)
+        return {"loss": f"{float(loss):.3g}"} | metrics if loss is not None else metrics
 
 
 def progress_bar(enabled: bool = True) -> Callback:

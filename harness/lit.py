@@ -101,6 +101,7 @@ class LitLM(L.LightningModule):
         # global_aux_loss / expert_bias: the micro-batch's loads, recorded after its backward (on_after_backward)
         self._moes = moe_modules(model) if tracks_load(model) else []
         self._pending_loads: list[torch.Tensor] = []
+        self.last_loss: torch.Tensor | None = None  # the last micro-batch's LM loss, on the device
 
     def forward(self, idx, targets=None):
         return self.model(idx, targets)
@@ -120,7 +121,9 @@ class LitLM(L.LightningModule):
             },
             prog_bar=False,
         )
-        self.log("loss", out.loss, prog_bar=True, logger=False)
+        # the progress bar reads this when it redraws (harness.console): a value logged with prog_bar=True is
+        # turned into a Python number by Lightning after every batch, a host sync a step, bar shown or not
+        self.last_loss = out.loss.detach()
         if out.router:
             self._log_router(out.router)
             self._watch_collapse(out.router, x.numel())

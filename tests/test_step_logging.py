@@ -1,7 +1,9 @@
 """What a training step logs costs the GPU nothing: Lightning turns a Python number given to ``self.log`` into a
 tensor on the module's device, a blocking copy that waits for the GPU's queue (a stream sync per number, per
 step). So every value LitLM logs is a tensor already: the device's own, or a CPU tensor for what the host knows
-(tokens, FLOPs, tokens/s, MFU, learning rate). The numbers themselves stay those of the run."""
+(tokens, FLOPs, tokens/s, MFU, learning rate). The numbers themselves stay those of the run. And no value of a
+training step goes to the progress bar through Lightning, which reads every such value to a Python number after
+every batch (``.item()``: a host sync a step, the bar shown or not); the bar reads the loss when it redraws."""
 
 import pytest
 import torch
@@ -59,3 +61,14 @@ def test_every_logged_value_is_a_tensor_and_the_host_numbers_are_right(kind):
     tps = [v.item() for n, v in lit.logged if n == "perf/tokens_per_s"]
     mfu = [v.item() for n, v in lit.logged if n == "perf/mfu"]
     assert all(t > 0 for t in tps) and mfu == pytest.approx([t * 7 / 1e12 for t in tps], rel=1e-6)
+
+
+def test_no_training_value_goes_through_lightnings_progress_bar_metrics_and_the_bar_still_shows_the_loss():
+    torch.manual_seed(0)
+    lit, trainer = _fit(upcycle(Decoder(tiny_config()), MoEConfig(num_experts=4, top_k=2), Recipe()))
+    per_batch = sorted(k for k in trainer.progress_bar_metrics if not k.startswith("val/"))
+    assert not per_batch, f"read to a Python number after every batch (a host sync a step): {per_batch}"
+    from harness.console import StepProgressBar
+
+    shown = StepProgressBar().get_metrics(trainer, lit)
+    assert list(shown)[:2] == ["loss", "val/loss"] and float(shown["loss"]) == pytest.approx(lit.last_loss.item(), 1e-2)
