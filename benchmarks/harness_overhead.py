@@ -160,7 +160,7 @@ def _profiled(report: dict | None) -> dict:
     """The lone job's profiled window in three columns: its step, the GPU's busy share of it, the host's waits."""
     if not report:
         return {}
-    waits = sum(report["host_waits_by_site"].values()) / max(1, report["steps"][1] - report["steps"][0])
+    waits = sum(report["host_waits_by_site"].values()) / max(1, report["steps"])
     return {"prof_step_ms": report["step_ms"], "prof_gpu_busy": report["gpu_busy_share"], "prof_waits_per_step": waits}
 
 

@@ -298,7 +298,18 @@ def fit_in_process(
         callbacks.append(StopAfter(int(stop)))
     profiler = None
     if train.profile_steps:  # rank 0 profiles a window of steady steps: profile/ beside the checkpoints
-        profiler = profiling.StepProfiler(out_dir, *profiling.window(steps, train.profile_steps, int(train.val_every)))
+        first, end = profiling.window(steps, train.profile_steps, int(train.val_every))
+        if end - first < train.profile_steps:
+            log.warning(
+                "train.profile_steps=%d: %d steps profiled, from step %d (a window holds no validation, every %d "
+                "steps, and ends with the fit's %d steps)",
+                train.profile_steps,
+                end - first,
+                first,
+                int(train.val_every),
+                steps,
+            )
+        profiler = profiling.StepProfiler(out_dir, first, end)
         callbacks.append(profiler)
     last = ckpt_dir / "last.ckpt"
     start = last if last.exists() else None

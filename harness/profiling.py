@@ -31,13 +31,16 @@ _SYNC_WARNING = "synchronizing CUDA operation"
 
 def window(total_steps: int, steps: int, val_every: int) -> tuple[int, int]:
     """The optimizer steps ``[start, end)`` to profile: a quarter of the way in (past compile and warm-up), at
-    least step 3, cut before the next validation so that its pass is not charged to the steps."""
+    least step 3, with no validation inside (its pass is not charged to the steps): a window that would cross
+    one starts right after it, and one longer than ``val_every`` stops at the next (fewer steps than asked,
+    which the fit's log says)."""
     start = max(3, total_steps // 4)
-    end = min(start + steps, total_steps)
     next_val = (start // val_every + 1) * val_every
-    if start < next_val < end:
-        end = next_val
-    return start, max(start, end)
+    if start < next_val < min(start + steps, total_steps):
+        start = next_val  # the validation at next_val runs before this step's batch
+        next_val += val_every
+    end = min(start + steps, total_steps, next_val) if start < total_steps else start
+    return start, end
 
 
 def busy_us(intervals: list[tuple[float, float]]) -> float:
@@ -182,7 +185,8 @@ def summarize(prof, steps: int, wall_s: float, sync_sites: Counter, span: tuple[
         ]
 
     return {
-        "steps": list(span),
+        "first_step": span[0],
+        "steps": span[1] - span[0],
         "step_ms": round(step_ms, 3),
         "gpu_busy_ms_per_step": round(busy / steps, 3) if device else None,
         "gpu_busy_share": round(busy / steps / step_ms, 4) if device else None,
@@ -197,8 +201,8 @@ def summarize(prof, steps: int, wall_s: float, sync_sites: Counter, span: tuple[
 
 def render(report: dict) -> str:
     """profile.json as a few lines a person reads."""
-    a, b = report["steps"]
-    lines = [f"steps {a}-{b - 1}: {report['step_ms']:.2f} ms a step"]
+    a, n = report["first_step"], report["steps"]
+    lines = [f"{n} steps from step {a}: {report['step_ms']:.2f} ms a step"]
     if report["gpu_busy_ms_per_step"] is not None:
         lines[0] += f", GPU busy {report['gpu_busy_ms_per_step']:.2f} ms ({report['gpu_busy_share']:.1%})"
     lines.append(

@@ -87,6 +87,10 @@ def _run(cfg: DictConfig, exp: Experiment, out_dir: Path, config_hash: str) -> f
     old = results.finished(out_dir, config_hash)
     if old is not None:
         log.info("%s is complete for this config: skipping (force=true re-runs)", results_path)
+        if cfg.train.get("profile_steps"):  # the profiler watches training: a finished run trains nothing
+            log.warning(
+                "train.profile_steps=%s profiled nothing: the run is complete; add force=true", cfg.train.profile_steps
+            )
         if _unscored(cfg, old):  # eval.tasks do not change the run: score the finished one now
             score_downstream(cfg, out_dir, old)
         return float(old["val_loss"])

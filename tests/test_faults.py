@@ -206,6 +206,7 @@ def in_namespace(env, logs: Path, records: Path, *steps) -> subprocess.Completed
 @needs_mounts
 @pytest.mark.slow
 def test_a_read_only_cache_serves_its_hits_and_a_miss_says_so_in_one_line(env, tmp_path):
+    env = {**env, "UPCYCLE_CACHE": str(tmp_path / "cache")}  # its own: another test may have built the missed base
     args = ["train.tokens=2000", "iso_flop_baseline=true", "name=ro"]
     run_cli(env, tmp_path, *args)  # every stage cached
     folder, cache = latest(tmp_path, "ro"), env["UPCYCLE_CACHE"]

@@ -13,11 +13,16 @@ from harness.profiling import SyncAudit, busy_us, call_site, window
 from helpers.e2e import results, run_cli
 
 
-def test_the_window_starts_past_warm_up_and_stops_before_a_validation():
-    assert window(200, 5, 100) == (50, 55)
-    assert window(200, 80, 100) == (50, 100)  # validation at step 100 is not charged to the steps
+def test_the_window_starts_past_warm_up_and_holds_no_validation():
+    assert window(200, 5, 100) == (50, 55)  # a quarter of the way in
+    assert window(94, 4, 25) == (25, 29)  # it would cross the validation at 25: it starts right after it
+    assert window(200, 80, 100) == (100, 180)
+    assert window(200, 150, 100) == (100, 200)  # longer than val_every: to the next validation (or the end)
     assert window(8, 5, 100) == (3, 8)  # a short fit: from step 3 to its end
     assert window(3, 5, 100) == (3, 3)  # nothing left to profile: an empty window
+    for total, steps, every in ((94, 4, 25), (200, 80, 100), (10, 5, 4), (5, 5, 4), (40, 7, 10)):
+        a, b = window(total, steps, every)
+        assert 3 <= a <= b <= total and not any(a < v < b for v in range(every, total, every))
 
 
 def test_busy_time_is_the_union_of_the_intervals():
@@ -44,14 +49,17 @@ def test_a_profiled_run_writes_its_window_and_keeps_its_folder(env, tmp_path):
     profiled = (tmp_path / "runs" / "prof" / "latest").resolve()
     assert profiled == plain  # the same config: the same folder, its hash untouched by the profiler
     report = results(profiled)["profile"]
-    steps = results(profiled)["steps"]
-    assert report["steps"] == list(window(steps, 4, 10))
+    first, end = window(results(profiled)["steps"], 4, 10)
+    assert (report["first_step"], report["steps"]) == (first, end - first) and end - first == 4
     assert report["step_ms"] > 0 and report["top_host"], report
     assert report["gpu_busy_share"] is None  # a CPU run: no device activity to measure
     on_disk = sorted(p.name for p in (profiled / "profile").iterdir())
     assert on_disk == ["profile.json", "summary.txt", "trace.json.gz"]
     assert json.loads((profiled / "profile" / "profile.json").read_text()) == report
     assert "aten::" in (profiled / "profile" / "summary.txt").read_text()  # the host ops of a training step
+
+    finished = run_cli(env, tmp_path, *args, "train.profile_steps=4")  # complete: nothing trains, nothing profiled
+    assert "train.profile_steps=4 profiled nothing: the run is complete; add force=true" in finished.stdout + finished.stderr
 
 
 def test_a_bad_profile_steps_stops_in_one_line(env, tmp_path):

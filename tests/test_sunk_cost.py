@@ -63,6 +63,7 @@ CELL = [
 def test_a_cell_records_its_base_and_the_from_scratch_dense_model_of_the_same_total_flops(env, tmp_path):
     from helpers.e2e import results, run_cli
 
+    env = {**env, "UPCYCLE_CACHE": str(tmp_path / "cache")}  # its own: the branch it looks for may be cached already
     proc = run_cli(env, tmp_path, *CELL, "pretrain.fraction=0.5", "train.pretrain_fraction=0.15", "name=cell")
     res = results(tmp_path / "runs" / "cell" / "latest")
     assert res["pretrain_fraction"] == 0.5 and res["dense_base_tokens"] == 30 * 16 * 64
