@@ -59,7 +59,10 @@ def test_a_profiled_run_writes_its_window_and_keeps_its_folder(env, tmp_path):
     assert "aten::" in (profiled / "profile" / "summary.txt").read_text()  # the host ops of a training step
 
     finished = run_cli(env, tmp_path, *args, "train.profile_steps=4")  # complete: nothing trains, nothing profiled
-    assert "train.profile_steps=4 profiled nothing: the run is complete; add force=true" in finished.stdout + finished.stderr
+    assert (
+        "train.profile_steps=4 profiled nothing: the run is complete; add force=true"
+        in finished.stdout + finished.stderr
+    )
 
 
 def test_a_bad_profile_steps_stops_in_one_line(env, tmp_path):
