@@ -1,4 +1,4 @@
-"""The one exception type for a bad configuration: raised before any compute, one line naming the key."""
+"""The harness's own exceptions: each ends a run with one line instead of a traceback."""
 
 
 class ConfigError(ValueError):
@@ -7,3 +7,7 @@ class ConfigError(ValueError):
 
 class RunFolderError(RuntimeError):
     """A run folder or cache entry holds state this run must not use (another config's run); one line."""
+
+
+class StageStopped(RuntimeError):
+    """A stage stopped on purpose before its last step (``train.stop_after_steps``); its checkpoint resumes it."""

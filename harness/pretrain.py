@@ -19,7 +19,7 @@ import torch
 from omegaconf import DictConfig, open_dict
 
 from harness import flops, identity, launch, tracking
-from harness.errors import ConfigError
+from harness.errors import ConfigError, StageStopped
 from harness.experiment import Experiment
 from harness.fit import fit_and_evaluate, heal_checkpoint
 from harness.io import atomic_write_json, corrupt_files, entry_lock, file_digest, move_aside, read_json, read_only_miss
@@ -131,7 +131,7 @@ def dense_base(exp: Experiment, cfg: DictConfig, fraction: float | None = None) 
                 keep_trunk=True,
             )
             if res["status"] != "complete":
-                raise RuntimeError(
+                raise StageStopped(
                     f"dense pretraining stopped at step {res['steps']} of {steps}; run the same "
                     "command again to resume it"
                 )

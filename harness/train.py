@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from harness import flops, identity, launch, results, tracking
 from harness.continuation import dense_continuation, dense_scratch, trunk_dir
 from harness.data import RandomWindows
-from harness.errors import RunFolderError
+from harness.errors import RunFolderError, StageStopped
 from harness.eval import score_run as score_downstream
 from harness.experiment import Experiment, build_experiment
 from harness.fit import eval_device, fit_and_evaluate, heal_checkpoint
@@ -117,6 +117,9 @@ def _run(cfg: DictConfig, exp: Experiment, out_dir: Path, config_hash: str) -> f
     cfg = tracking.stage(cfg, JOB_TYPES[exp.method], out_dir, f"{cfg.name}/{out_dir.name}")
     try:
         res = {**base, **run_experiment(cfg, exp, out_dir)}
+    except StageStopped as e:  # the dense base stopped on purpose: its checkpoint resumes it, no record yet
+        log.info("%s", e)
+        return float("nan")
     except Exception as e:
         full = disk_full(e)
         try:

@@ -50,6 +50,21 @@ def test_a_run_stopped_at_several_steps_then_resumed_has_the_uninterrupted_curve
 
 
 @pytest.mark.slow
+def test_a_pretraining_stopped_on_purpose_says_so_in_one_line_and_the_same_command_finishes_it(env, tmp_path):
+    own = {**env, "UPCYCLE_CACHE": str(tmp_path / "cache")}  # a fresh dense base, pretrained here
+    args = ["method=pretrain", "pretrain.tokens=8000", "pretrain.optim.warmup_steps=1", "name=base"]
+    stopped = run_cli(own, tmp_path, *args, "train.stop_after_steps=2")
+    said = stopped.stdout + stopped.stderr
+    assert "Traceback" not in said and "HYDRA_FULL_ERROR" not in said, said[-3000:]
+    line = [x for x in said.splitlines() if "dense pretraining stopped" in x]
+    assert len(line) == 1 and line[0].endswith("run the same command again to resume it"), said[-3000:]
+    assert not (latest(tmp_path, "base") / "results.json").exists()  # no record of a base that is not there yet
+    run_cli(own, tmp_path, *args)
+    done = results(latest(tmp_path, "base"))
+    assert done["status"] == "complete" and done["steps"] > 2 and done["val_curve"][-1]["step"] == done["steps"]
+
+
+@pytest.mark.slow
 def test_a_cached_dense_continuation_killed_mid_training_resumes_to_the_whole_curve(env, tmp_path):
     own = {**env, "UPCYCLE_CACHE": str(tmp_path / "cache")}
     args = ["iso_flop_baseline=true", "train.val_every=5", "train.ckpt_every=5"]
