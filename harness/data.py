@@ -511,8 +511,10 @@ class TokenDataModule(L.LightningDataModule):
         # sync that a pageable copy makes, so the host can queue the next step while the GPU runs this one
         self.pin_memory = False
         self.shard_dir: Path | None = None
-        if self.seq_len < 2 or self.batch_size < 1:
-            raise ConfigError(f"data.seq_len={seq_len} / data.batch_size={batch_size} must be >= 2 / >= 1")
+        if self.seq_len < 2:  # a window predicts its next token: two tokens at least
+            raise ConfigError(f"data.seq_len={seq_len} must be >= 2")
+        if self.batch_size < 1:
+            raise ConfigError(f"data.batch_size={batch_size} must be >= 1")
         if self.micro_batch_size is not None and self.micro_batch_size < 1:
             raise ConfigError(f"data.micro_batch_size={micro_batch_size} must be >= 1 (or null)")
         if not 0 < self.val_fraction < 0.5:

@@ -58,8 +58,10 @@ class TrainConfig:
         mgn, share = self.max_grad_norm, self.collapse_share
         if mgn is not None and not (isinstance(mgn, (int, float)) and mgn > 0):
             raise ConfigError(f"train.max_grad_norm={mgn!r} must be > 0 (or null)")
-        if not (isinstance(share, (int, float)) and 0 < share <= 1) or int(self.collapse_steps) < 1:
-            raise ConfigError(f"train.collapse_share={share!r} / train.collapse_steps must be in (0, 1] / >= 1")
+        if not (isinstance(share, (int, float)) and 0 < share <= 1):
+            raise ConfigError(f"train.collapse_share={share!r} must be in (0, 1]")
+        if int(self.collapse_steps) < 1:
+            raise ConfigError(f"train.collapse_steps={self.collapse_steps!r} must be >= 1")
         if self.activation_checkpointing not in CHECKPOINTING:
             raise ConfigError(
                 f"train.activation_checkpointing={self.activation_checkpointing!r} is not one of false, true, "

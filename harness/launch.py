@@ -46,8 +46,10 @@ def world_size(trainer_cfg: DictConfig) -> int:
         n = int(devices)
     else:
         raise ConfigError(f"trainer.devices={devices!r} is not an int, a list of ids or 'auto'")
-    if n < 1 or not isinstance(nodes, int) or nodes < 1:
-        raise ConfigError(f"trainer.devices={devices!r} / trainer.num_nodes={nodes!r} must be >= 1")
+    if n < 1:
+        raise ConfigError(f"trainer.devices={devices!r} must be >= 1")
+    if not isinstance(nodes, int) or nodes < 1:
+        raise ConfigError(f"trainer.num_nodes={nodes!r} must be a whole number >= 1")
     return max(n, 1) * nodes
 
 

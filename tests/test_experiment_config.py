@@ -1,5 +1,6 @@
 """The ``train`` and ``pretrain`` blocks are typed dataclasses: one set of defaults, checked in one place."""
 
+import re
 from dataclasses import fields
 
 import pytest
@@ -41,9 +42,13 @@ def test_the_blocks_build_into_their_classes():
         ("train.max_grad_norm=-1", "train.max_grad_norm=-1"),
         ("train.compile=maybe", "train.compile='maybe' is not one of true, false, auto"),
         ("pretrain.tokens=0", "pretrain.tokens=0 must be > 0"),
+        ("train.collapse_steps=0", "train.collapse_steps=0 must be >= 1"),
+        ("data.seq_len=-3", "data.seq_len=-3 must be >= 2"),
+        ("data.batch_size=0", "data.batch_size=0 must be >= 1"),
     ],
 )
 def test_a_bad_value_names_its_key(override, needle):
     block = override.split(".")[0]
-    with pytest.raises(ConfigError, match=needle.replace("(", r"\(").replace(".", r"\.")):
+    with pytest.raises(ConfigError, match=needle.replace("(", r"\(").replace(".", r"\.")) as e:
         build(composed(override)[block])
+    assert len(re.findall(r"\w=", str(e.value))) == 1, str(e.value)  # the bad key alone, not a neighbour
