@@ -109,9 +109,11 @@ class CheckSweep(Callback):
         if bad:
             wait = 5 if sys.stderr.isatty() else 0  # someone watching: time to read the lines and stop the sweep
             log.error(
-                "%d of %d jobs have a bad config: each fails and is recorded in its folder; the others run%s",
+                "%d of %d jobs %s a bad config: %s and is recorded in its folder; the others run%s",
                 len(bad),
                 len(jobs),
+                "has" if len(bad) == 1 else "have",
+                "it fails" if len(bad) == 1 else "each fails",
                 f" (starting in {wait} s: Ctrl-C to fix the sweep first)" if wait else "",
             )
             time.sleep(wait)

@@ -279,7 +279,7 @@ def test_a_bad_config_in_a_sweep_is_named_before_any_job_and_fails_that_job_only
     out = proc.stdout + proc.stderr
     line = "config error in job moe.top_k=16: moe.top_k=16 > moe.num_experts=8"
     assert out.count(line) == 1 and out.index(line) < out.index("Launching 2 jobs")
-    assert "1 of 2 jobs have a bad config" in out
+    assert "1 of 2 jobs has a bad config: it fails" in out
     # the failed job is reported by Hydra in one line after its overrides, not as a traceback
     assert "Traceback" not in out
     assert "config error: moe.top_k=16 > moe.num_experts=8" in out.split("Error executing job with overrides")[-1]
