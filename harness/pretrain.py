@@ -21,8 +21,9 @@ from omegaconf import DictConfig, open_dict
 from harness import flops, identity, launch, tracking
 from harness.errors import ConfigError, StageStopped
 from harness.experiment import Experiment
-from harness.fit import fit_and_evaluate, heal_checkpoint
+from harness.fit import eval_device, fit_and_evaluate, heal_checkpoint
 from harness.io import atomic_write_json, corrupt_files, entry_lock, file_digest, move_aside, read_json, read_only_miss
+from harness.lit import evaluate
 from harness.model import Decoder
 
 log = logging.getLogger("upcycle")
@@ -119,6 +120,8 @@ def dense_base(exp: Experiment, cfg: DictConfig, fraction: float | None = None) 
                 out,
             )
             heal_checkpoint(out)
+            with torch.random.fork_rng(devices=[]):  # the random init's loss: the curve's step 0, its RNG untouched
+                init_loss = evaluate(model, pre_data.val_dataloader(), eval_device(cfg))
             stage = tracking.stage(cfg, "pretrain", out, f"pretrain/{key}")
             res = fit_and_evaluate(
                 model,
@@ -139,10 +142,13 @@ def dense_base(exp: Experiment, cfg: DictConfig, fraction: float | None = None) 
             (out / "model.pt.tmp").replace(out / "model.pt")
             checksum = file_digest(out / "model.pt")
             record = {"key": key, "model": asdict(exp.model), "checksum": checksum, "fraction": fraction, **res}
+            record["init_val_loss"] = init_loss
             atomic_write_json(meta_path, record)
             meta = json.loads(meta_path.read_text())
         else:
             log.info("dense base: cached %s", out)
+            if own and exp.method == "pretrain" and exp.train.stop_after_steps:  # it stops training: none here
+                log.warning("train.stop_after_steps=%s stopped nothing: the base is cached", exp.train.stop_after_steps)
     model = Decoder(exp.model)
     model.load_state_dict(torch.load(out / "model.pt", map_location="cpu", weights_only=True))
     return model, meta

@@ -120,8 +120,13 @@ def print_summary(res: dict, out_dir: Path) -> None:
     t = Table(title=f"{what} [{res['status']}]")
     for c in ("model", "tokens", "train FLOPs", "val loss"):
         t.add_column(c)
-    t.add_row("dense parent", "-", "-", f"{res['dense_parent_val_loss']:.4f}")
-    t.add_row(f"{res['method']} (step 0)", "0", "0", f"{res['init_val_loss']:.4f}")
+    pretrain = res["method"] == "pretrain"  # the base itself: no parent, and its step 0 is the random init
+    if not pretrain:
+        t.add_row("dense parent", "-", "-", f"{res['dense_parent_val_loss']:.4f}")
+    init = res["init_val_loss"]  # nan: a base pretrained before its random init's loss was kept
+    t.add_row(
+        f"{res['method']} ({'random init' if pretrain else 'step 0'})", "0", "0", "-" if init != init else f"{init:.4f}"
+    )
     t.add_row(res["method"], f"{res['tokens']:,}", f"{res['train_flops']:.3e}", f"{res['val_loss']:.4f}")
     if "dense_iso" in res:
         d = res["dense_iso"]
@@ -135,7 +140,7 @@ def print_summary(res: dict, out_dir: Path) -> None:
             "dense from scratch, same total", f"{d['tokens']:,}", f"{d['train_flops']:.3e}", f"{d['val_loss']:.4f}"
         )
     parts = [f"{res['method']} {res['val_loss']:.4f}", f"step 0 {res['init_val_loss']:.4f}"]
-    parts += [f"dense parent {res['dense_parent_val_loss']:.4f}"]
+    parts += [] if pretrain else [f"dense parent {res['dense_parent_val_loss']:.4f}"]
     parts += [f"{k} {res[k]['val_loss']:.4f}" for k in ("dense_iso", "dense_tokens", "dense_scratch") if k in res]
     log.info("val loss: %s -> %s", ", ".join(parts), out_dir / "results.json")  # run.log keeps the table's numbers
     console = Console()

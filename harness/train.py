@@ -184,7 +184,8 @@ def run_experiment(cfg: DictConfig, exp: Experiment, out_dir: Path) -> dict:
                 for k in ("status", "steps", "tokens", "train_flops", "flops_per_token", "fit_wall_s", "val_curve")
                 if k in base_meta
             },
-            init_val_loss=parent_val,
+            # trained here: its random init's loss (nan in a record from before it was kept); an HF base: itself
+            init_val_loss=base_meta.get("init_val_loss", float("nan") if "steps" in base_meta else parent_val),
             val_loss=parent_val,
             params_total=counts.params_total,
             params_active=counts.params_active,

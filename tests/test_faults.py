@@ -59,9 +59,12 @@ def test_a_pretraining_stopped_on_purpose_says_so_in_one_line_and_the_same_comma
     line = [x for x in said.splitlines() if "dense pretraining stopped" in x]
     assert len(line) == 1 and line[0].endswith("run the same command again to resume it"), said[-3000:]
     assert not (latest(tmp_path, "base") / "results.json").exists()  # no record of a base that is not there yet
-    run_cli(own, tmp_path, *args)
+    finished = run_cli(own, tmp_path, *args)
     done = results(latest(tmp_path, "base"))
     assert done["status"] == "complete" and done["steps"] > 2 and done["val_curve"][-1]["step"] == done["steps"]
+    # its step 0 is the random init (ln 512 = 6.24 for a uniform guess), above every point the pretraining reached
+    assert done["init_val_loss"] > max(p["val_loss"] for p in done["val_curve"]) and done["init_val_loss"] > 5.5
+    assert "random init" in finished.stdout and "dense parent" not in finished.stdout  # the base has no parent
 
 
 @pytest.mark.slow
