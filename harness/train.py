@@ -225,11 +225,14 @@ def run_experiment(cfg: DictConfig, exp: Experiment, out_dir: Path) -> dict:
         res["iso_flop_of"] = exp.moe.name
         stage = "dense_iso"
     res.update(params_total=counts.params_total, params_active=counts.params_active)
+    per_step = exp.data.batch_size * exp.data.seq_len
+    asked = exp.train.tokens if stage == "upcycle" and exp.train.pretrain_fraction is None else None
     log.info(
-        "training %s for %d steps (%s tokens) -> %s",
+        "training %s for %d steps (%s tokens%s) -> %s",
         "the MoE" if stage == "upcycle" else f"the iso-FLOP dense continuation of {exp.moe.name}",
         steps,
-        f"{steps * exp.data.batch_size * exp.data.seq_len:,}",
+        f"{steps * per_step:,}",
+        f": train.tokens={asked:g} in whole steps of {per_step:,}" if asked and steps * per_step != asked else "",
         out_dir,
     )
     heal_checkpoint(out_dir)
