@@ -58,7 +58,7 @@ def test_two_configs_in_a_row_each_equal_a_clean_run_and_bad_input_touches_neith
     for line in (
         "dense base:",
         "upcycling to E8G1T2: routing softmax_topk",
-        "training the MoE for 2 steps",
+        "training the MoE for 2 steps (2,048 tokens: train.tokens=2000 in whole steps of 1,024)",
         "iso-FLOP dense continuation:",
     ):
         assert line in out, line
