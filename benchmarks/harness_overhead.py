@@ -192,6 +192,8 @@ def main() -> None:
     ap.add_argument("--profile-steps", type=int, default=8, help="steps of the lone job under the profiler (0: none)")
     ap.add_argument("--out", type=Path, default=Path("bench_out"))
     args = ap.parse_args()
+    if args.jobs < 2:  # a second lone job of the same config is skipped as complete: its "aggregate" means nothing
+        ap.error(f"--jobs={args.jobs}: jobs at once must be >= 2 (one job alone is measured anyway)")
     args.out = args.out.resolve()
     args.out.mkdir(parents=True, exist_ok=True)
     presets = args.moe.split(",")

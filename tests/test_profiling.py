@@ -4,11 +4,12 @@ run and into results.json, without changing which folder the run lives in or wha
 import json
 import random
 import traceback
+from collections import Counter
 
 import pytest
 import torch
 
-from harness.profiling import SyncAudit, busy_us, call_site, window
+from harness.profiling import SyncAudit, busy_us, call_site, summarize, window
 
 from helpers.e2e import results, run_cli
 
@@ -31,6 +32,39 @@ def test_busy_time_is_the_union_of_the_intervals():
         spans = [(a, a + rng.randint(0, 20)) for a in (rng.randint(0, 100) for _ in range(rng.randint(0, 12)))]
         covered = {t for a, b in spans for t in range(a, b)}  # unit cells, counted independently of the merge
         assert busy_us([(float(a), float(b)) for a, b in spans]) == len(covered)
+
+
+def test_the_gpu_busy_share_counts_kernels_not_the_annotation_ranges_around_them():
+    """Kineto puts a user annotation's range on the GPU's timeline too (``Optimizer.step#...``, spanning the
+    step's kernels and the gaps between them): busy time and the kernel table count the kernels alone."""
+    from torch.autograd import DeviceType
+    from torch.autograd.profiler_util import EventList, FunctionEvent
+
+    def event(i, name, start, end, device=DeviceType.CUDA, annotation=False):
+        return FunctionEvent(i, name, 0, start, end, stack=[], device_type=device, is_user_annotation=annotation)
+
+    events = EventList(
+        [
+            event(0, "Optimizer.step#AdamW.step", 0, 10_000, DeviceType.CPU, annotation=True),
+            event(1, "Optimizer.step#AdamW.step", 1_000, 9_000, annotation=True),  # its range on the GPU
+            event(2, "gemm", 1_000, 3_000),
+            event(3, "gemm", 5_000, 6_000),
+            event(4, "silu", 8_000, 9_000),
+        ],
+        use_device="cuda",
+    )
+    events._build_tree()  # as torch.profiler does once a window ends
+
+    class Window:  # what StepProfiler hands over: torch.profiler.profile's events and their averages
+        def events(self):
+            return events
+
+        def key_averages(self):
+            return events.key_averages()
+
+    report = summarize(Window(), steps=1, wall_s=0.010, sync_sites=Counter(), span=(4, 5))
+    assert report["gpu_busy_ms_per_step"] == 4.0 and report["gpu_busy_share"] == 0.4  # 4 of 10 ms, not 8
+    assert all("Optimizer.step" not in row["name"] for row in report["top_device"] + report["top_host"])
 
 
 def test_a_wait_is_charged_to_the_line_that_asked_for_the_value():
