@@ -220,6 +220,7 @@ def build_experiment(cfg: DictConfig) -> Experiment:
         raise ConfigError(f"data.seq_len={data.seq_len} > model.max_seq_len={model.max_seq_len}")
     layers = resolve_moe_layers(recipe.moe_layers, model.n_layers)
     world = launch.world_size(cfg.trainer)
+    launch.check_strategy(cfg.trainer)
     data.split_batch(world)  # the global batch must split over the devices
     pretrain.validate(world, hf_base=bool(cfg.model.get("hf_path")))
     _check_scratch(cfg, pretrain, world)

@@ -53,6 +53,19 @@ def world_size(trainer_cfg: DictConfig) -> int:
     return max(n, 1) * nodes
 
 
+def check_strategy(trainer_cfg: DictConfig) -> None:
+    """FSDP on CPUs fails in one line before any compute, wherever the job is built: Lightning's FSDP shards
+    over CUDA devices only, and its own error would come from inside each worker after the corpus and base."""
+    strategy = trainer_cfg.get("strategy")
+    target = strategy.get("_target_", "") if isinstance(strategy, (dict, DictConfig)) else str(strategy or "")
+    accelerator = str(trainer_cfg.get("accelerator", "auto"))
+    if target.rsplit(".", 1)[-1].lower() == "fsdp" and accelerator not in ("gpu", "cuda", "auto"):
+        raise ConfigError(
+            f"trainer.accelerator={accelerator}: FSDP (trainer=fsdp) shards over CUDA GPUs only; "
+            "on CPUs use trainer=ddp_cpu"
+        )
+
+
 def check_devices(trainer_cfg: DictConfig) -> None:
     """A GPU trainer where no GPU is visible fails in one line before any compute. Checked in the job itself,
     not in a sweep's preflight: a SLURM sweep is submitted from a login node that has no GPU."""

@@ -111,6 +111,7 @@ def test_resume_continues_the_same_curve(env, tmp_path):
         ("method=distill", "method='distill'"),
         ("moe=E64G8T8 model.d_ff=100", "model.d_ff=100 is not divisible by moe.granularity=8"),
         ("trainer=gpu", "trainer.accelerator=gpu (trainer=gpu, ddp or fsdp"),  # the tests' CLI sees no GPU
+        ("trainer=fsdp trainer.accelerator=cpu", "trainer.accelerator=cpu: FSDP (trainer=fsdp) shards over CUDA"),
         ("train.tokens=abc", "train.tokens='abc' is not int"),
         ("data.seq_len=1.5", "data.seq_len=1.5 is not int"),
         ("model=hf", "model.hf_path must be set (model.hf_path=...)"),
