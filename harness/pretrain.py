@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
 import json
 import logging
 import math
@@ -103,6 +104,7 @@ def dense_base(exp: Experiment, cfg: DictConfig, fraction: float | None = None) 
             meta_path.unlink()
             meta = None
             shutil.rmtree(out / "checkpoints", ignore_errors=True)
+            shutil.rmtree(out / "parent_val", ignore_errors=True)  # the scores of the weights it replaces
         if meta is None:
             torch.manual_seed(int(exp.pretrain.seed))
             model = Decoder(exp.model)
@@ -151,4 +153,38 @@ def dense_base(exp: Experiment, cfg: DictConfig, fraction: float | None = None) 
                 log.warning("train.stop_after_steps=%s stopped nothing: the base is cached", exp.train.stop_after_steps)
     model = Decoder(exp.model)
     model.load_state_dict(torch.load(out / "model.pt", map_location="cpu", weights_only=True))
-    return model, meta
+    return model, {**meta, "dir": str(out)}
+
+
+def parent_loss(model: Decoder, meta: dict, exp: Experiment, device: torch.device) -> float:
+    """The dense parent's validation loss, kept beside its base: every job of a sweep scores the same checkpoint on
+    the same windows (5-8 s a job of the study's ladder, four jobs sharing the GPU). Keyed by the weights (checksum,
+    and the file's size and time: a base trained again is a new file), the validation windows, the loader's batch
+    (its float summation order) and the device; an HF base (no cache folder) is scored every time."""
+    loader = exp.data.val_dataloader()
+    if "dir" not in meta:
+        return evaluate(model, loader, device)
+    weights = Path(meta["dir"]) / "model.pt"
+    stat = weights.stat()
+    inputs = {
+        "weights": [meta["checksum"], stat.st_size, stat.st_mtime_ns],
+        "val": [exp.data.meta.get("checksums", {}).get("val.bin"), exp.data.seq_len, exp.data.val_windows],
+        "batch": exp.data.loader_batch,
+        "device": [device.type, torch.cuda.get_device_name(device) if device.type == "cuda" else "", torch.__version__],
+    }
+    key = hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16]
+    path = Path(meta["dir"]) / "parent_val" / f"{key}.json"
+    kept = read_json(path, required=("val_loss", "inputs"))
+    if kept is not None and kept["inputs"] == json.loads(json.dumps(inputs)):
+        log.info(
+            "dense parent: val loss %.4f, as scored on these windows and this device before (%s)",
+            kept["val_loss"],
+            path,
+        )
+        return float(kept["val_loss"])
+    loss = evaluate(model, loader, device)
+    try:
+        atomic_write_json(path, {"val_loss": loss, "inputs": inputs})
+    except OSError:  # a read-only cache: score it every time
+        pass
+    return loss

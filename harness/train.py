@@ -25,7 +25,7 @@ from harness.experiment import Experiment, build_experiment
 from harness.fit import eval_device, fit_and_evaluate, heal_checkpoint
 from harness.io import ReadOnlyCache, disk_full, disk_full_line
 from harness.lit import evaluate
-from harness.pretrain import dense_base, full_pretrain_flops
+from harness.pretrain import dense_base, full_pretrain_flops, parent_loss
 from harness.timing import Timings
 from harness.upcycle import top_mass, upcycle
 from harness.weights import wants_weights
@@ -164,7 +164,7 @@ def run_experiment(cfg: DictConfig, exp: Experiment, out_dir: Path) -> dict:
     iso_tokens = flops.iso_flop_tokens(moe_tokens, moe_flops.train_per_token, dense_flops.train_per_token)
     val_loader = exp.data.val_dataloader()
     with clock.phase("parent_eval"):
-        parent_val = evaluate(dense, val_loader, eval_device(cfg))
+        parent_val = parent_loss(dense, base_meta, exp, eval_device(cfg))
     res = {
         "method": exp.method,
         "moe": exp.moe.name,
