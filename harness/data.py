@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import sysconfig
+import time
 import warnings
 from pathlib import Path
 
@@ -349,6 +350,7 @@ def build_shards(
         if meta is not None:
             warnings.warn(f"token cache {out} is corrupt ({', '.join(bad)} differ from meta.json): rebuilding it")
             (out / "meta.json").unlink()
+        t0 = time.perf_counter()
         log.info(
             "token shards: %s documents, %s bytes -> %s tokenizer -> %s",
             f"{len(docs):,}",
@@ -377,6 +379,7 @@ def build_shards(
             "val_tokens": len(split["val"]),
             "source": path or source,
             "checksums": {n: file_digest(out / n) for n in ("train.bin", "val.bin", "tokenizer.json")},
+            "build_s": round(time.perf_counter() - t0, 3),  # tokenizer, encoding and writes (a job's "data" phase)
         }
         atomic_write_text(out / "meta.json", json.dumps(meta, indent=1))
     _BUILT[memo] = out

@@ -45,10 +45,12 @@ def main(cfg: DictConfig) -> float:
 
     quiet_libraries()
     out_dir = Path(cfg.paths.output_dir)
+    clock = Timings()  # its "startup": the interpreter, the imports and the config, before this job began
     try:
         exp = build_experiment(cfg)  # raises ConfigError before any compute
         launch.check_devices(cfg.trainer)
-        exp.data.prepare()  # the corpus (a shared cache, built once) must hold this config's windows
+        with clock.phase("data"):  # the corpus (a shared cache, built once) must hold this config's windows
+            exp.data.prepare()
     except Exception as e:
         if _multirun():  # recorded in the job's own folder, so the sweep's report counts it
             results.record_unstarted(cfg, out_dir, e)
@@ -60,7 +62,7 @@ def main(cfg: DictConfig) -> float:
     config_hash = identity.config_hash(cfg)
     out_dir.mkdir(parents=True, exist_ok=True)
     with identity.hold(out_dir):  # one writer per run folder: RunFolderError if another process trains it
-        return _run(cfg, exp, out_dir, config_hash)
+        return _run(cfg, exp, out_dir, config_hash, clock)
 
 
 def _unscored(cfg: DictConfig, res: dict) -> bool:
@@ -70,7 +72,7 @@ def _unscored(cfg: DictConfig, res: dict) -> bool:
     return bool(tasks) and (not scored or any(tasks - set(s) for s in scored))
 
 
-def _run(cfg: DictConfig, exp: Experiment, out_dir: Path, config_hash: str) -> float:
+def _run(cfg: DictConfig, exp: Experiment, out_dir: Path, config_hash: str, clock: Timings) -> float:
     """``main`` once this process holds the run folder: claim it, skip a finished run, else train and record it."""
     results_path = out_dir / "results.json"
     if cfg.force:
@@ -116,7 +118,7 @@ def _run(cfg: DictConfig, exp: Experiment, out_dir: Path, config_hash: str) -> f
     base = {"config": resolved, "config_hash": config_hash, "run_dir": str(out_dir)}
     cfg = tracking.stage(cfg, JOB_TYPES[exp.method], out_dir, f"{cfg.name}/{out_dir.name}")
     try:
-        res = {**base, **run_experiment(cfg, exp, out_dir)}
+        res = {**base, **run_experiment(cfg, exp, out_dir, clock)}
     except StageStopped as e:  # the dense base stopped on purpose: its checkpoint resumes it, no record yet
         log.info("%s", e)
         return float("nan")
@@ -150,10 +152,11 @@ def _run(cfg: DictConfig, exp: Experiment, out_dir: Path, config_hash: str) -> f
     return float(res["val_loss"])
 
 
-def run_experiment(cfg: DictConfig, exp: Experiment, out_dir: Path) -> dict:
-    """The stages: dense base, then the upcycled MoE (or the dense continuation) trained, then its dense baselines."""
+def run_experiment(cfg: DictConfig, exp: Experiment, out_dir: Path, clock: Timings | None = None) -> dict:
+    """The stages: dense base, then the upcycled MoE (or the dense continuation) trained, then its dense baselines.
+    ``clock``: the job's, holding its startup and the corpus build that ``main`` timed before the run folder."""
     t0 = time.time()
-    clock = Timings()
+    clock = Timings() if clock is None else clock
     with clock.phase("data"):
         exp.data.prepare()
     with clock.phase("dense_base"):
@@ -192,6 +195,7 @@ def run_experiment(cfg: DictConfig, exp: Experiment, out_dir: Path) -> dict:
             wall_time_s=time.time() - t0,
         )
         res["best_val_loss"] = min([p["val_loss"] for p in res.get("val_curve", [])] + [parent_val])
+        res["timings_s"] = {k: round(v, 3) for k, v in clock.items()}
         return res
     torch.manual_seed(int(cfg.seed))
     if exp.method == "upcycle":

@@ -62,3 +62,15 @@ def test_a_fits_compile_counts_are_what_it_traced_and_broke():
     again = compile_counts()
     compiled(torch.ones(3))  # the same shapes: nothing traced again
     assert since(again)["frames"] == 0 and since(again)["graphs"] == 0
+
+
+def test_a_corpus_built_by_the_job_is_its_data_phase_not_its_startup(env, tmp_path):
+    """On a fresh cache the job tokenizes its corpus before its run folder exists; those seconds are the ``data``
+    phase (they were charged to ``startup``, which is the interpreter, the imports and the config)."""
+    from helpers.e2e import results, run_cli
+
+    fresh = {**env, "UPCYCLE_CACHE": str(tmp_path / "cache")}
+    run_cli(fresh, tmp_path, "method=pretrain", "pretrain.tokens=6400")
+    res = results(tmp_path / "runs" / "default" / "latest")
+    built = res["data"]["build_s"]  # the shard builder's own clock: tokenizer, encoding and writes
+    assert built > 0 and res["timings_s"]["data"] >= built
