@@ -278,6 +278,18 @@ def unfinished(run_dir: Path) -> str | None:
     return None
 
 
+def _base_state(run: Path, cfg) -> dict:
+    """A ``method=pretrain`` run's weights: the dense base it records, in the cache it ran with."""
+    key = json.loads((run / "results.json").read_text()).get("dense_base") if (run / "results.json").exists() else None
+    path = Path(cfg.paths.cache_dir) / "dense" / str(key) / "model.pt"
+    if key is None or not path.exists():
+        raise ConfigError(
+            f"{run} is a method=pretrain run: its weights are the dense base {path}, which is missing (run it again, "
+            "from the folder and with the UPCYCLE_CACHE it ran with)"
+        )
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
 def load_run(run_dir: str | Path) -> tuple[Decoder, MoEConfig | None, dict]:
     """The trained model of a finished run folder (its resolved config + ``checkpoints/last.ckpt``, or the
     ``weights.pt`` a run without checkpoints keeps for its eval stage)."""
@@ -291,13 +303,13 @@ def load_run(run_dir: str | Path) -> tuple[Decoder, MoEConfig | None, dict]:
     cfg_path = run / "config_resolved.yaml"
     if not cfg_path.exists():
         raise ConfigError(f"{cfg_path} is missing: export needs a run folder with a trained checkpoint")
-    state = trained_state(run)
+    cfg = OmegaConf.load(cfg_path)
+    state = trained_state(run) if cfg.method != "pretrain" else _base_state(run, cfg)
     if state is None:
         raise ConfigError(
             f"{run / 'checkpoints' / 'last.ckpt'} is missing (and no {WEIGHTS}): export needs a run folder with a "
             "trained checkpoint (train.save_checkpoints=true, or eval.tasks set)"
         )
-    cfg = OmegaConf.load(cfg_path)
     model = Decoder(instantiate(cfg.model))
     moe = None
     if cfg.method == "upcycle":

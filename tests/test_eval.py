@@ -221,3 +221,17 @@ def test_a_run_without_checkpoints_keeps_its_weights_for_the_eval_stage(env, tmp
 
     model, _, _ = load_run(run)
     assert abs(evaluate(model, validation_loader(run), torch.device("cpu")) - res["val_loss"]) < 1e-5
+
+
+def test_a_pretrain_run_loads_as_the_dense_base_it_trained(env, tmp_path):
+    """``method=pretrain`` keeps its weights as the cached dense base, not in the run folder: load_run (and so
+    ``python -m harness.export <run>``) finds them there, and they score the run's own validation loss."""
+    from analysis.hf_check import validation_loader
+    from harness.export import load_run
+    from harness.lit import evaluate
+
+    run_cli(env, tmp_path, "method=pretrain", "name=base")
+    run = (tmp_path / "runs" / "base" / "latest").resolve()
+    model, moe, _ = load_run(run)
+    assert moe is None
+    assert abs(evaluate(model, validation_loader(run), torch.device("cpu")) - results(run)["val_loss"]) < 1e-5
