@@ -41,6 +41,7 @@ class Timings(dict):
 
     def __init__(self):
         super().__init__()
+        self.t0 = time.time()  # the job's start: its wall time counts from here (its startup came before)
         if _FIRST_JOB[0]:
             _FIRST_JOB[0] = False
             age = startup_seconds()

@@ -155,8 +155,8 @@ def _run(cfg: DictConfig, exp: Experiment, out_dir: Path, config_hash: str, cloc
 def run_experiment(cfg: DictConfig, exp: Experiment, out_dir: Path, clock: Timings | None = None) -> dict:
     """The stages: dense base, then the upcycled MoE (or the dense continuation) trained, then its dense baselines.
     ``clock``: the job's, holding its startup and the corpus build that ``main`` timed before the run folder."""
-    t0 = time.time()
     clock = Timings() if clock is None else clock
+    t0 = clock.t0
     with clock.phase("data"):
         exp.data.prepare()
     with clock.phase("dense_base"):
