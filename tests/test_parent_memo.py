@@ -24,6 +24,7 @@ def test_a_second_job_on_the_base_reads_its_score_and_another_loader_batch_score
     assert third["dense_parent_val_loss"] == pytest.approx(first["dense_parent_val_loss"], rel=1e-5)
 
     base = Path(env["UPCYCLE_CACHE"]) / "dense" / first["dense_base"]
-    kept = [json.loads(p.read_text()) for p in sorted((base / "parent_val").glob("*.json"))]
-    assert sorted(k["inputs"]["batch"] for k in kept) == [5, 16]
-    assert {k["val_loss"] for k in kept} == {first["dense_parent_val_loss"], third["dense_parent_val_loss"]}
+    # the session's cache is shared: other tests may have scored this base at other loader batches too
+    kept = [json.loads(p.read_text()) for p in base.glob("parent_val/*.json")]
+    kept = {k["inputs"]["batch"]: k["val_loss"] for k in kept}
+    assert kept[16] == first["dense_parent_val_loss"] and kept[5] == third["dense_parent_val_loss"]
