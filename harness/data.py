@@ -379,9 +379,10 @@ def build_shards(
             "val_tokens": len(split["val"]),
             "source": path or source,
             "checksums": {n: file_digest(out / n) for n in ("train.bin", "val.bin", "tokenizer.json")},
-            "build_s": round(time.perf_counter() - t0, 3),  # tokenizer, encoding and writes (a job's "data" phase)
         }
         atomic_write_text(out / "meta.json", json.dumps(meta, indent=1))
+        # how long the build took (tokenizer, encoding, writes), kept out of meta.json: a rebuild is the same content
+        atomic_write_text(out / "build.json", json.dumps({"seconds": round(time.perf_counter() - t0, 3)}))
     _BUILT[memo] = out
     _list(memo, cache_dir, out)
     return out
