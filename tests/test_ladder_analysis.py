@@ -89,10 +89,10 @@ def test_rungs_part_by_router_init_and_lr(tmp_path):
     assert len(r) == 3 and list(r.seeds) == [1, 1, 1]
 
 
-def test_the_committed_ladder_on_the_machine_corpus_reads_it_about_once_at_two_seeds(tmp_path):
-    """results/ladder/F and F1 as committed (seed 0: H200, 2026-12-04; seed 1 on its retrained base: H100,
-    2026-12-07): each base key a section with its corpus reads; seeds on retrained bases of one key pool, each MoE
-    paired with its own base's twins; under 3 seeds no verdict is printed; no run is left cut off."""
+def test_the_committed_ladder_on_the_machine_corpus_reads_it_about_once_at_three_seeds(tmp_path):
+    """results/ladder/F, F1 and F2 as committed (seed 0: H200, 2026-12-04; seeds 1 and 2, each on its retrained base:
+    H100, 2026-12-07): each base key a section with its corpus reads; seeds on retrained bases of one key pool, each MoE
+    paired with its own base's twins; at 3 seeds the rows carry verdicts; no run is left cut off."""
     from analysis.ladder import ladder
 
     from helpers.e2e import ROOT
@@ -103,11 +103,11 @@ def test_the_committed_ladder_on_the_machine_corpus_reads_it_about_once_at_two_s
         "### data.source=machine, base 0a7f8421: the iso-FLOP twin's data reads the corpus up to 1.14 times",
         "### data.source=python, base 8a30e43a: the iso-FLOP twin's data reads the corpus up to 2.99 times",
     ]
-    assert "CI [" not in text and "2 seeds: no verdict" in text
-    row = next(
-        line for line in text.splitlines() if line.startswith("| E8G1T2 topk_softmax") and "0a7f8421 | 60% |" in line
-    )
-    assert "| 2 |" in row and "+0.0095 [-0.0042, +0.0231]" in row  # MoE - iso over seeds 0 and 1
+    machine = [line for line in text.splitlines() if "0a7f8421 |" in line and line.startswith("| E8G1T2")]
+    assert len(machine) == 16 and all("| 3 |" in line and "no verdict" not in line for line in machine)
+    row = next(line for line in machine if line.startswith("| E8G1T2 topk_softmax") and "| 60% |" in line)
+    assert "+0.0092 [+0.0063, +0.0121] | +0.66% | **disagrees** |" in row  # MoE - iso over seeds 0, 1 and 2
+    assert "| machine, 0a7f8421 | 60% | 3 | 1.4096 | 1.4214 | -0.0118 [-0.0144, -0.0091] |" in text  # topk - softmax
     assert "runs cut off" not in text
 
 
