@@ -462,11 +462,23 @@ class MoE(nn.Module):
             aux.dropped_share = 1.0 - kept.sum().float().detach() / experts.numel()
         return y.view(shape), aux
 
-    @torch.compiler.disable
     def _kept_experts(self, x_sorted: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
         """The experts on the kept copies only (sorted first), zeros for the dropped ones: a dropped copy adds
-        nothing to its token, whose residual carries it. One host sync sizes the kept rows; under torch.compile
-        this runs eagerly (the grouped GEMMs as they are), since a graph would recompile for each kept count."""
+        nothing to its token, whose residual carries it.
+
+        Grouped GEMM: the groups end at the kept count, so the dropped rows lie past the last offset, where the
+        kernel writes nothing in the output or in the input's gradient (uninitialized memory: pytorch#154557,
+        torchtitan#1237). A select (not a product: NaN-safe) zeroes both; the shapes stay static, with no host
+        sync, so torch.compile keeps the layer in one graph."""
+        if self.experts.resolved_backend(x_sorted) != "grouped_mm":
+            return self._kept_loop(x_sorted, kept)
+        live = (torch.arange(x_sorted.shape[0], device=x_sorted.device) < kept.sum())[:, None]
+        out = self.experts(torch.where(live, x_sorted, 0), kept)
+        return torch.where(live, out, 0)
+
+    @torch.compiler.disable
+    def _kept_loop(self, x_sorted: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+        """The per-expert loop on the kept rows, which one host sync sizes (eager under torch.compile)."""
         n = int(kept.sum())
         out = self.experts(x_sorted[:n], kept)
         return torch.cat([out, out.new_zeros(x_sorted.shape[0] - n, out.shape[1])])

@@ -62,6 +62,13 @@ MUTATIONS: list[tuple[str, str, str, str, list[str]]] = [
         ["tests/test_moe.py"],
     ),
     (
+        "capacity's dropped rows left as the grouped GEMM's unwritten memory",
+        "harness/moe.py",
+        "        return torch.where(live, out, 0)\n",
+        "        return out\n",
+        ["tests/test_shared_capacity.py"],
+    ),
+    (
         "Drop-Upcycling r ignored",
         "harness/upcycle.py",
         "    k = round(ratio * fe)\n",

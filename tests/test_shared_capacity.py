@@ -167,6 +167,31 @@ def test_dropped_copies_get_no_gradient_and_kept_ones_do():
     assert (grad[with_kept].abs().sum(-1) > 0).all()
 
 
+@pytest.mark.parametrize("policy", ["probs", "position"])
+def test_capacity_on_the_grouped_gemm_path_zeroes_the_rows_past_the_kept_ones_in_one_graph(policy):
+    """torch's CPU grouped GEMM, like the CUDA one, writes nothing past the last group's end, in the output or in the
+    input's gradient: the dropped copies' rows must come out 0 and send back 0, as the per-expert loop's do; and the
+    layer traces as one graph (no host sync on the kept count)."""
+    layers = {}
+    for backend in ("loop", "grouped_mm"):
+        layer = _capacity_layer(policy, 0.5)
+        layer.experts.backend = backend
+        layers[backend] = layer.to(torch.bfloat16)
+    grads = {}
+    for backend, layer in layers.items():
+        torch.full((4096, 256), float("nan"), dtype=torch.bfloat16)  # freed memory for the kernel's empty rows
+        x = torch.randn(2, 16, 32, generator=torch.Generator().manual_seed(1), dtype=torch.bfloat16, requires_grad=True)
+        y, aux = layer(x)
+        assert 0 < aux.dropped_share.item() < 1
+        grads[backend] = (y, *torch.autograd.grad(y.float().square().sum(), [x, *layer.parameters()]))
+    for a, b in zip(grads["loop"], grads["grouped_mm"]):
+        assert torch.isfinite(b).all()
+        torch.testing.assert_close(b.float(), a.float(), rtol=2e-2, atol=2e-2)
+    x = torch.randn(2, 16, 32, dtype=torch.bfloat16)
+    assert torch._dynamo.explain(layers["grouped_mm"])(x).graph_break_count == 0
+    assert torch._dynamo.explain(layers["loop"])(x).graph_break_count > 0  # the loop reads the kept count
+
+
 def test_step_0_at_capacity_is_exact_without_drops_and_drops_move_the_function(trained, text_tokens):
     """cf = 4 keeps every copy: the dense parent exactly (topk_softmax). cf = 0.25 drops copies, whose tokens lose
     that expert's share of the MLP at step 0 (the residual carries them): the logits move."""
@@ -333,7 +358,7 @@ def test_mixtral_block_refuses_shared_experts_and_capacity():
 @pytest.mark.parametrize("policy", ["probs", "position"])
 def test_capacity_on_the_grouped_gemm_path_matches_the_loop_and_compiles(policy):
     """bf16 on CUDA: the kept copies through one grouped GEMM per projection give the per-expert loop's output,
-    and the compiled layer (a graph break where the kept count is read) the eager one's output and gradients."""
+    and the compiled layer (one graph) the eager one's output and gradients."""
     torch.manual_seed(0)
     cfg = dict(num_experts=24, granularity=4, top_k=3, shared_experts=1, router_init_std=0.5, capacity_factor=0.75)
     layers = {}
