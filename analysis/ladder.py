@@ -332,29 +332,56 @@ def _section(r: pd.DataFrame) -> str:
 
 
 def crossover_plot(df: pd.DataFrame, r: pd.DataFrame, path: Path) -> Path:
-    """(MoE - dense) / dense against the budget (log axis), per seed (dots) and mean (line): left against the
-    iso-FLOP twin, right against the best dense model of no more FLOPs."""
+    """(MoE - dense) / dense against the budget: a row per corpus and dense base (seeds on different bases never
+    pool), left against the iso-FLOP twin, right against the best dense model of no more FLOPs. A variant keeps its
+    colour in every panel: its mean over seeds (line) with the paired 95% CI (bars, the loss CI over the dense mean,
+    2 or more seeds) and each seed (dots)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
-    panels = (("iso", "dense_iso_val_loss", "dense iso-FLOP"), ("best", "best_dense_val_loss", "best dense ≤ FLOPs"))
-    for ax, (against, column, name) in zip(axes, panels):
-        for i, (variant, g) in enumerate(r.sort_values("budget").groupby("variant", sort=False)):
-            color = f"C{i}"
-            ax.plot(g.budget, g[f"vs_{against}_pct"], "-o", color=color, label=variant)
-            runs = df[[label(row) == variant for row in df.itertuples()]]
-            gap = 100 * (runs.val_loss - runs[column]) / runs[column]
-            ax.scatter(runs.budget, gap, color=color, s=12, alpha=0.5)
-        ax.axhline(0, color="k", lw=0.8)
-        ax.set_xscale("log")
+    def short(variant: str, base) -> str:
+        return variant.removesuffix(f", base {str(base)[:8]}")
+
+    names = sorted({short(row.variant, row.base) for row in r.itertuples()})
+    colors = {name: f"C{i}" for i, name in enumerate(names)}
+    sections = list(r.groupby(["corpus", "base"], sort=True))
+    fig, axes = plt.subplots(len(sections), 2, figsize=(12, 3.6 * len(sections) + 1.2), sharey="row", squeeze=False)
+    panels = (
+        ("iso", "dense_iso_val_loss", "its iso-FLOP dense twin"),
+        ("best", "best_dense_val_loss", "the best dense ≤ its FLOPs"),
+    )
+    for row_axes, ((corpus, base), section) in zip(axes, sections):
+        seeds = int(section.seeds.max())
+        for ax, (against, column, name) in zip(row_axes, panels):
+            for variant, g in section.sort_values("budget").groupby("variant", sort=False):
+                color = colors[short(variant, base)]
+                mean, dense = g[f"vs_{against}_pct"], g[column]
+                lo = 100 * g[f"vs_{against}_ci_lo"] / dense
+                hi = 100 * g[f"vs_{against}_ci_hi"] / dense
+                err = [(mean - lo).fillna(0).clip(lower=0), (hi - mean).fillna(0).clip(lower=0)]
+                ax.errorbar(g.budget, mean, yerr=err, fmt="-o", color=color, capsize=3, ms=4)
+                runs = df[[label(row) == variant for row in df.itertuples()]]
+                ax.scatter(
+                    runs.budget, 100 * (runs.val_loss - runs[column]) / runs[column], color=color, s=10, alpha=0.45
+                )
+            ax.axhline(0, color="k", lw=0.8)
+            ax.set_xscale("log")
+            budgets = sorted(section.budget.unique())
+            ax.set_xticks(budgets, [f"{100 * b:g}%" for b in budgets])
+            ax.minorticks_off()
+            ax.set_title(
+                f"data.source={corpus}, base {str(base)[:8]} (up to {section.corpus_reads.max():.2f} corpus reads, "
+                f"{seeds} seed{'s' if seeds > 1 else ''})\nMoE against {name}",
+                fontsize=8,
+            )
+        row_axes[0].set_ylabel("(MoE − dense) / dense, %\n(below 0: the MoE wins)", fontsize=8)
+    for ax in axes[-1]:
         ax.set_xlabel("upcycling budget, share of the dense base's pretraining FLOPs")
-        ax.set_title(f"MoE against {name}", fontsize=10)
-    axes[0].set_ylabel("(MoE − dense) / dense, %  (below 0: MoE wins)")
-    axes[0].legend(fontsize=7)
-    fig.tight_layout()
+    handles = [plt.Line2D([], [], color=colors[n], marker="o", label=n) for n in names]
+    fig.legend(handles=handles, loc="lower center", ncol=2, fontsize=7, frameon=False)
+    fig.tight_layout(rect=(0, 0.04 + 0.02 * math.ceil(len(names) / 2), 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
