@@ -123,14 +123,18 @@ def trim_csv_versions(current: Path, step: int) -> None:
 
 
 class StopAfter(Callback):
-    """Stops training at a given step, as a crash would (used to test resume)."""
+    """Stops training at a given step, as a crash would (used to test resume).
+
+    It lowers the loop's step limit rather than setting ``trainer.should_stop``: Lightning validates on a requested
+    stop, and that validation, off the ``val_every`` grid, went into the checkpoint saved at the end (when none was
+    saved yet) and so into the resumed run's curve and CSV, which a run never stopped does not have."""
 
     def __init__(self, step: int):
         self.step = step
 
     def on_train_batch_end(self, trainer, *args):
         if trainer.global_step >= self.step:
-            trainer.should_stop = True
+            trainer.fit_loop.epoch_loop.max_steps = trainer.global_step
 
 
 def _loggers(cfg: DictConfig, out_dir: Path, csv_only: bool):

@@ -35,7 +35,9 @@ def latest(logs: Path, name: str) -> Path:
 @pytest.mark.slow
 def test_a_run_stopped_at_several_steps_then_resumed_has_the_uninterrupted_curve_in_results_and_csv(env, tmp_path):
     run_cli(env, tmp_path, *CURVE, "name=straight")
-    for stop in (7, 11):  # each stop resumes from the checkpoint of a step that also validated (5, then 10)
+    # step 3 comes before the first checkpoint (the one saved at the stop holds no validation of step 3: none is on
+    # the grid); 7 and 11 resume from the checkpoints of steps that also validated (5, then 10)
+    for stop in (3, 7, 11):
         run_cli(env, tmp_path, *CURVE, "name=crashed", f"train.stop_after_steps={stop}")
         assert results(latest(tmp_path, "crashed"))["status"] == "interrupted"
     run_cli(env, tmp_path, *CURVE, "name=crashed")
@@ -44,7 +46,7 @@ def test_a_run_stopped_at_several_steps_then_resumed_has_the_uninterrupted_curve
     assert b["val_curve"] == a["val_curve"]  # every point once, bitwise on CPU
     assert b["val_loss"] == b["val_curve"][-1]["val_loss"]
     (train_a, val_a), (train_b, val_b) = csv_rows(latest(tmp_path, "straight")), csv_rows(latest(tmp_path, "crashed"))
-    assert len(list(latest(tmp_path, "crashed").glob("csv/version_*"))) == 3
+    assert len(list(latest(tmp_path, "crashed").glob("csv/version_*"))) == 4
     assert [s for s, _ in val_a] == [4, 9] and val_b == val_a  # the CSV's step is the global step before its update
     assert [s for s, _ in train_b] == list(range(13)) and train_b == train_a
 
