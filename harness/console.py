@@ -80,6 +80,15 @@ class StepProgressBar(TQDMProgressBar):
             bar.set_postfix(self.get_metrics(trainer, pl_module), refresh=False)
             bar.refresh()
 
+    def on_validation_end(self, trainer, pl_module):
+        """The new val/loss waits for the train bar's next redraw: Lightning's redraws it after every validation,
+        a line each in a log file."""
+        if self._train_progress_bar is None or trainer.state.fn != "fit":
+            return super().on_validation_end(trainer, pl_module)
+        self.val_progress_bar.close()
+        self.reset_dataloader_idx_tracker()
+        self.train_progress_bar.set_postfix(self.get_metrics(trainer, pl_module), refresh=False)
+
     def init_validation_tqdm(self):
         """Validation is a pause in the train bar, which then shows val/loss: a bar made disabled draws nothing
         (one disabled after it is made has already drawn its first line)."""

@@ -5,7 +5,7 @@ dense twin, with the same settings; each model's scores cached by its weights' c
     python -m harness.eval --model-path HF_DIR --tasks pydoc_cloze [--backend hf]    # any HF checkpoint folder
 
 Local tasks live in conf/eval/tasks/ (lm-eval's YAML format, built by conf/eval/build_tasks.py); standard tasks
-(hellaswag, arc_easy, ...) need their datasets in the HF cache when offline (HF_DATASETS_OFFLINE=1).
+(hellaswag, arc_easy, ...) need their datasets in the HF cache: nothing is downloaded (harness/__init__.py).
 ``results.json`` gains ``downstream: {model: {task: {metric: value, metric_stderr: stderr, n: items}}}``.
 """
 
@@ -16,6 +16,7 @@ import hashlib
 import json
 import logging
 import os
+import traceback
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -117,7 +118,7 @@ def _task_configs(names: list[str]) -> list:
 
 def task_dict(names: list[str]) -> dict:
     """lm-eval's top-level task and group objects by name (their data loaded; ``TaskManager.load``); a standard
-    task missing from the offline cache is one line."""
+    task missing from the offline cache is one line (the HF libraries are offline: harness/__init__.py)."""
     standard = any(n not in local_tasks() for n in names)
     try:
         loaded = _task_manager(standard).load(_task_configs(names))
@@ -128,7 +129,8 @@ def task_dict(names: list[str]) -> dict:
         )
         raise ConfigError(
             f"eval.tasks: {name!r} did not load ({type(e).__name__}: {str(e).splitlines()[0][:160]}); a standard "
-            f"task needs its dataset in the HF cache ({cache}) when offline (HF_DATASETS_OFFLINE=1)"
+            f"task reads its dataset from the HF cache ({cache}): nothing is downloaded at run time "
+            "(HF_HUB_OFFLINE=0 allows it)"
         ) from None
     # a group's tasks are scored (and aggregated) through their group: only the outermost objects are passed on
     inner = {c for children in loaded["group_map"].values() for c in children}
@@ -197,20 +199,37 @@ def score(lm, ecfg: EvalConfig, weights: str, cache_dir: Path | None, precision:
         else:
             todo.append((task, key))
     if todo:
-        res = lm_eval.simple_evaluate(
-            model=lm,
-            tasks=list(task_dict([t for t, _ in todo]).values()),
-            num_fewshot=ecfg.num_fewshot,
-            limit=ecfg.limit,
-            log_samples=False,
-            bootstrap_iters=1000,
-        )
+        tasks = list(task_dict([t for t, _ in todo]).values())
+        try:
+            res = lm_eval.simple_evaluate(
+                model=lm,
+                tasks=tasks,
+                num_fewshot=ecfg.num_fewshot,
+                limit=ecfg.limit,
+                log_samples=False,
+                bootstrap_iters=1000,
+            )
+        except AssertionError as e:
+            raise ConfigError(_failed_check(e, lm)) from None
         for task, key in todo:
             n = res.get("n-samples", {}).get(task, {}).get("effective")
             out[task] = _metrics(res["results"][task], n)
             if paths[task]:
                 atomic_write_json(paths[task], {"key": key, "scores": out[task]})
     return {t: out[t] for t in ecfg.tasks}
+
+
+def _failed_check(e: AssertionError, lm) -> str:
+    """lm-eval checks a request with a bare ``assert``: one line naming that check, and the likely cause."""
+    frame = traceback.extract_tb(e.__traceback__)[-1]
+    check = (frame.line or "").strip()
+    line = f"lm-eval's check `{check}` failed ({Path(frame.filename).name}:{frame.lineno})"
+    if "max_length" in check:
+        line += (
+            f": a request is longer than the model's context (max_length={getattr(lm, 'max_length', '?')}), which "
+            "lm-eval's HFLM does not truncate; the default backend scores a long continuation's last max_length tokens"
+        )
+    return line
 
 
 # ---- the run's models -------------------------------------------------------------------------------------------
@@ -311,7 +330,7 @@ def _line(scores: dict) -> str:
 
 def _hf_lm(path: Path, ecfg: EvalConfig, backend: str):
     from harness.data import _eot_id, load_tokenizer
-    from harness.hf import load_hf
+    from harness.hf import load_hf, read_config
     from harness.lm_adapter import DecoderLM
 
     if backend == "hf":
@@ -324,6 +343,12 @@ def _hf_lm(path: Path, ecfg: EvalConfig, backend: str):
             hf_tok.eos_token = raw.id_to_token(_eot_id(raw))
         device = "cuda" if torch.cuda.is_available() else "cpu"
         return HFLM(pretrained=str(path), tokenizer=hf_tok, batch_size=ecfg.batch_size, device=device), "hf"
+    arch = read_config(path).get("model_type")
+    if arch in ("mixtral", "qwen2_moe"):  # harness.export's MoE classes
+        raise ConfigError(
+            f"{path}: model_type={arch!r} is an MoE, and the default backend reads dense Llama/Qwen2/Mistral folders: "
+            f"add --backend hf (transformers' class), or score the run it came from: python -m harness.eval RUN_DIR"
+        )
     model = load_hf(path)
     tok = load_tokenizer(str(path))
     return DecoderLM(model, tok, _eot_id(tok), batch_size=ecfg.batch_size), weights_digest(model)

@@ -100,8 +100,8 @@ def _run(cfg: DictConfig, exp: Experiment, out_dir: Path, config_hash: str, cloc
     twin = None if cfg.force else results.finished_elsewhere(out_dir, config_hash, roots)
     if twin is not None:
         log.info(
-            "%s holds this config's complete run (cfg=%s, its overrides spelled another way): skipping "
-            "(force=true trains it again here)",
+            "%s holds this config's complete run (cfg=%s: its overrides differ only in spelling or in keys that change "
+            "nothing computed, e.g. eval or logger): skipping (force=true trains it again here)",
             twin / "results.json",
             config_hash,
         )

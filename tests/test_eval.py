@@ -235,3 +235,62 @@ def test_a_pretrain_run_loads_as_the_dense_base_it_trained(env, tmp_path):
     model, moe, _ = load_run(run)
     assert moe is None
     assert abs(evaluate(model, validation_loader(run), torch.device("cpu")) - results(run)["val_loss"]) < 1e-5
+
+
+def _edited_copy(src: Path, dst: Path, **config) -> Path:
+    """The exported folder with config.json's keys changed."""
+    dst.mkdir()
+    for f in src.iterdir():
+        (dst / f.name).write_bytes(f.read_bytes())
+    cfg = json.loads((src / "config.json").read_text())
+    (dst / "config.json").write_text(json.dumps({**cfg, **config}))
+    return dst
+
+
+def test_a_context_shorter_than_a_task_is_one_line_for_hflm_and_truncated_by_ours(
+    trained, capsys, monkeypatch, tmp_path
+):
+    """lm-eval's HFLM asserts that a continuation fits the context; the CLI names that check in one line instead
+    of a traceback, and our backend scores the same folder (it keeps a long continuation's last tokens)."""
+    from harness.eval import main
+
+    monkeypatch.setenv("UPCYCLE_CACHE", str(tmp_path))
+    short = _edited_copy(trained[2] / "hf", tmp_path / "short", max_position_embeddings=8)
+    with pytest.raises(SystemExit) as e:
+        main(["--model-path", str(short), "--tasks", "pydoc_next", "--limit", "4", "--backend", "hf"])
+    msg = str(e.value.code)
+    assert "\n" not in msg and msg.startswith("eval error: lm-eval's check `assert"), msg
+    assert "max_length=8" in msg and "HFLM does not truncate" in msg, msg
+    main(["--model-path", str(short), "--tasks", "pydoc_next", "--limit", "4"])
+    out = capsys.readouterr().out
+    assert json.loads(out[out.rindex('{\n "model"') :])["downstream"]["pydoc_next"]["n"] == 4
+
+
+def test_an_moe_folder_on_our_dense_backend_is_one_line_naming_the_backend_that_reads_it(trained, tmp_path):
+    from harness.eval import main
+
+    moe = _edited_copy(trained[2] / "hf", tmp_path / "moe", model_type="qwen2_moe")
+    with pytest.raises(SystemExit) as e:
+        main(["--model-path", str(moe), "--tasks", "pydoc_cloze", "--limit", "4"])
+    msg = str(e.value.code)
+    assert "\n" not in msg and "model_type='qwen2_moe' is an MoE" in msg and "--backend hf" in msg, msg
+
+
+@pytest.mark.parametrize("preset", [None, "0"])
+def test_the_harness_keeps_the_hf_libraries_offline_unless_the_environment_says_otherwise(preset):
+    """Nothing is downloaded at run time: importing harness before the HF libraries turns their offline mode on
+    (they read it once, at import), unless HF_HUB_OFFLINE is already set."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")}
+    if preset is not None:
+        env["HF_HUB_OFFLINE"] = preset
+    code = (
+        "import harness, huggingface_hub.constants as c, datasets.config as d; "
+        "print(c.is_offline_mode(), d.HF_HUB_OFFLINE)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    want = "True True" if preset is None else "False False"
+    assert out.split() == want.split(), out

@@ -72,3 +72,41 @@ def test_no_training_value_goes_through_lightnings_progress_bar_metrics_and_the_
 
     shown = StepProgressBar().get_metrics(trainer, lit)
     assert list(shown)[:2] == ["loss", "val/loss"] and float(shown["loss"]) == pytest.approx(lit.last_loss.item(), 1e-2)
+
+
+def test_the_bar_redraws_on_its_interval_only_not_after_every_validation(capsys):
+    """Into a log file the bar is redrawn every 30 s: a line a redraw. Lightning redraws the train bar after every
+    validation; here a new val/loss waits for the bar's next redraw (the first and the last step draw regardless)."""
+    import lightning as L
+
+    from harness.console import StepProgressBar
+
+    torch.manual_seed(0)
+    steps = 12
+    lit = LitLM(
+        Decoder(tiny_config()),
+        OptimConfig(warmup_steps=1),
+        total_steps=steps,
+        train_flops_per_token=7,
+        peak_flops=1e12,
+        tokens_per_step=64,
+    )
+    bar = StepProgressBar()
+    bar.interval = 1e9  # no redraw for time's sake in this fit
+    trainer = L.Trainer(
+        max_steps=steps,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        callbacks=[bar],
+        val_check_interval=2,
+        num_sanity_val_steps=0,
+    )
+    loader = torch.utils.data.DataLoader(token_batches(steps), batch_size=None)
+    trainer.fit(lit, train_dataloaders=loader, val_dataloaders=loader)
+    captured = capsys.readouterr()
+    draws = [d for d in (captured.out + captured.err).replace("\n", "\r").split("\r") if d.startswith("train")]
+    between = [d for d in draws if not (" 0/12 " in d or " 12/12 " in d)]
+    assert not between, between  # none at the 6 validations (steps 2, 4, ..., 12)
+    assert "val/loss" in draws[-1], draws  # the last validation's loss, shown at the last step
