@@ -54,7 +54,7 @@ if [[ $part == harness ]]; then  # run.py jobs against the bare step, alone and 
   read -r -a flags <<<"${HARNESS_FLAGS:-}"
   timeout 540 python3 benchmarks/harness_overhead.py --moe "$presets" --out /tmp/harness_bench ${flags[@]+"${flags[@]}"} 2>&1 | tail -24
   tag=${presets//,/_}${HARNESS_FLAGS:+_launcher}
-  for f in harness_overhead harness_overhead_seconds; do  # the figures, and where one job's seconds went
+  for f in harness_overhead harness_overhead_seconds harness_overhead_jobs; do  # the figures, and where one job's seconds went
     cp /tmp/harness_bench/$f.csv "$out/${f}_$tag.csv" 2>/dev/null
   done
   # each lone job's profiled window (train.profile_steps: summary, figures, Chrome trace) and any cProfile tables

@@ -153,6 +153,8 @@ def harness(args, moe: str, jobs: int) -> dict:
         "setup_s": statistics.median(f["wall_s"] - f["fit_wall_s"] for f in figs),
         "seconds": figs[0]["seconds"],
         "profile": figs[0]["profile"],
+        # each job's own: a warm worker's later jobs show what they no longer pay (startup, compile)
+        "jobs": [{"steady": f["steady"], "wall_s": f["wall_s"], **f["seconds"]} for f in figs],
     }
 
 
@@ -206,7 +208,7 @@ def main() -> None:
     )
     if base.returncode:  # the job's own last line says why (a config error names its key)
         raise SystemExit(f"the dense base's job failed: {(base.stderr.strip().splitlines() or ['?'])[-1]}")
-    rows, seconds = [], []
+    rows, seconds, jobs = [], [], []
     for moe in presets:
         b = bare(args, moe)
         one = harness(args, moe, 1)
@@ -228,12 +230,13 @@ def main() -> None:
         )
         print(json.dumps(rows[-1]), flush=True)
         seconds.append({"preset": rows[-1]["preset"], **one["seconds"]})
-        write(args, rows, seconds)  # after every preset: a call cut off at its limit keeps the presets it finished
+        jobs += [{"preset": rows[-1]["preset"], "job": i, **j} for i, j in enumerate(many["jobs"])]
+        write(args, rows, seconds, jobs)  # after every preset: a call cut off at its limit keeps what it finished
     for moe in filter(None, args.cprofile.split(",")):
         cprofile(args, moe)
 
 
-def write(args, rows: list[dict], seconds: list[dict]) -> None:
+def write(args, rows: list[dict], seconds: list[dict], jobs: list[dict]) -> None:
     table = pd.DataFrame(rows)
     print(table.to_string(index=False, float_format=lambda x: f"{x:.3g}"))
     table.to_csv(args.out / "harness_overhead.csv", index=False)
@@ -244,6 +247,8 @@ def write(args, rows: list[dict], seconds: list[dict]) -> None:
     print("\nseconds of one job alone, by stage (fit_*: inside its MoE fit)")
     print(spent.to_string(index=False, float_format=lambda x: f"{x:.2f}"), flush=True)
     spent.to_csv(args.out / "harness_overhead_seconds.csv", index=False)
+    # the jobs run at once, each its own seconds (for a launcher sweep: by folder, not by worker)
+    pd.DataFrame(jobs).to_csv(args.out / "harness_overhead_jobs.csv", index=False)
 
 
 if __name__ == "__main__":
