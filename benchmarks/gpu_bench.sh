@@ -20,9 +20,11 @@ if [[ $part == large ]]; then  # selective recompute instead of full: which fits
   ts --model large1b --moe E8G1T2 --batch 4 --compile --ckpt full
 fi
 if [[ $part == accum ]]; then  # a 1B run's global batch (32 x 2048 = 64k tokens): the clip + AdamW over 6.7B parameters once per 4-8 passes
-  ts --model large1b --moe none --batch 8 --accum 4 --steps 6 --compile
-  ts --model large1b --moe E8G1T2 --batch 8 --accum 4 --steps 6 --compile --ckpt selective
-  ts --model large1b --moe E8G1T2 --batch 4 --accum 8 --steps 6 --compile
+  # --profile 2: two more steps under torch.profiler, where their device time went (expert GEMMs, other GEMMs,
+  # attention, optimizer, compiled kernels: the MoE glue and the recompute)
+  ts --model large1b --moe none --batch 8 --accum 4 --steps 6 --compile --profile 2
+  ts --model large1b --moe E8G1T2 --batch 8 --accum 4 --steps 6 --compile --ckpt selective --profile 2
+  ts --model large1b --moe E8G1T2 --batch 4 --accum 8 --steps 6 --compile --profile 2
 fi
 if [[ $part == all || $part == step || $part == large || $part == accum ]]; then
   if [[ $part != large && $part != accum ]]; then
@@ -41,6 +43,8 @@ for line in open(sys.argv[1]):
     print(f"{r['model']:11} {r['moe']:7} {r['moe_layers']:8} {str(r['compile'])[0]:4} {str(r['ckpt'] or '-')[:4]:4} {r['batch']:5} "
           f"{r.get('accum', 1):5} {r['params_total']/1e9:6.2f}B {r['params_active']/1e9:6.2f}B {r['tokens_per_s']:8.0f} "
           f"{r['mfu_808']:6.1%} {r['mfu_989']:6.1%} {r['peak_mem_gib']:5.1f} {'-' if opt is None else f'{opt:.1%}':>5}")
+    if r.get("device_ms_by_kind"):  # the profiled steps: ms a step by what ran
+        print("   profiled, ms a step:", ", ".join(f"{k} {v:.1f}" for k, v in r["device_ms_by_kind"].items()))
 PY
 fi
 if [[ $part == harness ]]; then  # run.py jobs against the bare step, alone and six at once (~4 min per preset)

@@ -6,12 +6,13 @@ without Lightning's loop around it.
 
     python benchmarks/train_step.py --model medium350m --moe E8G1T2 --compile
     python benchmarks/train_step.py --model large1b --moe none --compile --ckpt
-    python benchmarks/train_step.py --model large1b --moe E8G1T2 --compile --ckpt selective --accum 4
+    python benchmarks/train_step.py --model large1b --moe E8G1T2 --compile --ckpt selective --accum 4 --profile 2
 
 ``--accum N`` runs N micro-batches of ``--batch`` per optimizer step (a real 1B run's global batch): the clip and
 the AdamW update over every parameter then run once per N forward-backward passes. Each step also records how
 much of its GPU time the clip + update take (``optimizer_share``), timed with CUDA events so that the host does
-not wait between steps.
+not wait between steps. ``--profile N`` runs N more steps under torch.profiler and adds where their device time
+went (``device_ms_by_kind``: the expert GEMMs, the other GEMMs, attention, the optimizer, compiled kernels, ...).
 """
 
 from __future__ import annotations
@@ -51,6 +52,27 @@ def build(args) -> tuple[Decoder, flops.FlopCount]:
     return model, flops.count(mcfg, args.seq, moe, resolve_moe_layers(args.moe_layers, mcfg.n_layers))
 
 
+def profiled(step, steps: int, cuda: bool) -> dict[str, float]:
+    """``steps`` steps under torch.profiler: each step's kernel time by what launched it (harness.profiling.KINDS),
+    and the GPU's busy time (the union of its kernels) beside the step's wall time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from harness.profiling import busy_us, device_ms_by_kind, on_device
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            step()
+        if cuda:
+            torch.cuda.synchronize()
+        wall = time.perf_counter() - t0
+    busy = busy_us([(e.time_range.start, e.time_range.end) for e in prof.events() if on_device(e)])
+    return {"step_ms": round(wall * 1e3 / steps, 3), "busy": round(busy / 1e3 / steps, 3)} | device_ms_by_kind(
+        prof, steps
+    )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="medium350m")
@@ -74,6 +96,9 @@ def main() -> None:
     )
     ap.add_argument("--json", default=None)
     ap.add_argument("--device", default="cuda")
+    ap.add_argument(
+        "--profile", type=int, default=0, help="N more steps under torch.profiler: device ms a step by what ran"
+    )
     args = ap.parse_args()
     if args.accum < 1:
         ap.error(f"--accum={args.accum} must be >= 1")
@@ -152,6 +177,8 @@ def main() -> None:
         device=torch.cuda.get_device_name() if cuda else args.device,
         torch=torch.__version__,
     )
+    if args.profile:  # after the timed steps, so that the profiler's cost is in none of the figures above
+        row["device_ms_by_kind"] = profiled(step, args.profile, cuda)
     print(json.dumps(row))
     if args.json:
         with open(args.json, "a") as fh:

@@ -61,6 +61,35 @@ def on_device(event) -> bool:
     return event.device_type == torch.autograd.DeviceType.CUDA and not event.is_user_annotation
 
 
+# what launched a kernel, by the name of the innermost op it ran under (first match wins; lower case)
+KINDS = (
+    ("expert GEMMs", ("aten::_grouped_mm",)),
+    ("other GEMMs", ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_scaled_mm")),
+    ("attention", ("attention", "flash")),
+    ("optimizer and clip", ("adam", "_foreach_", "multi_tensor")),
+    ("loss", ("log_softmax", "nll_loss", "cross_entropy")),
+    ("compiled kernels: norms, activations, MoE glue, recompute", ("triton_",)),
+    ("copies and fills", ("aten::copy_", "aten::_to_copy", "aten::fill_", "aten::zero_", "memcpy", "memset")),
+)
+
+
+def device_ms_by_kind(prof, steps: int) -> dict[str, float]:
+    """A step's kernel time by what launched it (``KINDS``): each kernel counted once, under the innermost op
+    recorded around its launch; ``unattributed`` is kernel time no recorded op launched. Where a step's device
+    time goes, in the terms of its code: the expert GEMMs against the MoE glue, the optimizer, the recompute."""
+    out = Counter()
+    for a in prof.key_averages():
+        if a.is_user_annotation or a.device_type != torch.autograd.DeviceType.CPU or a.self_device_time_total <= 0:
+            continue
+        name = a.key.lower()
+        kind = next((k for k, patterns in KINDS if any(p in name for p in patterns)), "other")
+        out[kind] += a.self_device_time_total
+    kernels = sum(e.time_range.elapsed_us() for e in prof.events() if on_device(e))
+    if kernels > sum(out.values()):
+        out["unattributed"] += kernels - sum(out.values())
+    return {k: round(v / 1e3 / steps, 3) for k, v in out.most_common()}
+
+
 def call_site(stack: list[traceback.FrameSummary]) -> str:
     """The innermost frame outside torch's own Python: the line that asked for the value."""
     for frame in reversed(stack):

@@ -9,7 +9,7 @@ from collections import Counter
 import pytest
 import torch
 
-from harness.profiling import SyncAudit, busy_us, call_site, summarize, window
+from harness.profiling import SyncAudit, busy_us, call_site, device_ms_by_kind, summarize, window
 
 from helpers.e2e import results, run_cli
 
@@ -65,6 +65,56 @@ def test_the_gpu_busy_share_counts_kernels_not_the_annotation_ranges_around_them
     report = summarize(Window(), steps=1, wall_s=0.010, sync_sites=Counter(), span=(4, 5))
     assert report["gpu_busy_ms_per_step"] == 4.0 and report["gpu_busy_share"] == 0.4  # 4 of 10 ms, not 8
     assert all("Optimizer.step" not in row["name"] for row in report["top_device"] + report["top_host"])
+
+
+def test_a_steps_kernel_time_is_split_by_the_op_that_launched_each_kernel_counted_once():
+    """The expert GEMMs' kernels count under aten::_grouped_mm, not again under the aten::linear around them or as
+    rows of their own; a compiled kernel under its triton_ launcher; kernel time no op launched is named so."""
+    from torch.autograd import DeviceType
+    from torch.autograd.profiler_util import EventList, FunctionEvent
+
+    def op(i, name, start, end, kernels=(), device=DeviceType.CPU):
+        e = FunctionEvent(i, name, 0, start, end, stack=[], device_type=device, use_device="cuda")
+        for kernel, us in kernels:
+            e.append_kernel(kernel, 0, us)
+        return e
+
+    events = EventList(
+        [
+            op(0, "aten::linear", 0, 1_000, [("gemv", 50)]),  # its own kernel, and the mm's under it
+            op(1, "aten::mm", 100, 900, [("sm90_gemm", 400)]),
+            op(2, "aten::_grouped_mm", 1_000, 2_000, [("cutlass_grouped", 600), ("cutlass_grouped", 300)]),
+            op(3, "triton_poi_fused_mul_silu_0", 2_000, 2_100, [("triton_poi_fused_mul_silu_0", 200)]),
+            op(4, "aten::_fused_adamw_", 2_100, 2_200, [("multi_tensor_apply", 150)]),
+            # the kernels' own rows on the GPU's timeline: counted once, through their ops above
+            op(5, "gemv", 0, 50, device=DeviceType.CUDA),
+            op(6, "sm90_gemm", 100, 500, device=DeviceType.CUDA),
+            op(7, "cutlass_grouped", 1_000, 1_600, device=DeviceType.CUDA),
+            op(8, "cutlass_grouped", 1_600, 1_900, device=DeviceType.CUDA),
+            op(9, "triton_poi_fused_mul_silu_0", 2_000, 2_200, device=DeviceType.CUDA),
+            op(10, "multi_tensor_apply", 2_200, 2_350, device=DeviceType.CUDA),
+            op(11, "stray", 3_000, 3_100, device=DeviceType.CUDA),  # no op recorded around its launch
+        ],
+        use_device="cuda",
+    )
+    events._build_tree()
+
+    class Window:
+        def events(self):
+            return events
+
+        def key_averages(self):
+            return events.key_averages()
+
+    by_kind = device_ms_by_kind(Window(), steps=2)
+    assert by_kind == {
+        "expert GEMMs": 0.45,
+        "other GEMMs": 0.2,
+        "compiled kernels: norms, activations, MoE glue, recompute": 0.1,
+        "optimizer and clip": 0.075,
+        "other": 0.025,  # aten::linear's own kernel
+        "unattributed": 0.05,
+    }, by_kind
 
 
 def test_a_wait_is_charged_to_the_line_that_asked_for_the_value():
