@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
+from harness.compile_cache import share_compiled_graphs
 from harness.errors import ConfigError
 from harness.mlp import MLP
 from harness.moe import MoE
@@ -195,8 +196,10 @@ class Decoder(nn.Module):
         """``torch.compile`` each block in place (fuses norms, RoPE, activations, routing glue).
 
         Blocks share one compiled graph (parameters are graph inputs), so compile time does not
-        grow with depth; state_dict keys are unchanged.
+        grow with depth; state_dict keys are unchanged. The graphs go to torch's on-disk caches, MoE
+        graphs included (:mod:`harness.compile_cache`), for the next process to load.
         """
+        share_compiled_graphs()
         for block in self.blocks:
             block.compile(**kwargs)
 

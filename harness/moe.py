@@ -405,7 +405,7 @@ class GroupedExperts(nn.Module):
             h = mlp_activation(_grouped_mm(x_sorted, w1.transpose(-2, -1), offs), self.gated)
             return _grouped_mm(h, w2.transpose(-2, -1), offs)
         outs = []  # portable path: one matmul pair per expert (host sync on counts)
-        for e, chunk in enumerate(x_sorted.split(counts.tolist())):
+        for e, chunk in enumerate(torch.split(x_sorted, counts.tolist())):  # torch.split: AOT-cacheable
             outs.append(mlp_activation(chunk @ w1[e].t(), self.gated) @ w2[e].t())
         return torch.cat(outs)
 

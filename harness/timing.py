@@ -120,6 +120,7 @@ _COMPILE_COUNTERS = (
     ("fx_cache_misses", "inductor", "fxgraph_cache_miss"),
     ("autograd_cache_hits", "aot_autograd", "autograd_cache_hit"),
     ("autograd_cache_misses", "aot_autograd", "autograd_cache_miss"),
+    ("autograd_cache_bypasses", "aot_autograd", "autograd_cache_bypass"),
 )
 
 
