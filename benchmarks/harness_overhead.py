@@ -35,7 +35,7 @@ def bare(args, moe: str) -> float:
     """tokens/s of the bare step at the harness job's shape."""
     cmd = [sys.executable, "benchmarks/train_step.py", "--model", args.model, "--moe", moe]
     cmd += ["--seq", str(args.seq), "--batch", str(args.batch), "--vocab", str(args.vocab), "--steps", "20"]
-    cmd += ["--compile"] if args.compile else []
+    cmd += ["--compile", "--compile-mode", args.compile_mode] if args.compile else []
     cmd += ["--device", "cuda" if args.trainer == "gpu" else "cpu"]
     out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=True).stdout
     return json.loads(out.strip().splitlines()[-1])["tokens_per_s"]
@@ -48,6 +48,7 @@ def overrides(args, moe: str, seed: int, name: str, profile: bool = False) -> li
         f"model={args.model}",
         f"trainer={args.trainer}",
         f"train.compile={str(args.compile).lower()}",
+        f"train.compile_mode={args.compile_mode}",
         f"data.seq_len={args.seq}",
         f"data.batch_size={args.batch}",
         f"data.vocab_size={args.vocab}",
@@ -190,6 +191,7 @@ def main() -> None:
     ap.add_argument("--pretrain-tokens", type=int, default=2_000_000)
     ap.add_argument("--corpus-bytes", type=int, default=40_000_000)
     ap.add_argument("--no-compile", dest="compile", action="store_false")
+    ap.add_argument("--compile-mode", default="default", help="train.compile_mode of the jobs and the bare step")
     ap.add_argument("--cprofile", default="", help="comma-separated presets: one more job each under cProfile")
     ap.add_argument("--profile-steps", type=int, default=8, help="steps of the lone job under the profiler (0: none)")
     ap.add_argument("--out", type=Path, default=Path("bench_out"))

@@ -26,6 +26,7 @@ import torch
 from omegaconf import OmegaConf
 
 from harness import flops
+from harness.experiment import COMPILE_MODES, CUDA_GRAPH_MODES
 from harness.model import Decoder, ModelConfig
 from harness.moe import MoEConfig
 from harness.upcycle import Recipe, resolve_moe_layers, upcycle
@@ -87,6 +88,12 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--compile", action="store_true")
     ap.add_argument(
+        "--compile-mode",
+        default="default",
+        choices=COMPILE_MODES,
+        help="torch.compile's mode for the blocks (reduce-overhead: CUDA graphs, as train.compile_mode)",
+    )
+    ap.add_argument(
         "--ckpt",
         nargs="?",
         const="full",
@@ -107,8 +114,9 @@ def main() -> None:
     model = model.to(args.device)
     cuda = args.device.startswith("cuda")
     model.activation_checkpointing = args.ckpt
+    graphs = args.compile and args.compile_mode in CUDA_GRAPH_MODES
     if args.compile:
-        model.compile_blocks()
+        model.compile_blocks(**({} if args.compile_mode == "default" else {"mode": args.compile_mode}))
     decay = [p for p in model.parameters() if p.dim() >= 2]
     rest = [p for p in model.parameters() if p.dim() < 2]
     opt = torch.optim.AdamW(
@@ -123,6 +131,8 @@ def main() -> None:
 
     def step():
         for x in xs:
+            if graphs:  # the last micro-batch's graph outputs are consumed: CUDA graph trees may reuse them
+                torch.compiler.cudagraph_mark_step_begin()
             with torch.autocast(args.device.split(":")[0], dtype=torch.bfloat16):
                 out = model(x[:, :-1], x[:, 1:])
             loss = out.loss + (out.aux_loss if out.aux_loss is not None else 0.0)
@@ -159,6 +169,7 @@ def main() -> None:
         moe=args.moe,
         moe_layers=args.moe_layers,
         compile=args.compile,
+        compile_mode=args.compile_mode if args.compile else None,
         ckpt=args.ckpt,
         seq=args.seq,
         batch=args.batch,

@@ -25,6 +25,9 @@ from harness.upcycle import Recipe, resolve_moe_layers
 
 METHODS = ("upcycle", "dense", "pretrain")  # pretrain: only the (cached) dense base
 CHECKPOINTING = (False, True, "full", "mlp", "selective")  # train.activation_checkpointing
+# train.compile_mode: torch.compile's modes; the two that capture CUDA graphs are CUDA_GRAPH_MODES
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
 
 
 @dataclass
@@ -40,6 +43,9 @@ class TrainConfig:
     peak_tflops: float | None = None  # hardware peak for perf/mfu
     stop_after_steps: int | None = None  # stop early as a crash would (tests resume)
     compile: bool | str = "auto"  # torch.compile each block: auto = on for GPU trainers (1.75x on H100), off on CPU
+    # torch.compile's mode for the blocks: default | reduce-overhead (CUDA graphs: one launch per compiled block
+    # instead of its dozens of kernels, for steps whose host falls behind the GPU) | max-autotune(-no-cudagraphs)
+    compile_mode: str = "default"
     # recompute in backward for memory: false | full (whole blocks, ~1/3 more compute) | mlp (the MLP/MoE layer
     # only) | selective (all but matmul and attention outputs); true means full
     activation_checkpointing: bool | str = False
@@ -69,6 +75,8 @@ class TrainConfig:
             )
         if not (isinstance(self.compile, bool) or self.compile == "auto"):
             raise ConfigError(f"train.compile={self.compile!r} is not one of true, false, auto")
+        if self.compile_mode not in COMPILE_MODES:
+            raise ConfigError(f"train.compile_mode={self.compile_mode!r} is not one of {', '.join(COMPILE_MODES)}")
 
     def validate(self, optim: OptimConfig, hf_base: bool) -> None:
         """The checks that need the other blocks: the budget's unit and the schedule a shared trunk needs."""

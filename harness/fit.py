@@ -24,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from harness import flops, launch, profiling, timing, tracking, trunk
 from harness.errors import ConfigError
-from harness.experiment import Experiment, compile_enabled
+from harness.experiment import CUDA_GRAPH_MODES, Experiment, compile_enabled
 from harness.io import DiskFull, atomic_write_text, intact_zip, move_aside
 from harness.lit import LitLM, evaluate
 from harness.model import Decoder
@@ -135,6 +135,14 @@ class StopAfter(Callback):
     def on_train_batch_end(self, trainer, *args):
         if trainer.global_step >= self.step:
             trainer.fit_loop.epoch_loop.max_steps = trainer.global_step
+
+
+class CudaGraphSteps(Callback):
+    """Tells CUDA graph trees (``train.compile_mode=reduce-overhead`` or ``max-autotune``) that a new micro-batch
+    begins, so that its graphs may reuse the memory of the last one's outputs, which its backward has consumed."""
+
+    def on_train_batch_start(self, *args):
+        torch.compiler.cudagraph_mark_step_begin()
 
 
 def _loggers(cfg: DictConfig, out_dir: Path, csv_only: bool):
@@ -262,8 +270,9 @@ def fit_in_process(
     fpt = flops.count_model(model, seq).train_per_token
     train = exp.train
     model.activation_checkpointing = train.activation_checkpointing
-    if compile_enabled(train, cfg.trainer):
-        model.compile_blocks()
+    compile_on = compile_enabled(train, cfg.trainer)
+    if compile_on:
+        model.compile_blocks(**({} if train.compile_mode == "default" else {"mode": train.compile_mode}))
     peak = float(train.peak_tflops) * 1e12 if train.peak_tflops else None
     tokens_per_step = exp.data.batch_size * seq
     lit = LitLM(
@@ -297,6 +306,8 @@ def fit_in_process(
         [CheckpointAfterValidation(ckpt_dir, every, int(train.val_every))] if save else []
     )
     callbacks += [instantiate(c) for c in (cfg.get("callbacks") or {}).values()] + list(extra_callbacks)
+    if compile_on and train.compile_mode in CUDA_GRAPH_MODES:
+        callbacks.append(CudaGraphSteps())
     stop = train.stop_after_steps
     if stop:
         callbacks.append(StopAfter(int(stop)))

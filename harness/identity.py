@@ -51,7 +51,7 @@ IDENTITY = "identity.json"
 # keys added after runs were recorded, at the value that computes what those runs computed: left out of the
 # experiment config at that value, so the runs written before the key existed keep their folders, hashes and
 # cached stages (another value is part of the config like any key)
-NEUTRAL = {"pretrain.fraction": 1.0, "scratch_baseline": False, "optim.fused": "auto"}
+NEUTRAL = {"pretrain.fraction": 1.0, "scratch_baseline": False, "optim.fused": "auto", "train.compile_mode": "default"}
 
 
 def resolved(cfg: DictConfig) -> dict:
@@ -307,6 +307,7 @@ LAYOUT = (
     "trainer.strategy",
     "data.micro_batch_size",
     "train.compile",
+    "train.compile_mode",
     "train.activation_checkpointing",
 )
 GUARDS = ("train.max_grad_norm", "train.collapse_share", "train.collapse_steps")

@@ -1,0 +1,40 @@
+"""``train.compile_mode=reduce-overhead``: the compiled blocks replayed as CUDA graphs train as the default mode
+does (the MoE's custom Functions, its routing glue and selective recompute captured), micro-batch after
+micro-batch with the step marked as the fit's callback marks it."""
+
+import pytest
+import torch
+
+from harness.model import Decoder, ModelConfig
+from harness.moe import MoEConfig
+from harness.upcycle import Recipe, upcycle
+
+
+def _losses(mode: str | None, steps: int = 4) -> list[float]:
+    torch.manual_seed(0)
+    dense = Decoder(ModelConfig(vocab_size=512, d_model=128, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=512))
+    model = upcycle(dense, MoEConfig(num_experts=8, top_k=2), Recipe()).cuda()
+    model.activation_checkpointing = "selective"
+    model.compile_blocks(**({} if mode is None else {"mode": mode}))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    losses = []
+    for _ in range(steps):
+        for _ in range(2):  # two micro-batches a step, as gradient accumulation runs them
+            if mode is not None:
+                torch.compiler.cudagraph_mark_step_begin()
+            x = torch.randint(0, 512, (4, 65), device="cuda", generator=gen)
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                out = model(x[:, :-1], x[:, 1:])
+            (out.loss + out.aux_loss).backward()
+            losses.append(out.loss.item())
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return losses
+
+
+@pytest.mark.gpu
+def test_cuda_graphs_train_as_the_default_mode():
+    default, graphs = _losses(None), _losses("reduce-overhead")
+    assert graphs[-1] < graphs[0]  # it learns
+    torch.testing.assert_close(torch.tensor(graphs), torch.tensor(default), atol=2e-2, rtol=0)
