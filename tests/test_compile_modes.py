@@ -23,7 +23,8 @@ def _losses(mode: str | None, steps: int = 4) -> list[float]:
         for _ in range(2):  # two micro-batches a step, as gradient accumulation runs them
             if mode is not None:
                 torch.compiler.cudagraph_mark_step_begin()
-            x = torch.randint(0, 512, (4, 65), device="cuda", generator=gen)
+            # runs of consecutive ids: learnable in a few steps (uniform random ids leave nothing to learn)
+            x = (torch.randint(0, 512, (4, 1), device="cuda", generator=gen) + torch.arange(65, device="cuda")) % 512
             with torch.autocast("cuda", dtype=torch.bfloat16):
                 out = model(x[:, :-1], x[:, 1:])
             (out.loss + out.aux_loss).backward()
@@ -36,5 +37,5 @@ def _losses(mode: str | None, steps: int = 4) -> list[float]:
 @pytest.mark.gpu
 def test_cuda_graphs_train_as_the_default_mode():
     default, graphs = _losses(None), _losses("reduce-overhead")
-    assert graphs[-1] < graphs[0]  # it learns
+    assert graphs[-1] < graphs[0] - 0.3, graphs  # it learns (6.28 -> 5.37 in fp32 on CPU)
     torch.testing.assert_close(torch.tensor(graphs), torch.tensor(default), atol=2e-2, rtol=0)
