@@ -122,6 +122,13 @@ def trim_csv_versions(current: Path, step: int) -> None:
             atomic_write_text(path, buf.getvalue())
 
 
+def resume_hint(stop_after_steps: int | None) -> str:
+    """What a stopped run's line tells its user to do: the same command would stop at the same step again."""
+    if stop_after_steps:
+        return f"run it again without train.stop_after_steps={stop_after_steps}"
+    return "run the same command again"
+
+
 class StopAfter(Callback):
     """Stops training at a given step, as a crash would (used to test resume).
 

@@ -22,7 +22,7 @@ from omegaconf import DictConfig, open_dict
 from harness import flops, identity, launch, tracking
 from harness.errors import ConfigError, StageStopped
 from harness.experiment import Experiment
-from harness.fit import eval_device, fit_and_evaluate, heal_checkpoint
+from harness.fit import eval_device, fit_and_evaluate, heal_checkpoint, resume_hint
 from harness.io import atomic_write_json, corrupt_files, entry_lock, file_digest, move_aside, read_json, read_only_miss
 from harness.lit import evaluate
 from harness.model import Decoder
@@ -137,8 +137,8 @@ def dense_base(exp: Experiment, cfg: DictConfig, fraction: float | None = None) 
             )
             if res["status"] != "complete":
                 raise StageStopped(
-                    f"dense pretraining stopped at step {res['steps']} of {steps}; run the same "
-                    "command again to resume it"
+                    f"dense pretraining stopped at step {res['steps']} of {steps}; "
+                    f"{resume_hint(exp.train.stop_after_steps)} to resume it"
                 )
             torch.save(model.state_dict(), out / "model.pt.tmp")
             (out / "model.pt.tmp").replace(out / "model.pt")

@@ -22,7 +22,7 @@ from harness.data import RandomWindows
 from harness.errors import RunFolderError, StageStopped
 from harness.eval import score_run as score_downstream
 from harness.experiment import Experiment, build_experiment
-from harness.fit import eval_device, fit_and_evaluate, heal_checkpoint
+from harness.fit import eval_device, fit_and_evaluate, heal_checkpoint, resume_hint
 from harness.io import ReadOnlyCache, disk_full, disk_full_line
 from harness.lit import evaluate
 from harness.pretrain import dense_base, full_pretrain_flops, parent_loss
@@ -144,10 +144,11 @@ def _run(cfg: DictConfig, exp: Experiment, out_dir: Path, config_hash: str, cloc
         results.print_summary(res, out_dir)
     else:
         log.info(
-            "%s: stopped at step %s (status %s); run the same command again to resume",
+            "%s: stopped at step %s (status %s); %s to resume",
             results_path,
             res.get("steps"),
             res["status"],
+            resume_hint(exp.train.stop_after_steps),
         )
     return float(res["val_loss"])
 

@@ -90,7 +90,9 @@ def test_dense_method_uses_iso_flop_budget(env, tmp_path):
 @pytest.mark.slow
 def test_resume_continues_the_same_curve(env, tmp_path):
     run_cli(env, tmp_path, "name=straight", "iso_flop_baseline=false")
-    run_cli(env, tmp_path, "name=crashed", "iso_flop_baseline=false", "train.stop_after_steps=5")
+    stopped = run_cli(env, tmp_path, "name=crashed", "iso_flop_baseline=false", "train.stop_after_steps=5")
+    # the same command would stop at step 5 again: the line names the flag to drop
+    assert "run it again without train.stop_after_steps=5 to resume" in stopped.stdout + stopped.stderr
     crashed = tmp_path / "runs" / "crashed" / "latest"
     assert results(crashed)["status"] == "interrupted"
     assert (crashed / "checkpoints" / "last.ckpt").exists()

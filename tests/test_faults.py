@@ -59,7 +59,9 @@ def test_a_pretraining_stopped_on_purpose_says_so_in_one_line_and_the_same_comma
     said = stopped.stdout + stopped.stderr
     assert "Traceback" not in said and "HYDRA_FULL_ERROR" not in said, said[-3000:]
     line = [x for x in said.splitlines() if "dense pretraining stopped" in x]
-    assert len(line) == 1 and line[0].endswith("run the same command again to resume it"), said[-3000:]
+    # the same command would stop at step 2 again: the line names the flag to drop
+    assert len(line) == 1 and line[0].endswith("run it again without train.stop_after_steps=2 to resume it"), said
+
     assert not (latest(tmp_path, "base") / "results.json").exists()  # no record of a base that is not there yet
     finished = run_cli(own, tmp_path, *args)
     done = results(latest(tmp_path, "base"))
