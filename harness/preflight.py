@@ -40,20 +40,32 @@ def check_presets(argv: list[str]) -> None:
         if "=" in arg and not arg.startswith(("~", "-")):
             check_key(arg)
         m = _CHOICE.match(arg)
-        if not m or m.group(1).startswith("hydra/"):
+        if not m:
             continue
         group, names = m.groups()
         typed = arg.split("=", 1)[0]  # +sweep as the user wrote it
         dirs = [d / group for d in PRESET_DIRS if (d / group).is_dir()]
-        if not dirs:
+        hydra_own = _hydra_presets(group) if group.startswith("hydra/") else set()
+        if not dirs and not hydra_own:
             continue  # a config key (seed=1, method=dense): checked when the config is built
-        presets = sorted({p.stem for d in dirs for p in d.glob("*.yaml")})
+        presets = sorted({p.stem for d in dirs for p in d.glob("*.yaml")} | hydra_own)
         for name in names.split(","):
             if name not in presets and name != "null":
                 article = "an" if group[0] in "aeiou" else "a"
                 raise SystemExit(
                     f"config error: {typed}={name} is not {article} {group} preset (presets: {', '.join(presets)})"
                 )
+
+
+def _hydra_presets(group: str) -> set[str]:
+    """The presets Hydra and its installed plugins register for ``hydra/launcher``, ``hydra/sweeper``, ...
+    (``basic``, ``joblib``, ``submitit_slurm``, ``optuna``); empty for a group it does not hold."""
+    from hydra.core.config_store import ConfigStore
+    from hydra.core.plugins import Plugins
+
+    Plugins.instance()  # imports the installed plugins, which register their configs
+    node = ConfigStore.instance().repo.get("hydra", {}).get(group.split("/", 1)[1], {})
+    return {name.removesuffix(".yaml") for name in node} if isinstance(node, dict) else set()
 
 
 def sweep_jobs(config: DictConfig) -> list[list[str]]:

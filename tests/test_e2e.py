@@ -128,6 +128,8 @@ def test_resume_continues_the_same_curve(env, tmp_path):
         ("moe.load_balancing=aux_free", "moe.load_balancing='aux_free' is not one of ('aux_loss', 'seq_aux_loss',"),
         ("-m moe=E8G1T2,E8G1T3", "moe=E8G1T3 is not a moe preset (presets: E16G2T2"),
         ("-m +sweep=rouitng", "+sweep=rouitng is not a sweep preset (presets: balancing, batch_size,"),
+        # Hydra's own groups list what Hydra and its installed plugins register beside conf/hydra/
+        ("-m hydra/launcher=parallell", "hydra/launcher=parallell is not a hydra/launcher preset (presets: basic,"),
         ("data.val_batches=4", "data.val_batches is gone: set data.val_tokens"),
         ("trian.tokens=10", "trian.tokens: the config has no key 'trian' (did you mean train.tokens?)"),
         ("-m train.tokns=1,2", "train.tokns: train (TrainConfig) has no key 'tokns' (did you mean train.tokens?)"),
