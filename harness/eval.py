@@ -301,15 +301,25 @@ def score_run(cfg, out_dir: Path, res: dict) -> dict:
     for name, load in run_models(Path(out_dir), res, plain).items():
         model = load()
         lm = DecoderLM(model, tok, eot, batch_size=ecfg.batch_size, device=device)
-        downstream[name] = {
-            **downstream.get(name, {}),
-            **score(lm, ecfg, weights_digest(model), _cache(plain), precision),
-        }
+        scores = score(lm, ecfg, weights_digest(model), _cache(plain), precision)
+        for line in replaced(downstream.get(name, {}), scores):
+            log.info("eval %s: %s", name, line)
+        downstream[name] = {**downstream.get(name, {}), **scores}
         log.info("eval %s: %s", name, _line(downstream[name]))
         model.to("cpu")
     res = {**res, "downstream": downstream}
     atomic_write_json(Path(out_dir) / "results.json", res)
     return res
+
+
+def replaced(old: dict, new: dict) -> list[str]:
+    """One line for each task whose stored scores the new ones replace on another number of items (a run scored
+    with ``eval.limit=200`` and later with ``eval.limit=50`` keeps the later scores, and says so)."""
+    return [
+        f"{task}'s scores on n={old[task].get('n')} items are replaced by these on n={new[task].get('n')}"
+        for task in new
+        if task in old and old[task].get("n") != new[task].get("n")
+    ]
 
 
 def _cache(cfg: dict) -> Path | None:

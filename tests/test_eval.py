@@ -12,7 +12,7 @@ import torch
 from lm_eval.api.instance import Instance
 
 from harness.data import _eot_id, read_documents, train_tokenizer
-from harness.eval import TASK_DIR, EvalConfig, local_tasks, score
+from harness.eval import TASK_DIR, EvalConfig, local_tasks, replaced, score
 from harness.export import export_model
 from harness.lm_adapter import DecoderLM
 from harness.model import Decoder, ModelConfig
@@ -294,3 +294,11 @@ def test_the_harness_keeps_the_hf_libraries_offline_unless_the_environment_says_
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
     want = "True True" if preset is None else "False False"
     assert out.split() == want.split(), out
+
+
+def test_scores_on_another_number_of_items_are_replaced_with_a_line():
+    """A run scored on 200 items and later on 50 keeps the later scores, and the log says which it replaced."""
+    old = {"pydoc_cloze": {"acc": 0.31, "acc_stderr": 0.03, "n": 200}, "pydoc_next": {"acc": 0.4, "n": 200}}
+    new = {"pydoc_cloze": {"acc": 0.28, "acc_stderr": 0.06, "n": 50}, "pydoc_next": {"acc": 0.4, "n": 200}}
+    assert replaced(old, new) == ["pydoc_cloze's scores on n=200 items are replaced by these on n=50"]
+    assert replaced({}, new) == [] and replaced(new, new) == []
