@@ -109,6 +109,8 @@ def main() -> None:
     args = ap.parse_args()
     if args.accum < 1:
         ap.error(f"--accum={args.accum} must be >= 1")
+    if args.compile and args.compile_mode in CUDA_GRAPH_MODES and args.accum > 1:
+        ap.error(f"--compile-mode={args.compile_mode} (CUDA graphs) cannot accumulate gradients (pytorch#169545)")
 
     model, count = build(args)
     model = model.to(args.device)
@@ -131,7 +133,7 @@ def main() -> None:
 
     def step():
         for x in xs:
-            if graphs:  # the last micro-batch's graph outputs are consumed: CUDA graph trees may reuse them
+            if graphs:  # the last step's graph outputs are consumed: CUDA graph trees may reuse them
                 torch.compiler.cudagraph_mark_step_begin()
             with torch.autocast(args.device.split(":")[0], dtype=torch.bfloat16):
                 out = model(x[:, :-1], x[:, 1:])

@@ -44,7 +44,8 @@ class TrainConfig:
     stop_after_steps: int | None = None  # stop early as a crash would (tests resume)
     compile: bool | str = "auto"  # torch.compile each block: auto = on for GPU trainers (1.75x on H100), off on CPU
     # torch.compile's mode for the blocks: default | reduce-overhead (CUDA graphs: one launch per compiled block
-    # instead of its dozens of kernels, for steps whose host falls behind the GPU) | max-autotune(-no-cudagraphs)
+    # instead of its dozens of kernels, for steps whose host falls behind the GPU; one micro-batch a step) |
+    # max-autotune(-no-cudagraphs)
     compile_mode: str = "default"
     # recompute in backward for memory: false | full (whole blocks, ~1/3 more compute) | mlp (the MLP/MoE layer
     # only) | selective (all but matmul and attention outputs); true means full
@@ -231,11 +232,34 @@ def build_experiment(cfg: DictConfig) -> Experiment:
     launch.check_strategy(cfg.trainer)
     data.split_batch(world)  # the global batch must split over the devices
     pretrain.validate(world, hf_base=bool(cfg.model.get("hf_path")))
+    _check_cuda_graphs(train, data, pretrain, world, hf_base=bool(cfg.model.get("hf_path")))
     _check_scratch(cfg, pretrain, world)
     evaluation = build(cfg.eval) if "eval" in cfg else None
     if evaluation is not None:
         evaluation.check()  # a standard task missing from the offline HF cache stops here, before training
     return Experiment(cfg.method, model, moe, recipe, optim, data, layers, train, pretrain, evaluation)
+
+
+def _check_cuda_graphs(train: TrainConfig, data, pretrain: PretrainConfig, world: int, hf_base: bool) -> None:
+    """CUDA graph trees and gradient accumulation do not mix in PyTorch (pytorch/pytorch#169545, open): the first
+    micro-batch's gradients live in the graphs' memory pool, and the next micro-batch's replay overwrites them
+    (on the H100, 2026-12-07: "accessing tensor output of CUDAGraphs that has been overwritten", with or without
+    recompute; others report silently wrong gradients). So a CUDA-graph mode needs one micro-batch a step in
+    every stage that trains: the run's own and the dense base's pretraining (none for an HF base)."""
+    if train.compile_mode not in CUDA_GRAPH_MODES:
+        return
+    stages = [("data.batch_size", data.batch_size)] + (
+        [] if hf_base else [("pretrain.batch_size", pretrain.batch_size)]
+    )
+    for key, batch in stages:
+        micro = min(data.micro_batch_size or batch // world, batch // world)
+        if batch // world > micro:
+            raise ConfigError(
+                f"train.compile_mode={train.compile_mode} (CUDA graphs) cannot accumulate gradients (PyTorch's "
+                f"CUDA graph trees overwrite them, pytorch/pytorch#169545): data.micro_batch_size={micro} splits "
+                f"{key}={batch} into {batch // world // micro} micro-batches a step; set data.micro_batch_size to the "
+                "per-device batch or use train.compile_mode=default"
+            )
 
 
 def _check_scratch(cfg: DictConfig, pretrain: PretrainConfig, world: int) -> None:

@@ -145,8 +145,9 @@ class StopAfter(Callback):
 
 
 class CudaGraphSteps(Callback):
-    """Tells CUDA graph trees (``train.compile_mode=reduce-overhead`` or ``max-autotune``) that a new micro-batch
-    begins, so that its graphs may reuse the memory of the last one's outputs, which its backward has consumed."""
+    """Tells CUDA graph trees (``train.compile_mode=reduce-overhead`` or ``max-autotune``) that a new step begins
+    (one micro-batch a step: experiment.py refuses accumulation with CUDA graphs), so that its graphs may reuse the
+    memory of the last step's outputs, which its backward and optimizer step have consumed."""
 
     def on_train_batch_start(self, *args):
         torch.compiler.cudagraph_mark_step_begin()

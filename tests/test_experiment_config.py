@@ -7,7 +7,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from harness.errors import ConfigError
-from harness.experiment import PretrainConfig, TrainConfig, build
+from harness.experiment import PretrainConfig, TrainConfig, build, build_experiment
 
 from helpers.e2e import ROOT
 
@@ -53,3 +53,22 @@ def test_a_bad_value_names_its_key(override, needle):
     with pytest.raises(ConfigError, match=needle.replace("(", r"\(").replace(".", r"\.")) as e:
         build(composed(override)[block])
     assert len(re.findall(r"\w=", str(e.value))) == 1, str(e.value)  # the bad key alone, not a neighbour
+
+
+def test_cuda_graphs_refuse_gradient_accumulation_in_every_stage_that_trains():
+    """CUDA graph trees overwrite the first micro-batch's gradients (pytorch/pytorch#169545): a CUDA-graph mode
+    with accumulation stops in one line naming the stage's batch; one micro-batch a step, or the default mode,
+    builds."""
+    graphs = "train.compile_mode=reduce-overhead"
+    assert build_experiment(composed(graphs, "data.batch_size=8", "pretrain.batch_size=8")).train.compile_mode
+    assert build_experiment(composed("data.batch_size=8", "data.micro_batch_size=4")).data.micro_batch_size == 4
+    cases = [
+        ((graphs, "data.batch_size=8", "data.micro_batch_size=4", "pretrain.batch_size=4"), "data.batch_size=8"),
+        (("train.compile_mode=max-autotune", "data.batch_size=4", "data.micro_batch_size=4"), "pretrain.batch_size=16"),
+    ]
+    for overrides, stage in cases:
+        with pytest.raises(ConfigError) as e:
+            build_experiment(composed(*overrides))
+        line = str(e.value)
+        assert "\n" not in line and stage in line and "pytorch/pytorch#169545" in line, line
+        assert "into 2 micro-batches" in line if stage.startswith("data") else "into 4 micro-batches" in line, line
