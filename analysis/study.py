@@ -19,6 +19,7 @@ from pathlib import Path
 import pandas as pd
 
 from analysis.collect import collect, metrics
+from analysis.granularity import granularity
 from analysis.ladder import ladder
 from analysis.law import law
 from analysis.report import report
@@ -265,6 +266,7 @@ def study(
     partial: str | Path | None = None,
     ladder_root: str | Path | None = None,
     sunk_cost: str | Path | None = None,
+    granularity_root: str | Path | None = None,
 ) -> dict[str, Path]:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -287,6 +289,8 @@ def study(
         files["partial_md"].write_text(partial_markdown(Path(partial)))
     if ladder_root is not None:
         files.update(ladder(ladder_root, out))
+    if granularity_root is not None:  # part G: granularity.md, granularity.csv
+        files.update(granularity(granularity_root, out))
     if sunk_cost is not None:  # the fitted upcycling law: law.md, law.csv, crossover.png
         files.update(law([sunk_cost], out))
     for sweep in sorted({Path(d).parent for d in df.run_dir if Path(d).parent.parent.name == "multirun"}):
@@ -302,9 +306,10 @@ def main() -> None:
     ap.add_argument("--partial", default=None, help="runs cut off before the end (results/partial): curves only")
     ap.add_argument("--ladder", default=None, help="budget-ladder runs (results/ladder): crossover table and plot")
     ap.add_argument("--sunk-cost", default=None, help="sunk-cost grid runs: the fitted upcycling law and its crossover")
+    ap.add_argument("--granularity", default=None, help="part G's leases: granularity at equal active FLOPs, paired")
     ap.add_argument("--out", default="results")
     args = ap.parse_args()
-    files = study(args.roots, args.out, args.partial, args.ladder, args.sunk_cost)
+    files = study(args.roots, args.out, args.partial, args.ladder, args.sunk_cost, args.granularity)
     print(files["findings_md"].read_text())
     print("wrote", len(files), "files under", args.out)
 

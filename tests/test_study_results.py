@@ -9,13 +9,15 @@ from helpers.e2e import ROOT
 
 def test_study_tables_regenerate_byte_for_byte(tmp_path, monkeypatch):
     monkeypatch.chdir(ROOT)  # run_dir columns are relative to the repository, as committed
-    files = study(["results/runs"], tmp_path, "results/partial", "results/ladder")
+    files = study(
+        ["results/runs"], tmp_path, "results/partial", "results/ladder", granularity_root="results/granularity"
+    )
     compared = 0
     for path in files.values():
         committed = ROOT / "results" / path.relative_to(tmp_path)
         assert committed.exists(), (
             f"{committed} is not committed (run: python -m analysis.study results/runs --partial results/partial "
-            "--ladder results/ladder --out results)"
+            "--ladder results/ladder --granularity results/granularity --out results)"
         )
         if path.suffix in (".md", ".csv", ".tex"):
             assert path.read_text() == committed.read_text(), f"{committed} differs from what the runs give"
