@@ -118,6 +118,21 @@ MUTATIONS: list[tuple[str, str, str, str, list[str]]] = [
         "MIN_SEEDS = 2  # paired seeds a verdict needs",
         ["tests/test_stats.py"],
     ),
+    (
+        "granularity differences across replicates (each preset's losses sorted apart, not paired)",
+        "analysis/granularity.py",
+        "        diffs = (done[COARSE] - done[finer]) if not done.empty else pd.Series([], dtype=float)\n",
+        "        diffs = (done[COARSE] - done[finer].sort_values(ignore_index=True).set_axis(done.index))"
+        " if not done.empty else pd.Series([], dtype=float)\n",
+        ["tests/test_granularity_analysis.py"],
+    ),
+    (
+        "CUDA graphs checked on the run's batch only (the base's pretraining accumulates)",
+        "harness/experiment.py",
+        '        [] if hf_base else [("pretrain.batch_size", pretrain.batch_size)]\n',
+        "        []\n",
+        ["tests/test_experiment_config.py"],
+    ),
 ]
 
 
