@@ -207,12 +207,19 @@ def check_types(node: DictConfig) -> None:
             raise ConfigError(f"{prefix}.{key}={value!r} is not {names}{origin}")
 
 
+# the config's top-level switches (conf/config.yaml); scratch_baseline is checked with what it needs
+SWITCHES = ("iso_flop_baseline", "token_matched_baseline", "force", "print_config")
+
+
 def build_experiment(cfg: DictConfig) -> Experiment:
     if cfg.method not in METHODS:
         raise ConfigError(f"method={cfg.method!r} is not one of {METHODS}")
     seed = cfg.get("seed")
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise ConfigError(f"seed={seed!r} must be an integer >= 0")
+    for key in SWITCHES:  # a typo such as force=maybe must not read as true (and move a finished run aside)
+        if not isinstance(cfg.get(key, False), bool):
+            raise ConfigError(f"{key}={cfg.get(key)!r} must be true or false")
     data = build(cfg.data)  # before the model: its max_seq_len and vocab_size read data.*
     train = build(cfg.train)
     pretrain = build(cfg.pretrain)

@@ -90,6 +90,14 @@ class CheckSweep(Callback):
                 "config error: hydra/launcher=slurm submits with SLURM's sbatch, which is not on PATH here: run the "
                 "sweep from a SLURM login node, or use hydra/launcher=basic or parallel"
             )
+        n_jobs = config.hydra.launcher.get("n_jobs")
+        if launcher.endswith("JoblibLauncher") and (
+            isinstance(n_jobs, bool) or not isinstance(n_jobs, int) or not n_jobs
+        ):
+            raise SystemExit(
+                f"config error: hydra.launcher.n_jobs={n_jobs!r} must be a whole number of worker processes other "
+                "than 0 (-1: one per CPU, as joblib counts)"
+            )
         if not str(config.hydra.sweeper.get("_target_", "")).endswith("BasicSweeper"):
             return  # Optuna & co. choose values as they go: each trial is checked when it starts
         from hydra.core.global_hydra import GlobalHydra

@@ -130,6 +130,8 @@ def test_resume_continues_the_same_curve(env, tmp_path):
         ("-m +sweep=rouitng", "+sweep=rouitng is not a sweep preset (presets: balancing, batch_size,"),
         # Hydra's own groups list what Hydra and its installed plugins register beside conf/hydra/
         ("-m hydra/launcher=parallell", "hydra/launcher=parallell is not a hydra/launcher preset (presets: basic,"),
+        ("-m hydra/launcher=parallel hydra.launcher.n_jobs=0 seed=0,1", "hydra.launcher.n_jobs=0 must be a whole"),
+        ("force=maybe", "force='maybe' must be true or false"),  # not read as true: it would move a finished run
         ("data.val_batches=4", "data.val_batches is gone: set data.val_tokens"),
         ("trian.tokens=10", "trian.tokens: the config has no key 'trian' (did you mean train.tokens?)"),
         ("-m train.tokns=1,2", "train.tokns: train (TrainConfig) has no key 'tokns' (did you mean train.tokens?)"),

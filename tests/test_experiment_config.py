@@ -7,7 +7,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from harness.errors import ConfigError
-from harness.experiment import PretrainConfig, TrainConfig, build, build_experiment
+from harness.experiment import SWITCHES, PretrainConfig, TrainConfig, build, build_experiment
 
 from helpers.e2e import ROOT
 
@@ -72,3 +72,11 @@ def test_cuda_graphs_refuse_gradient_accumulation_in_every_stage_that_trains():
         line = str(e.value)
         assert "\n" not in line and stage in line and "pytorch/pytorch#169545" in line, line
         assert "into 2 micro-batches" in line if stage.startswith("data") else "into 4 micro-batches" in line, line
+
+
+@pytest.mark.parametrize("key", SWITCHES)
+def test_a_switch_takes_only_true_or_false(key):
+    """force=maybe once read as true and moved a finished run aside; every top-level switch is a bool."""
+    assert build_experiment(composed(f"{key}=true")).method == "upcycle"
+    with pytest.raises(ConfigError, match=f"^{key}='maybe' must be true or false$"):
+        build_experiment(composed(f"{key}=maybe"))
