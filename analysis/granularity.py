@@ -88,11 +88,20 @@ def _replicates(df: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
     return wide[done].reset_index(), wide[~done].reset_index()
 
 
-def _row(what: str, diffs: pd.Series, paper: str) -> dict:
+def _row(what: str, diff: str, diffs: pd.Series, paper: str) -> dict:
     s = paired(diffs)
     n = len(diffs)
     said = verdict(diffs) if n >= MIN_SEEDS or n == 0 else f"{n} replicate{'s' if n > 1 else ''}: no verdict"
-    return {"comparison": what, "paper": paper, "n": n, "mean": s.mean, "ci_lo": s.lo, "ci_hi": s.hi, "verdict": said}
+    return {
+        "comparison": what,
+        "difference": diff,
+        "paper": paper,
+        "n": n,
+        "mean": s.mean,
+        "ci_lo": s.lo,
+        "ci_hi": s.hi,
+        "verdict": said,
+    }
 
 
 def comparisons(done: pd.DataFrame) -> pd.DataFrame:
@@ -101,9 +110,11 @@ def comparisons(done: pd.DataFrame) -> pd.DataFrame:
     rows = []
     for finer in FINER:
         diffs = (done[COARSE] - done[finer]) if not done.empty else pd.Series([], dtype=float)
-        rows.append(_row(f"{finer} below {COARSE}", diffs.dropna(), f"{finer} lower (finer experts help)"))
+        paper = f"{finer} lower (finer experts help)"
+        rows.append(_row(f"{finer} below {COARSE}", f"{COARSE} − {finer}", diffs.dropna(), paper))
     twin = (done.dense_iso - done[COARSE]).dropna() if not done.empty else pd.Series([], dtype=float)
-    rows.append(_row(f"{COARSE} below its iso-FLOP dense twin", twin, "the MoE lower at equal training FLOPs"))
+    paper = "the MoE lower at equal training FLOPs"
+    rows.append(_row(f"{COARSE} below its iso-FLOP dense twin", f"twin − {COARSE}", twin, paper))
     return pd.DataFrame(rows)
 
 
@@ -141,13 +152,13 @@ def granularity_markdown(df: pd.DataFrame) -> str:
         lines.append(f"| {r.lease} | {r.seed} | {r.budget:g} | " + " | ".join(_fmt(c) for c in cells) + " |")
     lines += [
         "",
-        "| comparison | paper | replicates | mean difference [95% CI] | verdict |",
-        "|---|---|---|---|---|",
+        "| comparison | paper | replicates | paired difference | mean [95% CI] (positive: as the paper) | verdict |",
+        "|---|---|---|---|---|---|",
     ]
     for r in comparisons(done).itertuples():
         ci = "" if r.ci_lo != r.ci_lo else f" [{r.ci_lo:+.4f}, {r.ci_hi:+.4f}]"
         mean = "-" if r.mean != r.mean else f"{r.mean:+.4f}"
-        lines.append(f"| {r.comparison} | {r.paper} | {r.n} | {mean}{ci} | {r.verdict} |")
+        lines.append(f"| {r.comparison} | {r.paper} | {r.n} | {r.difference} | {mean}{ci} | {r.verdict} |")
     cut = _cut_off(df, partial)
     if cut:
         lines += ["", "Left out of the paired rows:", *cut]
