@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from harness.cpus import usable_cpus
 from harness.errors import ConfigError
 
 WORKER_ENV = "UPCYCLE_WORKER"  # set in workers: how they were started ("local" or "srun")
@@ -139,7 +140,7 @@ def worker_command(folder: Path, trainer_cfg: DictConfig) -> tuple[list[list[str
         ]
         return [srun + worker], [{WORKER_ENV: "srun"}]
     port = str(_free_port())
-    threads = os.environ.get("OMP_NUM_THREADS") or str(max(1, (os.cpu_count() or 1) // world))
+    threads = os.environ.get("OMP_NUM_THREADS") or str(max(1, usable_cpus() // world))
     envs = [
         {
             WORKER_ENV: "local",

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from harness import flops, identity, launch, results, tracking
+from harness import cpus, flops, identity, launch, results, tracking
 from harness.continuation import dense_continuation, dense_scratch, trunk_dir
 from harness.data import RandomWindows
 from harness.errors import RunFolderError, StageStopped
@@ -44,6 +44,7 @@ def main(cfg: DictConfig) -> float:
     from harness.console import quiet_libraries
 
     quiet_libraries()
+    host = cpus.hold_threads()  # before any CPU work: torch's pool held to the CPUs this job may use
     out_dir = Path(cfg.paths.output_dir)
     clock = Timings()  # its "startup": the interpreter, the imports and the config, before this job began
     try:
@@ -62,7 +63,7 @@ def main(cfg: DictConfig) -> float:
     config_hash = identity.config_hash(cfg)
     out_dir.mkdir(parents=True, exist_ok=True)
     with identity.hold(out_dir):  # one writer per run folder: RunFolderError if another process trains it
-        return _run(cfg, exp, out_dir, config_hash, clock)
+        return _run(cfg, exp, out_dir, config_hash, clock, host)
 
 
 def _unscored(cfg: DictConfig, res: dict) -> bool:
@@ -72,7 +73,7 @@ def _unscored(cfg: DictConfig, res: dict) -> bool:
     return bool(tasks) and (not scored or any(tasks - set(s) for s in scored))
 
 
-def _run(cfg: DictConfig, exp: Experiment, out_dir: Path, config_hash: str, clock: Timings) -> float:
+def _run(cfg: DictConfig, exp: Experiment, out_dir: Path, config_hash: str, clock: Timings, host: dict) -> float:
     """``main`` once this process holds the run folder: claim it, skip a finished run, else train and record it."""
     results_path = out_dir / "results.json"
     if cfg.force:
@@ -115,7 +116,7 @@ def _run(cfg: DictConfig, exp: Experiment, out_dir: Path, config_hash: str, cloc
         return float(done["val_loss"])
     OmegaConf.save(cfg, out_dir / "config_resolved.yaml", resolve=True)
     resolved = OmegaConf.to_container(cfg, resolve=True)
-    base = {"config": resolved, "config_hash": config_hash, "run_dir": str(out_dir)}
+    base = {"config": resolved, "config_hash": config_hash, "run_dir": str(out_dir), "host": host}
     cfg = tracking.stage(cfg, JOB_TYPES[exp.method], out_dir, f"{cfg.name}/{out_dir.name}")
     try:
         res = {**base, **run_experiment(cfg, exp, out_dir, clock)}

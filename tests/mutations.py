@@ -133,6 +133,13 @@ MUTATIONS: list[tuple[str, str, str, str, list[str]]] = [
         "        []\n",
         ["tests/test_experiment_config.py"],
     ),
+    (
+        "the container's CPU quota ignored (torch's pool sized by the affinity mask alone)",
+        "harness/cpus.py",
+        "    return max(1, min(seen, math.floor(quota) if quota is not None else seen))\n",
+        "    return max(1, seen)\n",
+        ["tests/test_cpus.py"],
+    ),
 ]
 
 

@@ -50,6 +50,8 @@ def test_default_run_moe_vs_iso_flop_dense(env, tmp_path):
     assert all(f[k] > 0 for k in ("first_step", "steps", "validation", "checkpoint"))
     assert abs(sum(f[k] for k in parts) - f["total"]) < 0.01 + 1e-3 * f["total"]
     assert f["total"] + f["final_eval"] <= t["fit"] + 0.01
+    host = res["host"]  # what the job's CPU stages ran on: torch's pool never wider than the CPUs it may use
+    assert 1 <= host["torch_threads"] <= host["usable_cpus"] <= host["cpu_count"]
     # second run: complete results for the same config are reused, not recomputed
     again = run_cli(env, tmp_path)
     assert "skipping" in again.stdout + again.stderr
