@@ -10,7 +10,7 @@ import hydra  # noqa: E402
 from hydra.errors import CompactHydraException  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
-from harness.preflight import check_presets  # noqa: E402
+from harness.preflight import check_folders, check_presets  # noqa: E402
 from harness.resolvers import register  # noqa: E402
 
 register()
@@ -40,4 +40,5 @@ def main(cfg: DictConfig) -> float:
 
 if __name__ == "__main__":
     check_presets(sys.argv[1:])  # a misspelled preset: one line, before Hydra composes anything
+    check_folders(sys.argv[1:])  # a file where the logs or the cache must go: one line, before Hydra makes a folder
     main()

@@ -68,8 +68,15 @@ def overrides(args, moe: str, seed: int, name: str, profile: bool = False) -> li
     ]
 
 
-def start(args, moe: str, seed: int, name: str, profile: bool = False) -> subprocess.Popen:
+def job_env(args) -> dict:
+    """The jobs' logs and caches under ``--out``; ``--job-threads``: each job's OMP_NUM_THREADS (torch's CPU pool),
+    to tell the CPU stages of jobs that share the machine slowed by oversubscription from their own cost."""
     env = {**os.environ, "UPCYCLE_LOGS": str(args.out / "logs"), "UPCYCLE_CACHE": str(args.out / "cache")}
+    return env | ({"OMP_NUM_THREADS": str(args.job_threads)} if args.job_threads else {})
+
+
+def start(args, moe: str, seed: int, name: str, profile: bool = False) -> subprocess.Popen:
+    env = job_env(args)
     log = open(args.out / f"{name}_s{seed}.log", "w")
     cmd = [sys.executable, "run.py", *overrides(args, moe, seed, f"{name}_s{seed}", profile)]
     return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -81,7 +88,7 @@ def cprofile(args, moe: str) -> None:
     import pstats
 
     name = f"bench_{moe}_cprofile"
-    env = {**os.environ, "UPCYCLE_LOGS": str(args.out / "logs"), "UPCYCLE_CACHE": str(args.out / "cache")}
+    env = job_env(args)
     stats = args.out / f"{name}.pstats"
     cmd = [sys.executable, "-m", "cProfile", "-o", str(stats), "run.py", *overrides(args, moe, 1, name)]
     with open(args.out / f"{name}.log", "w") as log:
@@ -93,7 +100,7 @@ def cprofile(args, moe: str) -> None:
 def sweep(args, moe: str, jobs: int, name: str) -> subprocess.Popen:
     """The study driver's way: one ``run.py -m`` sweep of ``jobs`` seeds through the joblib launcher, its
     ``--launcher-workers`` worker processes each running job after job."""
-    env = {**os.environ, "UPCYCLE_LOGS": str(args.out / "logs"), "UPCYCLE_CACHE": str(args.out / "cache")}
+    env = job_env(args)
     log = open(args.out / f"{name}.log", "w")
     own = [o for o in overrides(args, moe, 0, name) if not o.startswith("seed=")]
     seeds = ",".join(str(s) for s in range(1, jobs + 1))
@@ -122,6 +129,7 @@ def job_figures(args, run: Path, name: str) -> dict:
     # where the job's seconds went (harness/timing.py): its stages, and inside its fit the setup, compile, steps
     seconds = {**res.get("timings_s", {}), **{f"fit_{k}": v for k, v in res.get("fit_timings_s", {}).items()}}
     seconds |= {f"compile_{k}": v for k, v in res.get("fit_compile", {}).items()}  # what its MoE fit traced
+    seconds |= {f"host_{k}": v for k, v in res.get("host", {}).items()}  # the CPUs its CPU stages ran on
     if "profile" in res:  # the job's profiled window (train.profile_steps), kept beside the figures
         shutil.copytree(run / "profile", args.out / f"profile_{name}", dirs_exist_ok=True)
     return {
@@ -194,8 +202,11 @@ def main() -> None:
     ap.add_argument("--compile-mode", default="default", help="train.compile_mode of the jobs and the bare step")
     ap.add_argument("--cprofile", default="", help="comma-separated presets: one more job each under cProfile")
     ap.add_argument("--profile-steps", type=int, default=8, help="steps of the lone job under the profiler (0: none)")
+    ap.add_argument("--job-threads", type=int, default=0, help="OMP_NUM_THREADS of every job (0: their own choice)")
     ap.add_argument("--out", type=Path, default=Path("bench_out"))
     args = ap.parse_args()
+    if args.job_threads < 0:
+        ap.error(f"--job-threads={args.job_threads}: threads must be >= 1 (0: the jobs' own choice)")
     if args.jobs < 2:  # a second lone job of the same config is skipped as complete: its "aggregate" means nothing
         ap.error(f"--jobs={args.jobs}: jobs at once must be >= 2 (one job alone is measured anyway)")
     args.out = args.out.resolve()

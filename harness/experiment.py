@@ -62,7 +62,9 @@ class TrainConfig:
                 raise ConfigError(f"train.{key}={getattr(self, key)!r} must be > 0")
         if isinstance(self.profile_steps, bool) or not isinstance(self.profile_steps, int) or self.profile_steps < 0:
             raise ConfigError(f"train.profile_steps={self.profile_steps!r} must be a whole number >= 0 (0: off)")
-        mgn, share = self.max_grad_norm, self.collapse_share
+        mgn, share, peak = self.max_grad_norm, self.collapse_share, self.peak_tflops
+        if peak is not None and (isinstance(peak, bool) or not isinstance(peak, (int, float)) or peak <= 0):
+            raise ConfigError(f"train.peak_tflops={peak!r} must be the device's peak TFLOP/s, > 0 (or null: no MFU)")
         if mgn is not None and not (isinstance(mgn, (int, float)) and mgn > 0):
             raise ConfigError(f"train.max_grad_norm={mgn!r} must be > 0 (or null)")
         if not (isinstance(share, (int, float)) and 0 < share <= 1):

@@ -7,10 +7,12 @@ the other jobs have trained."""
 from __future__ import annotations
 
 import logging
+import os
 import re
 import shutil
 import sys
 import time
+from pathlib import Path
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
@@ -55,6 +57,26 @@ def check_presets(argv: list[str]) -> None:
                 raise SystemExit(
                     f"config error: {typed}={name} is not {article} {group} preset (presets: {', '.join(presets)})"
                 )
+
+
+FOLDERS = {"paths.log_dir": ("UPCYCLE_LOGS", "logs"), "paths.cache_dir": ("UPCYCLE_CACHE", ".cache")}
+
+
+def check_folders(argv: list[str]) -> None:
+    """``paths.log_dir`` and ``paths.cache_dir`` (or UPCYCLE_LOGS / UPCYCLE_CACHE) must be folders that can be made:
+    a file in the way stops in one line, before Hydra makes the run folder under it (a traceback otherwise)."""
+    given = {a.split("=", 1)[0].lstrip("+"): a.split("=", 1)[1] for a in argv if "=" in a}
+    for key, (env, default) in FOLDERS.items():
+        value = given.get(key)
+        named = f"{key}={value}" if value is not None else f"{env}={os.environ.get(env)}"
+        value = value if value is not None else os.environ.get(env, default)
+        if "${" in value or "," in value:  # an interpolation or a sweep: left to the job
+            continue
+        path = Path(value).expanduser()
+        blocker = next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), None)
+        if blocker is not None:
+            where = "" if blocker == path else f" ({blocker} is a file)"
+            raise SystemExit(f"config error: {named} must be a folder, but it is a file{where}")
 
 
 def _hydra_presets(group: str) -> set[str]:

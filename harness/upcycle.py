@@ -75,6 +75,8 @@ def resolve_moe_layers(spec: str | Sequence[int], n_layers: int) -> list[int]:
             return list(range(n_layers))
         if spec.startswith("every_") and spec[6:].isdigit() and int(spec[6:]) > 0:
             k = int(spec[6:])
+            if k > n_layers:  # it would pick no layer: the "MoE" would be its dense parent
+                raise ConfigError(f"upcycle.moe_layers={spec!r} picks no layer of this {n_layers}-layer model")
             return [i for i in range(n_layers) if i % k == k - 1]
         raise ConfigError(f"upcycle.moe_layers={spec!r} must be 'all', 'every_K' or a list of layer indices")
     layers = sorted({int(i) for i in spec})

@@ -134,6 +134,10 @@ def test_resume_continues_the_same_curve(env, tmp_path):
         ("-m hydra/launcher=parallell", "hydra/launcher=parallell is not a hydra/launcher preset (presets: basic,"),
         ("-m hydra/launcher=parallel hydra.launcher.n_jobs=0 seed=0,1", "hydra.launcher.n_jobs=0 must be a whole"),
         ("force=maybe", "force='maybe' must be true or false"),  # not read as true: it would move a finished run
+        ("paths.cache_dir=README.md", "paths.cache_dir=README.md must be a folder, but it is a file"),
+        ("paths.log_dir=README.md/x", "paths.log_dir=README.md/x must be a folder, but it is a file (README.md is"),
+        ("upcycle.moe_layers=every_3", "upcycle.moe_layers='every_3' picks no layer of this 2-layer model"),
+        ("train.peak_tflops=-5", "train.peak_tflops=-5 must be the device's peak TFLOP/s"),
         ("data.val_batches=4", "data.val_batches is gone: set data.val_tokens"),
         ("trian.tokens=10", "trian.tokens: the config has no key 'trian' (did you mean train.tokens?)"),
         ("-m train.tokns=1,2", "train.tokns: train (TrainConfig) has no key 'tokns' (did you mean train.tokens?)"),

@@ -40,6 +40,7 @@ def test_the_blocks_build_into_their_classes():
         ("train.tokens=0", "train.tokens=0 must be > 0"),
         ("train.collapse_share=1.5", "train.collapse_share=1.5"),
         ("train.max_grad_norm=-1", "train.max_grad_norm=-1"),
+        ("train.peak_tflops=-5", "train.peak_tflops=-5"),
         ("train.compile=maybe", "train.compile='maybe' is not one of true, false, auto"),
         ("train.compile_mode=fast", "train.compile_mode='fast' is not one of default, reduce-overhead"),
         ("pretrain.tokens=0", "pretrain.tokens=0 must be > 0"),

@@ -265,6 +265,7 @@ def test_moe_layers_selection(dense):
         (dict(), dict(drop_ratio=1.5), "upcycle.drop_ratio=1.5"),
         (dict(routing="sigmoid"), {}, "moe.routing='sigmoid'"),
         (dict(), dict(moe_layers=[7]), "upcycle.moe_layers=[7]"),
+        (dict(), dict(moe_layers="every_3"), "upcycle.moe_layers='every_3' picks no layer of this 2-layer model"),
         (dict(), dict(router_logit_std=0.0), "upcycle.router_logit_std=0.0 must be > 0"),
         (dict(), dict(router_start="zero"), "upcycle.router_start='zero'"),
         (dict(), dict(weight_scaling="sqrt"), "upcycle.weight_scaling='sqrt'"),
