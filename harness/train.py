@@ -232,13 +232,20 @@ def run_experiment(cfg: DictConfig, exp: Experiment, out_dir: Path, clock: Timin
         stage = "dense_iso"
     res.update(params_total=counts.params_total, params_active=counts.params_active)
     per_step = exp.data.batch_size * exp.data.seq_len
-    asked = exp.train.tokens if stage == "upcycle" and exp.train.pretrain_fraction is None else None
+    fraction = exp.train.pretrain_fraction
+    asked = exp.train.tokens if stage == "upcycle" and fraction is None else None
+    if asked and steps * per_step != asked:
+        why = f": train.tokens={asked:g} in whole steps of {per_step:,}"
+    elif fraction is not None:  # a share of the base's pretraining compute: say it (2 is 200%, not 2%)
+        why = f": train.pretrain_fraction={fraction:g}, {fraction:.0%} of the base's pretraining FLOPs"
+    else:
+        why = ""
     log.info(
         "training %s for %d steps (%s tokens%s) -> %s",
         "the MoE" if stage == "upcycle" else f"the iso-FLOP dense continuation of {exp.moe.name}",
         steps,
         f"{steps * per_step:,}",
-        f": train.tokens={asked:g} in whole steps of {per_step:,}" if asked and steps * per_step != asked else "",
+        why,
         out_dir,
     )
     heal_checkpoint(out_dir)

@@ -74,6 +74,7 @@ def test_a_cell_records_its_base_and_the_from_scratch_dense_model_of_the_same_to
     assert scratch["flop_share"] == pytest.approx(total / (59 * 16 * 64 * per_token))
     assert scratch["fraction"] == scratch["tokens"] / (59 * 16 * 64) and scratch["val_curve"]
     assert "branching off the WSD trunk" in proc.stdout + proc.stderr  # the scratch base: off the 50% base's trunk
+    assert "train.pretrain_fraction=0.15, 15% of the base's pretraining FLOPs" in proc.stdout + proc.stderr
     # the scratch baseline is the very base pretrain.fraction names: the same cache entry and numbers
     steps = scratch["tokens"] // (16 * 64)
     run_cli(env, tmp_path, *CELL, "method=pretrain", f"pretrain.fraction={steps / 59!r}", "name=scratch")
